@@ -1,0 +1,402 @@
+"""Conformer: Local Features Coupling Global Representations for Visual Recognition.
+
+Peng et al., ICCV 2021 (arXiv:2105.03889). A ResNet-style CNN branch and a ViT branch run
+side by side; at every block feature-coupling units (FCUs) exchange information between
+them. Both branches end in a classifier: evaluation sums the two heads' logits, training
+averages their cross-entropies.
+
+Parameter names match the paper's code (`conv1`, `conv_1`, `trans_1`, `conv_trans_{i}`, ...),
+so its checkpoints load with `load_state_dict` as they are.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.layers._fx import register_notrace_function
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from conformer.layers import ConvBlock, FCUDown, FCUUp, TransformerBlock
+
+__all__ = ['Conformer', 'ConvTransBlock']
+
+STEM_STRIDES = {'imagenet': 4, 'small': 1}
+
+
+@register_notrace_function
+def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
+    """Reject inputs the network cannot take, before they fail deep inside a conv."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'expected a batch of images shaped (B, {in_chans}, H, W), got '
+                         f'{tuple(x.shape)}; pass in_chans={x.shape[1] if x.dim() == 4 else "?"} '
+                         f'to create_model if your images have that many channels')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f'input {x.shape[2]}x{x.shape[3]} is smaller than the patch size '
+                         f'{min_size}; resize images to at least {min_size} px on each side')
+
+
+class ConvTransBlock(nn.Module):
+    """One coupled stage step: CNN bottleneck, FCU down, transformer block, FCU up, fusion."""
+
+    def __init__(self, in_chs: int, out_chs: int, res_conv: bool, stride: int, embed_dim: int,
+                 num_heads: int, mlp_ratio: float, qkv_bias: bool, proj_drop: float,
+                 attn_drop: float, drop_path: float, last_fusion: bool = False):
+        super().__init__()
+        self.cnn_block = ConvBlock(in_chs, out_chs, stride=stride, res_conv=res_conv)
+        if last_fusion:
+            # the network's last block halves the CNN map so the branch ends at stride 32
+            self.fusion_block = ConvBlock(out_chs, out_chs, stride=2, res_conv=True)
+        else:
+            self.fusion_block = ConvBlock(out_chs, out_chs)
+        self.squeeze_block = FCUDown(out_chs // 4, embed_dim)
+        self.expand_block = FCUUp(embed_dim, out_chs // 4)
+        self.trans_block = TransformerBlock(
+            embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path)
+
+    def forward(self, x: torch.Tensor, x_t: torch.Tensor,
+                grid: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, x2 = self.cnn_block(x)
+        x_st = self.squeeze_block(x2, x_t, grid)
+        x_t = self.trans_block(x_st + x_t)  # the class token is added twice, as in the paper
+        x_t_up = self.expand_block(x_t, grid, (x2.shape[2], x2.shape[3]))
+        x, _ = self.fusion_block(x, x_t_up)
+        return x, x_t
+
+
+class Conformer(nn.Module):
+    """Conformer with a CNN branch (`conv_*`) and a transformer branch (`trans_*`).
+
+    `model(x)` returns the sum of both heads' logits (the paper's evaluation);
+    `model(x, split_heads=True)` returns `(conv_logits, trans_logits)` for the dual-head loss.
+    `forward_features` returns `(cnn_map, tokens)`: the final CNN map (B, C, H/32, W/32) and
+    the normalised token sequence (B, 1 + N, D) with the class token first.
+    """
+
+    def __init__(
+            self,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            base_channel: int = 64,
+            channel_ratio: int = 4,
+            embed_dim: int = 384,
+            depth: int = 12,
+            num_heads: int = 6,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            stem_type: str = 'imagenet',
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        _check_args(patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                    base_channel=base_channel, channel_ratio=channel_ratio, embed_dim=embed_dim,
+                    depth=depth, num_heads=num_heads, stem_type=stem_type,
+                    drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
+        stem_stride = STEM_STRIDES[stem_type]
+        dw_stride = patch_size // stem_stride  # token stride relative to the stem output
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.grad_checkpointing = False
+        chs = [base_channel * channel_ratio * m for m in (1, 2, 4)]
+        self.conv_features = chs[-1]
+        self.num_features = self.head_hidden_size = chs[-1] + embed_dim
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # transformer blocks only
+
+        # stem: 7x7/2 conv + 3x3/2 max pool for ImageNet-sized inputs, 3x3/1 conv for tiny ones
+        if stem_type == 'imagenet':
+            self.conv1 = nn.Conv2d(in_chans, base_channel, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, base_channel, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(base_channel)
+        self.act1 = nn.ReLU(inplace=True)
+
+        block_kw = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                        qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        self.conv_1 = ConvBlock(base_channel, chs[0], res_conv=True)
+        self.trans_patch_conv = nn.Conv2d(base_channel, embed_dim, dw_stride, stride=dw_stride)
+        self.trans_1 = TransformerBlock(
+            embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[0])
+
+        # blocks 2..depth in three stages; each later stage opens with a stride-2 block
+        per_stage = depth // 3
+        self.feature_info = []
+        in_chs = chs[0]
+        for i in range(2, depth + 1):
+            stage = (i - 1) // per_stage
+            first_of_stage = stage > 0 and (i - 1) % per_stage == 0
+            self.add_module(f'conv_trans_{i}', ConvTransBlock(
+                in_chs, chs[stage], res_conv=first_of_stage, stride=2 if first_of_stage else 1,
+                drop_path=dpr[i - 1], last_fusion=i == depth, **block_kw))
+            in_chs = chs[stage]
+            if i % per_stage == 0 or i == depth - 1:
+                # the paper's detection taps: the end of each stage, and the block before the
+                # final stride-2 fusion (strides 4, 8, 16, 32 with the ImageNet stem)
+                reduction = stem_stride * 2 ** (stage + (i == depth))
+                self.feature_info.append(
+                    dict(num_chs=chs[stage], reduction=reduction, module=f'conv_trans_{i}'))
+        self.feature_info.sort(key=lambda f: f['reduction'])
+
+        self.trans_norm = nn.LayerNorm(embed_dim)
+        self.pooling = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.conv_cls_head = nn.Linear(chs[-1], num_classes) if num_classes else nn.Identity()
+        self.trans_cls_head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+
+        trunc_normal_(self.cls_token, std=.02)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay: block i = conv_1/trans_1 (i=1) or conv_trans_i."""
+        return dict(
+            stem=r'^cls_token|^conv1|^bn1|^trans_patch_conv',
+            blocks=[(r'^(?:conv|trans)_(1)\.', None), (r'^conv_trans_(\d+)', None),
+                    (r'^trans_norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> Tuple[nn.Module, nn.Module]:
+        return self.conv_cls_head, self.trans_cls_head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace both heads (num_classes=0 makes the model return pooled features)."""
+        if global_pool not in (None, 'avg'):
+            raise ValueError(f"global_pool={global_pool!r} is not supported: the CNN head uses "
+                             f"average pooling and the transformer head the class token; "
+                             f"pass global_pool=None or 'avg'")
+        _check_args(num_classes=num_classes)
+        self.num_classes = num_classes
+        self.conv_cls_head = (nn.Linear(self.conv_features, num_classes)
+                              if num_classes else nn.Identity())
+        self.trans_cls_head = (nn.Linear(self.embed_dim, num_classes)
+                               if num_classes else nn.Identity())
+        for head in self.get_classifier():
+            head.apply(_init_weights)
+
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
+        """Shared entry of both branches: the CNN stem and the first coupled step."""
+        check_input(x, self.in_chans, self.patch_size)
+        x_base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x_t = self.trans_patch_conv(x_base)
+        grid = (x_t.shape[2], x_t.shape[3])
+        x_t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1),
+                         x_t.flatten(2).transpose(1, 2)], dim=1)
+        x, _ = self.conv_1(x_base)
+        return x, self.trans_1(x_t), grid
+
+    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, x_t, grid = self._stem(x)
+        for _, block in self.named_children():
+            if isinstance(block, ConvTransBlock):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
+                else:
+                    x, x_t = block(x, x_t, grid)
+        return x, self.trans_norm(x_t)
+
+    def forward_head(self, features: Tuple[torch.Tensor, torch.Tensor],
+                     pre_logits: bool = False) -> torch.Tensor:
+        """Summed logits, or with pre_logits the two pooled vectors concatenated (CNN first)."""
+        x, x_t = features
+        pooled = self.head_drop(torch.cat([self.pooling(x).flatten(1), x_t[:, 0]], dim=1))
+        if pre_logits:
+            return pooled
+        conv_logits, trans_logits = self._heads(pooled)
+        return conv_logits + trans_logits
+
+    def _heads(self, pooled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (self.conv_cls_head(pooled[:, :self.conv_features]),
+                self.trans_cls_head(pooled[:, self.conv_features:]))
+
+    def forward(self, x: torch.Tensor, split_heads: bool = False) -> torch.Tensor:
+        features = self.forward_features(x)
+        if split_heads and not torch.jit.is_scripting():
+            # training: (conv_logits, trans_logits); scripted models always sum
+            return self._heads(self.forward_head(features, pre_logits=True))
+        return self.forward_head(features)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[Tuple[torch.Tensor, torch.Tensor], List[torch.Tensor]]]:
+        """CNN-branch maps at the `feature_info` taps (strides 4/8/16/32 by default: all four).
+
+        `indices` selects among the taps (int: the last n); `norm` has no effect (the CNN
+        branch has no final norm). Returns the maps, or `(forward_features output, maps)`.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_modules = [self.feature_info[i]['module'] for i in take_indices]
+        last_module = self.feature_info[max_index]['module']
+        intermediates: List[torch.Tensor] = []
+        x, x_t, grid = self._stem(x)
+        for name, block in self.named_children():
+            if isinstance(block, ConvTransBlock):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
+                else:
+                    x, x_t = block(x, x_t, grid)
+                if name in take_modules:
+                    intermediates.append(x)
+                if stop_early and name == last_module:
+                    break
+        if intermediates_only:
+            return intermediates
+        return (x, self.trans_norm(x_t)), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last tap wanted (and the heads) for a feature extractor."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last = int(self.feature_info[max_index]['module'].rsplit('_', 1)[1])
+        for name, block in list(self.named_children()):
+            if isinstance(block, ConvTransBlock) and int(name.rsplit('_', 1)[1]) > last:
+                delattr(self, name)
+        if prune_norm:
+            self.trans_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The paper's initialisation: truncated-normal linears, Kaiming convs, unit norms."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _check_args(**kw: Any) -> None:
+    """Validate constructor arguments with messages that say what to pass instead."""
+    def fail(msg: str):
+        raise ValueError(f'Conformer: {msg}')
+
+    for name in ('in_chans', 'base_channel', 'channel_ratio', 'embed_dim', 'depth', 'num_heads',
+                 'patch_size'):
+        if name in kw and (not isinstance(kw[name], int) or kw[name] < 1):
+            fail(f'{name} must be a positive integer, got {kw[name]!r}')
+    if 'num_classes' in kw and (not isinstance(kw['num_classes'], int) or kw['num_classes'] < 0):
+        fail(f"num_classes must be an integer >= 0 (0 returns pooled features), "
+             f"got {kw['num_classes']!r}")
+    for name in ('drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+        if name in kw and not 0. <= kw[name] < 1.:
+            fail(f'{name} must be in [0, 1), got {kw[name]!r}')
+    if 'stem_type' in kw:
+        if kw['stem_type'] not in STEM_STRIDES:
+            fail(f"stem_type must be one of {sorted(STEM_STRIDES)}, got {kw['stem_type']!r}")
+        granule = 4 * STEM_STRIDES[kw['stem_type']]
+        if kw['patch_size'] % granule:
+            fail(f"patch_size must be a multiple of {granule} with stem_type="
+                 f"{kw['stem_type']!r} (the token grid halves twice against the CNN branch), "
+                 f"got {kw['patch_size']}")
+    if 'depth' in kw and kw['depth'] % 3:
+        fail(f"depth must be a multiple of 3 (three stages of equal length), got {kw['depth']}")
+    if 'embed_dim' in kw and kw['embed_dim'] % kw['num_heads']:
+        fail(f"embed_dim {kw['embed_dim']} must be divisible by num_heads {kw['num_heads']}")
+
+
+def _create_conformer(variant: str, pretrained: bool = False, **kwargs) -> Conformer:
+    return build_model_with_cfg(
+        Conformer, variant, pretrained,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': .875, 'crop_mode': 'center', 'interpolation': 'bicubic',
+        'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': ('conv_cls_head', 'trans_cls_head'),
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2105.03889',
+        'paper_name': 'Conformer: Local Features Coupling Global Representations for '
+                      'Visual Recognition',
+        'origin_url': 'https://github.com/pengzhiliang/Conformer',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'conformer_tiny_patch16': _cfg(),
+    'conformer_small_patch16': _cfg(),
+    'conformer_small_patch32': _cfg(),
+    'conformer_base_patch16': _cfg(),
+    'conformer_nano_patch4': _cfg(input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0),
+})
+
+
+@register_model
+def conformer_tiny_patch16(pretrained: bool = False, **kwargs) -> Conformer:
+    """Conformer-Ti: 23.52M parameters, 81.3% ImageNet top-1 (paper)."""
+    args = dict(patch_size=16, channel_ratio=1, embed_dim=384, depth=12, num_heads=6)
+    return _create_conformer('conformer_tiny_patch16', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conformer_small_patch16(pretrained: bool = False, **kwargs) -> Conformer:
+    """Conformer-S: 37.67M parameters, 83.4% ImageNet top-1 (paper)."""
+    args = dict(patch_size=16, channel_ratio=4, embed_dim=384, depth=12, num_heads=6)
+    return _create_conformer('conformer_small_patch16', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conformer_small_patch32(pretrained: bool = False, **kwargs) -> Conformer:
+    """Conformer-S/32: 38.85M parameters; the paper's detection backbone."""
+    args = dict(patch_size=32, channel_ratio=4, embed_dim=384, depth=12, num_heads=6)
+    return _create_conformer('conformer_small_patch32', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conformer_base_patch16(pretrained: bool = False, **kwargs) -> Conformer:
+    """Conformer-B: 83.29M parameters, 84.1% ImageNet top-1 (paper)."""
+    args = dict(patch_size=16, channel_ratio=6, embed_dim=576, depth=12, num_heads=9)
+    return _create_conformer('conformer_base_patch16', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def conformer_nano_patch4(pretrained: bool = False, **kwargs) -> Conformer:
+    """A ~1M-parameter Conformer for 28-64 px images (small stem, 4 px patches) that trains
+    on a laptop CPU in minutes; not from the paper."""
+    args = dict(patch_size=4, stem_type='small', base_channel=32, channel_ratio=1,
+                embed_dim=128, depth=6, num_heads=4)
+    return _create_conformer('conformer_nano_patch4', pretrained, **dict(args, **kwargs))
