@@ -11,12 +11,12 @@ so its checkpoints load with `load_state_dict` as they are.
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.layers._fx import register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -27,16 +27,20 @@ __all__ = ['Conformer', 'ConvTransBlock']
 STEM_STRIDES = {'imagenet': 4, 'small': 1}
 
 
-@register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """Reject inputs the network cannot take, before they fail deep inside a conv."""
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(f'expected a batch of images shaped (B, {in_chans}, H, W), got '
-                         f'{tuple(x.shape)}; pass in_chans={x.shape[1] if x.dim() == 4 else "?"} '
-                         f'to create_model if your images have that many channels')
+    if x.dim() != 4:
+        raise ValueError(f'expected a batch of images shaped (B, {in_chans}, H, W), got shape '
+                         f'{x.shape}; add a batch dimension with x.unsqueeze(0)')
+    if x.shape[1] != in_chans:
+        raise ValueError(f'the model takes {in_chans}-channel images, got shape {x.shape}; '
+                         f'create the model with in_chans={x.shape[1]} for such images')
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(f'input {x.shape[2]}x{x.shape[3]} is smaller than the patch size '
                          f'{min_size}; resize images to at least {min_size} px on each side')
+
+
+torch.fx.wrap('check_input')  # a leaf for FX: its branches look at concrete shapes
 
 
 class ConvTransBlock(nn.Module):
@@ -71,8 +75,8 @@ class ConvTransBlock(nn.Module):
 class Conformer(nn.Module):
     """Conformer with a CNN branch (`conv_*`) and a transformer branch (`trans_*`).
 
-    `model(x)` returns the sum of both heads' logits (the paper's evaluation);
-    `model(x, split_heads=True)` returns `(conv_logits, trans_logits)` for the dual-head loss.
+    `model(x)` returns the sum of both heads' logits (the paper's evaluation); after
+    `model.set_dual_head_training()`, train-mode calls return `(conv_logits, trans_logits)`.
     `forward_features` returns `(cnn_map, tokens)`: the final CNN map (B, C, H/32, W/32) and
     the normalised token sequence (B, 1 + N, D) with the class token first.
     """
@@ -108,6 +112,7 @@ class Conformer(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.grad_checkpointing = False
+        self.dual_head_training = False
         chs = [base_channel * channel_ratio * m for m in (1, 2, 4)]
         self.conv_features = chs[-1]
         self.num_features = self.head_hidden_size = chs[-1] + embed_dim
@@ -179,6 +184,15 @@ class Conformer(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_dual_head_training(self, enable: bool = True) -> None:
+        """While enabled, `model(x)` in train mode returns `(conv_logits, trans_logits)`.
+
+        The paper trains with the mean of the two heads' cross-entropies; evaluation (eval
+        mode) always returns the summed logits. Same switch as timm's DeiT distilled models.
+        """
+        self.dual_head_training = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> Tuple[nn.Module, nn.Module]:
         return self.conv_cls_head, self.trans_cls_head
 
@@ -211,7 +225,7 @@ class Conformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x, x_t, grid = self._stem(x)
         for _, block in self.named_children():
-            if isinstance(block, ConvTransBlock):
+            if hasattr(block, "squeeze_block"):  # ConvTransBlock; see _is_block_note
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
                 else:
@@ -232,10 +246,10 @@ class Conformer(nn.Module):
         return (self.conv_cls_head(pooled[:, :self.conv_features]),
                 self.trans_cls_head(pooled[:, self.conv_features:]))
 
-    def forward(self, x: torch.Tensor, split_heads: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.forward_features(x)
-        if split_heads and not torch.jit.is_scripting():
-            # training: (conv_logits, trans_logits); scripted models always sum
+        if self.dual_head_training and self.training and not torch.jit.is_scripting():
+            # (conv_logits, trans_logits) for the paper's loss; see set_dual_head_training
             return self._heads(self.forward_head(features, pre_logits=True))
         return self.forward_head(features)
 
@@ -261,7 +275,7 @@ class Conformer(nn.Module):
         intermediates: List[torch.Tensor] = []
         x, x_t, grid = self._stem(x)
         for name, block in self.named_children():
-            if isinstance(block, ConvTransBlock):
+            if hasattr(block, "squeeze_block"):  # ConvTransBlock; see _is_block_note
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
                 else:

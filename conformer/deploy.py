@@ -1,0 +1,163 @@
+"""One-call inference deployment: :func:`optimize_for_inference`.
+
+What it does to a (copy of a) Conformer, and why each step is safe:
+
+- eval mode and no autograd: the result is for inference only;
+- every BatchNorm that directly follows a convolution (stem ``conv1/bn1``, ConvBlock
+  ``conv{1,2,3}/bn{1,2,3}`` and ``residual_conv/residual_bn``, FCU-up ``conv_project/bn``)
+  is folded into that convolution's weight and bias, which removes one pass over every CNN
+  activation and is exact up to fp32 rounding;
+- weights and inputs go channels_last, the layout oneDNN (CPU) and cuDNN run convolutions in
+  without reordering;
+- attention already runs through ``F.scaled_dot_product_attention`` (fused kernels);
+- optionally ``torch.compile`` with inductor freezing (weights become constants, so the
+  folded/cast weights are prepared once and kernels are fused around them);
+- optionally bfloat16 autocast (matmuls and convolutions in bf16, norms and softmax in fp32).
+
+The returned :class:`InferenceModel` answers ``model(x)``, ``model(x, split_heads=True)``,
+``forward_features``, ``forward_head`` and ``forward_intermediates`` like the original, returns
+fp32 tensors in every mode, and forwards every other attribute (``num_classes``,
+``pretrained_cfg``, ``feature_info``...) to the wrapped model.
+
+Documented tolerances against the eager fp32 model (tests/test_deploy.py checks them):
+
+- ``dtype=torch.float32`` (with or without compile): logits within 1e-4 (absolute);
+- ``dtype=torch.bfloat16``: the same top-1 class on at least 99% of a real evaluation set
+  (logits themselves differ by bf16 rounding, ~1e-2 relative).
+"""
+import copy
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+from torch._inductor import config as inductor_config
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils._pytree import tree_map
+
+__all__ = ['InferenceModel', 'fold_batchnorm', 'optimize_for_inference']
+
+# (conv, bn) attribute pairs where the BN is applied straight to the conv's output
+CONV_BN_PAIRS = (
+    ('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'),
+    ('residual_conv', 'residual_bn'), ('conv_project', 'bn'),
+)
+DTYPES = (torch.float32, torch.bfloat16)
+# the methods that take images (or features) and are run in the deployed dtype and layout
+WRAPPED_METHODS = ('forward', 'forward_features', 'forward_head', 'forward_intermediates')
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold each BatchNorm2d into the Conv2d it follows (see ``CONV_BN_PAIRS``), in place.
+
+    The model must be in eval mode (the fold uses the running statistics). The BN is replaced
+    by ``nn.Identity`` so the forward code runs unchanged. Returns the number of folds.
+    """
+    if model.training:
+        raise ValueError('fold_batchnorm needs an eval-mode model (it folds the running '
+                         'statistics); call model.eval() first')
+    folded = 0
+    for module in list(model.modules()):
+        for conv_name, bn_name in CONV_BN_PAIRS:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+class InferenceModel(nn.Module):
+    """A deployed model: same methods as the wrapped Conformer, run without autograd in the
+    chosen dtype and channels_last layout, optionally through ``torch.compile``.
+
+    Each wrapped method is compiled on its first call (``dynamic=False``: once per input
+    shape, so feed fixed-size batches when serving; torch.compile falls back to eager after
+    its recompile limit).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32,
+                 compile: bool = False, compile_mode: Optional[str] = None):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self._compiled: Dict[str, Callable] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == 'model':  # not set yet (inside __init__)
+                raise
+            return getattr(self.model, name)
+
+    def _call(self, name: str, *args, **kwargs):
+        fn = getattr(self.model, name)
+        if self.compile:
+            if name not in self._compiled:
+                self._compiled[name] = torch.compile(fn, mode=self.compile_mode, dynamic=False)
+            fn = self._compiled[name]
+        args = tree_map(_to_channels_last, args)
+        device_type = next(self.model.parameters()).device.type
+        # freezing is read when a call triggers a compile; patching it per call keeps the
+        # process-wide inductor config untouched
+        with torch.no_grad(), inductor_config.patch(freezing=True), \
+                torch.autocast(device_type, dtype=torch.bfloat16,
+                               enabled=self.dtype == torch.bfloat16):
+            out = fn(*args, **kwargs)
+        return tree_map(_to_float32, out)
+
+    def forward(self, x: torch.Tensor, split_heads: bool = False):
+        return self._call('forward', x, split_heads=split_heads)
+
+    def forward_features(self, x: torch.Tensor):
+        return self._call('forward_features', x)
+
+    def forward_head(self, features, pre_logits: bool = False):
+        return self._call('forward_head', features, pre_logits=pre_logits)
+
+    def forward_intermediates(self, x: torch.Tensor, **kwargs):
+        return self._call('forward_intermediates', x, **kwargs)
+
+    def train(self, mode: bool = True) -> 'InferenceModel':
+        if mode:
+            raise RuntimeError('an InferenceModel is for inference only (its BatchNorms are '
+                               'folded); train the original model instead')
+        return super().train(False)
+
+
+def _to_channels_last(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _to_float32(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.float()
+    return x
+
+
+def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
+                           compile: bool = False,
+                           compile_mode: Optional[str] = None) -> InferenceModel:
+    """Return an inference-only copy of ``model`` with BatchNorm folded, channels_last
+    weights, and optionally bf16 autocast (``dtype=torch.bfloat16``) and ``torch.compile``
+    (``compile=True``, with inductor freezing; ``compile_mode`` is passed to torch.compile,
+    e.g. ``'max-autotune-no-cudagraphs'``, which tunes GEMM kernels but compiles far longer).
+
+    The original model is not modified. See the module docstring for tolerances.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f'dtype must be torch.float32 or torch.bfloat16, got {dtype}; '
+                         f'float16 has no fast CPU path and is not a deploy target')
+    if isinstance(model, InferenceModel):
+        raise ValueError('model is already an InferenceModel; pass the original model')
+    deployed = copy.deepcopy(model).eval()
+    fold_batchnorm(deployed)
+    deployed = deployed.to(memory_format=torch.channels_last)
+    for p in deployed.parameters():
+        p.requires_grad_(False)
+    return InferenceModel(deployed, dtype=dtype, compile=compile,
+                          compile_mode=compile_mode).eval()
