@@ -1,0 +1,151 @@
+"""The one place that chooses between the Triton kernels and their PyTorch references.
+
+Every public op in ``conformer.kernels`` asks :func:`use_triton` which path to take; no other
+module in the project branches on the device. Backends:
+
+- ``"auto"`` (default): Triton when every tensor is on CUDA and the op supports the shape and
+  dtype, PyTorch otherwise.
+- ``"triton"``: always Triton. CPU tensors work only under ``TRITON_INTERPRET=1`` (slow; for
+  tests); an unsupported shape raises an error naming the limit instead of falling back.
+- ``"torch"``: always the PyTorch reference.
+
+Inference-only kernels (everything but attention) and attention dropout take the PyTorch path
+whenever they are needed, whatever the backend, so training never breaks.
+"""
+
+import contextlib
+import math
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only PyTorch wheels ship without Triton; the torch path must still work
+    triton = None
+    tl = SimpleNamespace(constexpr=None)  # kernel signatures are annotated with tl.constexpr
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Triton decides at decoration time whether @triton.jit builds an interpreted function, so
+# reading the flag when this module is imported tells what the kernels below really are.
+INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
+
+_default = "auto"
+
+
+def _checked(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    return name
+
+
+def set_backend(name):
+    """Set the process-wide default backend: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    global _default
+    _default = _checked(name)
+
+
+def get_backend():
+    """The process-wide default backend."""
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Use backend ``name`` inside the ``with`` block; the previous default comes back on exit,
+    also on an exception. A ``backend=`` argument passed to an op still wins over it."""
+    global _default
+    previous, _default = _default, _checked(name)
+    try:
+        yield
+    finally:
+        _default = previous
+
+
+def needs_grad(*tensors):
+    """True if autograd will need the backward of an op taking ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_triton(op, backend, tensors, unsupported, torch_only=False):
+    """Whether ``op`` runs its Triton kernel for this call.
+
+    ``backend`` is the per-call override (None: the process default). ``unsupported()`` returns
+    None or a sentence naming the shape/dtype limit the input breaks; it is called only when
+    needed. ``torch_only`` marks calls that need something only the PyTorch path has (a
+    backward for an inference-only kernel, dropout).
+    """
+    name = _checked(_default if backend is None else backend)
+    tensors = [t for t in tensors if t is not None]
+    if name == "torch" or torch_only:
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if name == "auto":
+        return triton is not None and on_cuda and unsupported() is None
+    if triton is None:
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package, which is not installed; "
+                           "install it (it ships with CUDA builds of PyTorch) or use backend='auto'")
+    if not on_cuda and not INTERPRET:
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(f"{op}: backend='triton' got tensors on {', '.join(devices)}; move them to a CUDA "
+                           "device, or set TRITON_INTERPRET=1 in the environment before importing conformer "
+                           "to run the kernels on CPU (slow, for tests), or use backend='auto'")
+    reason = unsupported()
+    if reason is not None:
+        raise ValueError(f"{op}: backend='triton' cannot run this input: {reason}; "
+                         "use backend='auto' to fall back to PyTorch for it")
+    return True
+
+
+def tensor_limit(*tensors):
+    """None if the kernels can take these tensors (one float dtype, non-empty, 32-bit
+    indexable), else the reason."""
+    tensors = [t for t in tensors if t is not None]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or not dtypes <= {torch.float16, torch.bfloat16, torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        return f"tensors must share one dtype among float16, bfloat16, float32 (got {names})"
+    if any(t.numel() == 0 for t in tensors):
+        return "tensors must not be empty"
+    if any(t.numel() >= 2**31 for t in tensors):
+        return "tensors must have fewer than 2**31 elements (the kernels index in 32 bits)"
+    return None
+
+
+def dot_precision(dtype, allow_tf32):
+    """``input_precision`` for ``tl.dot``: fp32 inputs use TF32 only where PyTorch would
+    (``allow_tf32`` is the matching torch.backends flag); 16-bit inputs ignore it."""
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def next_pow2(n, minimum=16):
+    """Block size covering ``n``: tl.arange needs powers of two, tl.dot at least 16."""
+    return max(minimum, 1 << math.ceil(math.log2(n)))
+
+
+jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+def kernel(key, configs, interpret):
+    """``@triton.jit`` plus autotuning over ``configs`` on a GPU.
+
+    Under TRITON_INTERPRET only the single ``interpret`` config is used (large tiles, so few
+    programs run, and no GPU timer is needed to pick it). Configs are dicts of meta-parameters
+    with optional ``num_warps`` / ``num_stages``.
+    """
+
+    def to_config(c):
+        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+        return triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+
+    def decorate(fn):
+        if triton is None:
+            return fn
+        chosen = [interpret] if INTERPRET else configs
+        return triton.autotune([to_config(c) for c in chosen], key=key)(triton.jit(fn))
+
+    return decorate
