@@ -1,0 +1,61 @@
+"""Fused attention (Triton, run by the interpreter on CPU) against an fp32 softmax reference.
+
+Tolerances, outputs and q/k/v gradients alike: fp32 1e-4 abs + 1e-4 rel (only summation order
+differs); fp16 5e-3 abs + 5e-3 rel (fp16 probabilities enter P @ V and dS @ K, each output is
+rounded to fp16 once). bf16 is not testable here: the interpreter's bf16 math is wrong.
+"""
+
+import pytest
+import torch
+
+from conformer.kernels import attention
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def _qkv(B, H, N, D, dtype, packed):
+    """q, k, v as leaves; ``packed`` makes them strided views of one (B, N, 3, H, D) tensor,
+    the layout a ViT block produces."""
+    if packed:
+        qkv = torch.randn(B, N, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4)
+        return [t.detach().requires_grad_() for t in qkv.unbind(0)]  # views, not copies
+    return [torch.randn(B, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _reference(q, k, v, grad, scale):
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+    out.backward(grad.float())
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("D", [64, 96])
+@pytest.mark.parametrize("B, H, N, packed", [(1, 2, 197, True), (3, 1, 50, False)], ids=["197tok", "50tok"])
+def test_attention_matches_reference(B, H, N, packed, D, dtype):
+    torch.manual_seed(0)
+    q, k, v = _qkv(B, H, N, D, dtype, packed)
+    out = attention(q, k, v, backend="triton")
+    assert type(out.grad_fn).__name__ == "FlashAttentionBackward"
+    assert out.shape == (B, H, N, D) and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()  # merging heads afterwards is a free view
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected = _reference(q, k, v, grad, D**-0.5)
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], expected):
+        torch.testing.assert_close(got.float(), want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_custom_scale_matches_sdpa_path():
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 3, 20, 64, torch.float32, packed=False)
+    got = attention(q, k, v, scale=0.3, backend="triton")
+    torch.testing.assert_close(got, attention(q, k, v, scale=0.3, backend="torch"), **TOL[torch.float32])
+
+
+def test_attention_dropout_runs_in_pytorch():
+    q, k, v = _qkv(1, 2, 20, 64, torch.float32, packed=False)
+    out = attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert "FlashAttention" not in type(out.grad_fn).__name__
+    out.sum().backward()
+    assert q.grad is not None
