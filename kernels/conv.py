@@ -1,0 +1,125 @@
+"""Implicit-GEMM conv2d with the ConvBlock epilogue fused (inference only).
+
+out = act(conv(x, weight) * scale + shift [+ residual]), where scale/shift are BatchNorm in eval
+mode folded per output channel (scale = gamma / sqrt(var + eps), shift = beta - mean * scale).
+GEMM view: M = B*Ho*Wo output pixels, N = C_out, K = k*k*C_in, walked tap by tap and channel
+block by channel block, so the im2col matrix never exists; the epilogue runs on the fp32
+accumulator before the single store.
+
+Contract: x (B, C_in, H, W), weight (C_out, C_in, k, k) with k in {1, 3}, padding k // 2,
+stride 1 or 2, groups 1, no bias; any B, H, W and channel counts (masked). fp16, bf16, fp32
+(fp32 uses TF32 only if ``torch.backends.cudnn.allow_tf32``, as cuDNN would). x and weight are
+made channels_last (free if they already are) and the output is channels_last, so a chain of
+these convs stays NHWC. No backward: when autograd needs one, the PyTorch path runs.
+NVIDIA compile needs tl.dot blocks >= 16 (all configs are) and power-of-two blocks.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .backend import dot_precision, kernel, needs_grad, tensor_limit, tl, triton, use_triton
+
+
+def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu=True):
+    """The PyTorch path: F.conv2d, per-channel affine, residual add, ReLU."""
+    y = F.conv2d(x, weight, stride=stride, padding=weight.shape[-1] // 2)
+    y = y * scale.to(y.dtype)[:, None, None] + shift.to(y.dtype)[:, None, None]
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+@kernel(key=["M", "C_IN", "C_OUT", "KSIZE", "STRIDE"], interpret=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+        configs=[
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+        ])
+def _conv_bn_act_kernel(X, W, SCALE, SHIFT, RES, OUT, M, H, W_IN, C_IN, H_OUT, W_OUT, C_OUT,
+                        sxb, sxc, sxh, sxw, swo, swi, swh, sww, srb, src, srh, srw, sob, soc, soh, sow,
+                        KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    # 1-D grid with the channel blocks of one pixel block adjacent, so they share its x tiles in L2
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(C_OUT, BLOCK_N)
+    pid_m, pid_n = pid // n_blocks, pid % n_blocks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < C_OUT
+    b = offs_m // (H_OUT * W_OUT)
+    ho = offs_m % (H_OUT * W_OUT) // W_OUT
+    wo = offs_m % W_OUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kh in tl.static_range(KSIZE):
+        hi = ho * STRIDE + kh - KSIZE // 2
+        for kw in tl.static_range(KSIZE):
+            wi = wo * STRIDE + kw - KSIZE // 2
+            pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W_IN)  # zero padding
+            x_ptrs = X + b * sxb + hi * sxh + wi * sxw
+            w_ptrs = W + offs_n * swo + kh * swh + kw * sww
+            for c in range(0, C_IN, BLOCK_K):
+                cs = c + offs_k
+                c_ok = cs < C_IN
+                a = tl.load(x_ptrs[:, None] + cs[None, :] * sxc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs[None, :] + cs[:, None] * swi, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc * scale[None, :] + shift[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        r_ptrs = RES + (b * srb + ho * srh + wo * srw)[:, None] + offs_n[None, :] * src
+        y += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    o_ptrs = OUT + (b * sob + ho * soh + wo * sow)[:, None] + offs_n[None, :] * soc
+    tl.store(o_ptrs, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _limit(x, weight, stride, residual):
+    if x.dim() != 4 or weight.dim() != 4:
+        return f"x and weight must be 4-D (got {x.dim()}-D and {weight.dim()}-D)"
+    if weight.shape[2] != weight.shape[3] or weight.shape[2] not in (1, 3):
+        return f"the kernel must be 1x1 or 3x3 (got {weight.shape[2]}x{weight.shape[3]})"
+    if weight.shape[1] != x.shape[1]:
+        return f"groups must be 1: weight takes {weight.shape[1]} input channels, x has {x.shape[1]}"
+    if stride not in (1, 2):
+        return f"stride must be 1 or 2 (got {stride})"
+    return tensor_limit(x, weight, residual)
+
+
+def _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu):
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    B, C_in, H, W = x.shape
+    C_out, k = weight.shape[0], weight.shape[-1]
+    H_out, W_out = (H - 1) // stride + 1, (W - 1) // stride + 1  # padding k // 2, k odd
+    out = torch.empty(B, C_out, H_out, W_out, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    res = out if residual is None else residual  # any strides; a dummy pointer when absent
+    M = B * H_out * W_out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+    _conv_bn_act_kernel[grid](
+        x, weight, scale, shift, res, out, M, H, W, C_in, H_out, W_out, C_out,
+        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+        KSIZE=k, STRIDE=stride, HAS_RES=residual is not None, RELU=relu,
+        PRECISION=dot_precision(x.dtype, torch.backends.cudnn.allow_tf32))
+    return out
+
+
+def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True, backend=None):
+    """ReLU?(conv2d(x, weight, stride, padding=k//2) * scale + shift + residual?), NCHW in and out.
+
+    x (B, C_in, H, W); weight (C_out, C_in, k, k), k in {1, 3}; scale, shift (C_out,) from the
+    folded BatchNorm; residual (B, C_out, Ho, Wo) or None. The Triton path is inference-only:
+    when autograd needs gradients the PyTorch path runs, whatever the backend. Its output is
+    channels_last (still NCHW-shaped).
+    """
+    if use_triton("conv_bn_act", backend, (x, weight, scale, shift, residual),
+                  lambda: _limit(x, weight, stride, residual),
+                  torch_only=needs_grad(x, weight, scale, shift, residual)):
+        return _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu)
+    return conv_bn_act_reference(x, weight, scale, shift, stride, residual, relu)
