@@ -1,0 +1,198 @@
+"""Conformer's feature-coupling units, each one kernel (inference only).
+
+FCU-down (CNN map -> tokens): 1x1 conv (bias) -> average pool to the token grid -> LayerNorm ->
+GELU (erf). Pooling and a 1x1 conv are both linear, so the kernel pools first and runs the GEMM
+on a dw*dw times smaller matrix; a program owns whole token rows, so the LayerNorm and GELU run
+on the accumulator before the only store.
+FCU-up (tokens -> CNN map): 1x1 conv (bias) -> BatchNorm (folded) -> ReLU -> nearest upsample ->
+add to a feature map. A program computes a tile of tokens once and writes it, added to
+``add_to``, to every pixel of the tokens' windows; the upsampled map never exists.
+
+Both kernels need the map size to be a multiple of the token grid; other sizes (adaptive pooling,
+uneven nearest upsampling) run in PyTorch under "auto". fp16, bf16, fp32 (fp32 dots use TF32
+only if ``torch.backends.cuda.matmul.allow_tf32``). No backward: when autograd needs one, the
+PyTorch path runs. NVIDIA compile needs tl.dot blocks >= 16 (all are) and power-of-two blocks:
+FCU-down holds a whole padded channel row, so it takes at most 1024 output channels.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .backend import dot_precision, kernel, needs_grad, next_pow2, tensor_limit, tl, triton, use_triton
+
+
+def fcu_down_reference(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps):
+    """The PyTorch path: conv, adaptive average pool to ``grid_hw``, LayerNorm, GELU."""
+    x = F.adaptive_avg_pool2d(F.conv2d(x, weight, bias), grid_hw)
+    x = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], ln_weight, ln_bias, ln_eps)
+    return F.gelu(x)
+
+
+def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to):
+    """The PyTorch path: tokens to a map, conv, affine, ReLU, nearest upsample, add."""
+    x = tokens.transpose(1, 2).unflatten(2, grid_hw)
+    x = F.conv2d(x, weight, bias)
+    x = F.relu(x * bn_scale.to(x.dtype)[:, None, None] + bn_shift.to(x.dtype)[:, None, None])
+    return add_to + F.interpolate(x, size=out_hw, mode="nearest")
+
+
+@kernel(key=["C_IN", "C_OUT", "PH", "PW"], interpret=dict(BLOCK_M=32, BLOCK_K=16), configs=[
+    dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_K=16, num_warps=8, num_stages=2),
+])
+def _fcu_down_kernel(X, W, BIAS, LN_W, LN_B, OUT, M, L, GW, C_IN, C_OUT, PH, PW, eps,
+                     sxb, sxc, sxh, sxw, swo, swi,
+                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # token index over B * L
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < C_OUT
+    b, gy, gx = offs_m // L, offs_m % L // GW, offs_m % GW
+    x_ptrs = X + b * sxb + gy * PH * sxh + gx * PW * sxw  # top-left pixel of each token's window
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for c in range(0, C_IN, BLOCK_K):
+        cs = c + offs_k
+        c_ok = cs < C_IN
+        ptrs = x_ptrs[:, None] + cs[None, :] * sxc
+        mask = m_ok[:, None] & c_ok[None, :]
+        pooled = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for dy in range(PH):
+            for dx in range(PW):
+                pooled += tl.load(ptrs + dy * sxh + dx * sxw, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + offs_n[None, :] * swo + cs[:, None] * swi, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot((pooled / (PH * PW)).to(w.dtype), w, acc, input_precision=PRECISION)
+    y = acc + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(y, 1) / C_OUT  # padded channels hold exact zeros
+    diff = tl.where(n_ok[None, :], y - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(diff * diff, 1) / C_OUT + eps)
+    ln_w = tl.load(LN_W + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    ln_b = tl.load(LN_B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = diff * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+    y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    tl.store(OUT + offs_m[:, None] * C_OUT + offs_n[None, :], y.to(OUT.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@kernel(key=["C_IN", "C_OUT", "PH", "PW"], interpret=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), configs=[
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+])
+def _fcu_up_kernel(T, W, BIAS, SCALE, SHIFT, ADD, OUT, M, L, GW, C_IN, C_OUT, PH, PW,
+                   stb, stl, stc, swo, swi, sab, sac, sah, saw, sob, soc, soh, sow,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(C_OUT, BLOCK_N)
+    offs_m = pid // n_blocks * BLOCK_M + tl.arange(0, BLOCK_M)  # token index over B * L
+    offs_n = pid % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < C_OUT
+    b, l = offs_m // L, offs_m % L
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for c in range(0, C_IN, BLOCK_K):
+        cs = c + offs_k
+        c_ok = cs < C_IN
+        t = tl.load(T + (b * stb + l * stl)[:, None] + cs[None, :] * stc, mask=m_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        w = tl.load(W + offs_n[None, :] * swo + cs[:, None] * swi, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(t, w, acc, input_precision=PRECISION)
+    bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    y = tl.maximum((acc + bias[None, :]) * scale[None, :] + shift[None, :], 0.0)
+    y0, x0 = l // GW * PH, l % GW * PW  # top-left pixel of each token's window
+    a_ptrs = ADD + (b * sab + y0 * sah + x0 * saw)[:, None] + offs_n[None, :] * sac
+    o_ptrs = OUT + (b * sob + y0 * soh + x0 * sow)[:, None] + offs_n[None, :] * soc
+    mask = m_ok[:, None] & n_ok[None, :]
+    for dy in range(PH):
+        for dx in range(PW):
+            a = tl.load(a_ptrs + dy * sah + dx * saw, mask=mask, other=0.0).to(tl.float32)
+            tl.store(o_ptrs + dy * soh + dx * sow, (a + y).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _grid_limit(map_hw, grid_hw):
+    if map_hw[0] % grid_hw[0] or map_hw[1] % grid_hw[1]:
+        return (f"the map size {map_hw[0]}x{map_hw[1]} must be a multiple of the token grid "
+                f"{grid_hw[0]}x{grid_hw[1]}")
+    return None
+
+
+def _conv1x1_limit(weight):
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        return f"weight must be a 1x1 conv weight (C_out, C_in, 1, 1), got {tuple(weight.shape)}"
+    return None
+
+
+def _fcu_down_limit(x, weight, grid_hw):
+    if weight.shape[0] > 1024:
+        return f"at most 1024 output channels (got {weight.shape[0]}): a LayerNorm row must fit one tile"
+    return _conv1x1_limit(weight) or _grid_limit(x.shape[-2:], grid_hw) or tensor_limit(x, weight)
+
+
+def _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to):
+    return _conv1x1_limit(weight) or _grid_limit(out_hw, grid_hw) or tensor_limit(tokens, weight, add_to)
+
+
+def _fcu_down_triton(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps):
+    B, C_in, H, W = x.shape
+    C_out, L = weight.shape[0], grid_hw[0] * grid_hw[1]
+    out = torch.empty(B, L, C_out, device=x.device, dtype=x.dtype)
+    _fcu_down_kernel[lambda meta: (triton.cdiv(B * L, meta["BLOCK_M"]),)](
+        x, weight, bias, ln_weight, ln_bias, out, B * L, L, grid_hw[1], C_in, C_out,
+        H // grid_hw[0], W // grid_hw[1], ln_eps, *x.stride(), weight.stride(0), weight.stride(1),
+        BLOCK_N=next_pow2(C_out), PRECISION=dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32))
+    return out
+
+
+def _fcu_up_triton(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to):
+    B, L, C_in = tokens.shape
+    C_out = weight.shape[0]
+    out = torch.empty_like(add_to)
+    grid = lambda meta: (triton.cdiv(B * L, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+    _fcu_up_kernel[grid](
+        tokens, weight, bias, bn_scale, bn_shift, add_to, out, B * L, L, grid_hw[1], C_in, C_out,
+        out_hw[0] // grid_hw[0], out_hw[1] // grid_hw[1], *tokens.stride(), weight.stride(0), weight.stride(1),
+        *add_to.stride(), *out.stride(), PRECISION=dot_precision(tokens.dtype, torch.backends.cuda.matmul.allow_tf32))
+    return out
+
+
+def fcu_down(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, backend=None):
+    """CNN map (B, C_in, H, W) -> tokens (B, Hg*Wg, C_out), without the class token.
+
+    weight (C_out, C_in, 1, 1), bias (C_out,); ``grid_hw`` = (Hg, Wg), the token grid the map is
+    average-pooled to (adaptively if H, W are not multiples of it); LayerNorm with ``ln_weight``,
+    ``ln_bias``, ``ln_eps``; then exact GELU. Inference-only Triton path (see module docstring).
+    """
+    grid_hw = tuple(grid_hw)
+    args = (x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps)
+    if use_triton("fcu_down", backend, (x, weight, bias, ln_weight, ln_bias),
+                  lambda: _fcu_down_limit(x, weight, grid_hw),
+                  torch_only=needs_grad(x, weight, bias, ln_weight, ln_bias)):
+        return _fcu_down_triton(*args)
+    return fcu_down_reference(*args)
+
+
+def fcu_up(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, backend=None):
+    """Tokens (B, Hg*Wg, C_in), class token already dropped -> add_to + upsampled map.
+
+    weight (C_out, C_in, 1, 1), bias (C_out,); bn_scale, bn_shift (C_out,) the folded BatchNorm;
+    ``out_hw`` = (H, W), the size of ``add_to`` (B, C_out, H, W), reached by nearest upsampling.
+    Returns a new tensor laid out like ``add_to``. Inference-only Triton path.
+    """
+    grid_hw, out_hw = tuple(grid_hw), tuple(out_hw)
+    if tokens.shape[1] != grid_hw[0] * grid_hw[1]:
+        raise ValueError(f"fcu_up: {tokens.shape[1]} tokens do not fill the {grid_hw[0]}x{grid_hw[1]} grid "
+                         "(drop the class token first)")
+    if tuple(add_to.shape[-2:]) != out_hw:
+        raise ValueError(f"fcu_up: out_hw {out_hw} differs from the size of add_to {tuple(add_to.shape[-2:])}")
+    args = (tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to)
+    if use_triton("fcu_up", backend, (tokens, weight, bias, bn_scale, bn_shift, add_to),
+                  lambda: _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to),
+                  torch_only=needs_grad(tokens, weight, bias, bn_scale, bn_shift, add_to)):
+        return _fcu_up_triton(*args)
+    return fcu_up_reference(*args)
