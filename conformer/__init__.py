@@ -4,6 +4,7 @@
 and `timm.list_models('conformer*')` work.
 """
 from .models import Conformer
+from . import weights  # routes timm's pretrained=True for Conformer models through it
 
 __version__ = '0.1.0'
 __all__ = ['Conformer', '__version__']

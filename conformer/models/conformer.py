@@ -8,6 +8,8 @@ averages their cross-entropies.
 Parameter names match the paper's code (`conv1`, `conv_1`, `trans_1`, `conv_trans_{i}`, ...),
 so its checkpoints load with `load_state_dict` as they are.
 """
+import logging
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (adapt_input_conv, build_model_with_cfg, clean_state_dict,
+                         generate_default_cfgs, register_model)
 from timm.models._features import feature_take_indices
 
 from conformer.layers import ConvBlock, FCUDown, FCUUp, TransformerBlock
@@ -345,10 +348,72 @@ def _check_args(**kw: Any) -> None:
         fail(f"embed_dim {kw['embed_dim']} must be divisible by num_heads {kw['num_heads']}")
 
 
+_logger = logging.getLogger(__name__)
+
+# mmpretrain's TransformerEncoderLayer names for the parts of the paper's transformer Block
+_MMPRETRAIN_BLOCK_KEY = re.compile(
+    r'^(trans_1|conv_trans_\d+\.trans_block)\.(ln1|ln2|ffn\.layers\.0\.0|ffn\.layers\.1)\.')
+_MMPRETRAIN_BLOCK_NAMES = {
+    'ln1': 'norm1', 'ln2': 'norm2', 'ffn.layers.0.0': 'mlp.fc1', 'ffn.layers.1': 'mlp.fc2'}
+
+
+def _from_mmpretrain_key(key: str) -> str:
+    """`backbone.trans_1.ffn.layers.1.weight` -> `trans_1.mlp.fc2.weight`; all else is the paper's."""
+    key = key.removeprefix('backbone.').removeprefix('head.')
+    return _MMPRETRAIN_BLOCK_KEY.sub(lambda m: f'{m[1]}.{_MMPRETRAIN_BLOCK_NAMES[m[2]]}.', key)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
+                         model: 'Conformer') -> Dict[str, torch.Tensor]:
+    """Map a Conformer state_dict in any known key layout onto `model`.
+
+    Takes the paper's keys (also under DDP `module.` / torch.compile `_orig_mod.` prefixes)
+    and mmpretrain's (`backbone.` / `head.` prefixes, mmcv names in the transformer blocks).
+    Heads trained for another num_classes keep the model's fresh initialisation (num_classes=0:
+    dropped) and a stem trained on another channel count is adapted to the model's in_chans,
+    each with one log line, so the result loads strictly. Any other shape mismatch (weights of
+    another variant) is left in place for the loader to report.
+    """
+    state_dict = clean_state_dict(state_dict)
+    if any(k.startswith('backbone.') for k in state_dict):
+        state_dict = {_from_mmpretrain_key(k): v for k, v in state_dict.items()}
+        _logger.info('Renamed mmpretrain Conformer keys to the paper\'s')
+    target = model.state_dict()
+
+    stem, want = state_dict.get('conv1.weight'), target['conv1.weight']
+    if (stem is not None and stem.shape[1] != want.shape[1]
+            and stem.shape[0] == want.shape[0] and stem.shape[2:] == want.shape[2:]):
+        state_dict['conv1.weight'] = adapt_input_conv(want.shape[1], stem, base_chans=stem.shape[1])
+        _logger.info(f'Adapted the pretrained stem conv1 from {stem.shape[1]} to '
+                     f'{want.shape[1]} input channels')
+
+    head_keys = [f'{head}.{p}' for head in ('conv_cls_head', 'trans_cls_head')
+                 for p in ('weight', 'bias')]
+    # a head of another class count has the same input width; any other difference means
+    # another variant, reported by the loader
+    other_classes = [k for k in head_keys if k in state_dict and (
+        k not in target or (state_dict[k].shape != target[k].shape
+                            and state_dict[k].shape[1:] == target[k].shape[1:]))]
+    if other_classes:
+        pretrained_classes = state_dict[other_classes[0]].shape[0]
+        for k in other_classes:
+            if k in target:
+                state_dict[k] = target[k]
+            else:
+                del state_dict[k]
+        _logger.info(
+            f'Pretrained heads have {pretrained_classes} classes, the model '
+            f'{model.num_classes}: ' + ('dropped them (num_classes=0 returns features)'
+                                       if not model.num_classes else
+                                       'conv_cls_head and trans_cls_head start from random init'))
+    return state_dict
+
+
 def _create_conformer(variant: str, pretrained: bool = False, **kwargs) -> Conformer:
     return build_model_with_cfg(
         Conformer, variant, pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
 
@@ -370,11 +435,23 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
+# The paper's ImageNet-1k weights as converted and evaluated by mmpretrain (the suffix of each
+# file name is the start of its sha256, checked on download). Top-1: mmpretrain's model zoo.
+_MMPRETRAIN_URL = 'https://download.openmmlab.com/mmclassification/v0/conformer/'
+
 default_cfgs = generate_default_cfgs({
-    'conformer_tiny_patch16': _cfg(),
-    'conformer_small_patch16': _cfg(),
-    'conformer_small_patch32': _cfg(),
-    'conformer_base_patch16': _cfg(),
+    'conformer_tiny_patch16.in1k': _cfg(
+        url=_MMPRETRAIN_URL + 'conformer-tiny-p16_3rdparty_8xb128_in1k_20211206-f6860372.pth',
+        notes=('ImageNet-1k top-1 81.31 (mmpretrain); paper 81.3',)),
+    'conformer_small_patch16.in1k': _cfg(
+        url=_MMPRETRAIN_URL + 'conformer-small-p16_3rdparty_8xb128_in1k_20211206-3065dcf5.pth',
+        notes=('ImageNet-1k top-1 83.32 (mmpretrain); paper 83.4',)),
+    'conformer_small_patch32.in1k': _cfg(
+        url=_MMPRETRAIN_URL + 'conformer-small-p32_8xb128_in1k_20211206-947a0816.pth',
+        notes=('ImageNet-1k top-1 81.96 (mmpretrain)',)),
+    'conformer_base_patch16.in1k': _cfg(
+        url=_MMPRETRAIN_URL + 'conformer-base-p16_3rdparty_8xb128_in1k_20211206-bfdf8637.pth',
+        notes=('ImageNet-1k top-1 83.82 (mmpretrain); paper 84.1',)),
     'conformer_nano_patch4': _cfg(input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0),
 })
 

@@ -1,0 +1,160 @@
+"""Load weights into a Conformer from any source, and route timm's pretrained loading here.
+
+`load_weights(model, source)` is the direct call; `timm.create_model(..., pretrained=True)`
+reaches the same code through `install_timm_loader`. timm's own loader fetches URLs without
+checking the sha256 in their names, ignores our training checkpoints' ``'ema'`` entry and
+reports damaged files as bare ``OSError``/unpickling errors, so for Conformer models (and only
+those) timm's ``load_pretrained`` step is replaced: timm still resolves where the weights come
+from (``state_dict`` > ``file`` > ``hf_hub_id`` > ``url``, ``hf-hub:`` / ``local-dir:`` names),
+then this package fetches and reads the file, the model's ``checkpoint_filter_fn`` maps keys,
+heads and stem, and the result is loaded with a shape check that explains what does not fit.
+"""
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+from timm.models import _builder
+from timm.models._builder import _resolve_pretrained_source
+
+from conformer.models import Conformer
+from conformer.models.conformer import checkpoint_filter_fn
+
+from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from .download import fetch_hf, fetch_url, find_weights_file
+
+__all__ = ['weights_file', 'load_weights', 'load_state_dict_checked', 'describe_architecture',
+           'install_timm_loader']
+
+_logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+FilterFn = Callable[[StateDict, torch.nn.Module], StateDict]
+
+
+def weights_file(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """A local weight file for `source`: a file, a model folder, ``local-dir:FOLDER``,
+    ``hf-hub:ORG/NAME[@REVISION]`` or an http(s) URL (downloaded, hash-checked, cached)."""
+    source = str(source)
+    for kind in ('hf-hub', 'local-dir'):
+        if source.startswith(kind + ':'):
+            return _fetch(kind, source[len(kind) + 1:], cache_dir)
+    return _fetch('url' if '://' in source else 'file', source, cache_dir)
+
+
+def _fetch(load_from: str, location: Any, cache_dir: Optional[Union[str, Path]]) -> Path:
+    if load_from == 'hf-hub':
+        # timm passes (hub id, file name) when the cfg names the file
+        return fetch_hf(*location if isinstance(location, tuple) else (location,),
+                        cache_dir=cache_dir)
+    if load_from == 'url':
+        return fetch_url(location, cache_dir)
+    path = Path(location).expanduser()
+    return find_weights_file(path) if load_from == 'local-dir' or path.is_dir() else path
+
+
+def load_weights(model: Conformer, source: Union[str, Path], use_ema: bool = True,
+                 strict: bool = True, cache_dir: Optional[Union[str, Path]] = None) -> Checkpoint:
+    """Load weights from `source` (see `weights_file`) in any supported format into `model`.
+
+    Returns what was read (file, format, wrapper key used, recorded meta).
+    """
+    checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
+    load_state_dict_checked(model, checkpoint_filter_fn(checkpoint.state_dict, model),
+                            str(checkpoint.path), strict=strict)
+    return checkpoint
+
+
+def load_pretrained_cfg(model: Conformer, pretrained_cfg: Optional[Dict[str, Any]] = None,
+                        filter_fn: Optional[FilterFn] = None, strict: bool = True,
+                        cache_dir: Optional[Union[str, Path]] = None) -> None:
+    """Load the weights a timm pretrained_cfg points at (what `pretrained=True` does)."""
+    cfg = pretrained_cfg or model.pretrained_cfg
+    load_from, location = _resolve_pretrained_source(cfg)
+    if load_from == 'state_dict':
+        state_dict, origin = location, 'the state_dict in pretrained_cfg'
+    elif load_from:
+        _logger.info(f'Loading pretrained weights from {load_from} {location}')
+        checkpoint = read_checkpoint(_fetch(load_from, location, cache_dir))
+        state_dict, origin = checkpoint.state_dict, str(checkpoint.path)
+    else:
+        raise RuntimeError(
+            f"{cfg.get('architecture')} has no pretrained weights; use pretrained=False, a tag "
+            f"with weights (timm.list_pretrained('conformer*')), or your own file with "
+            f"pretrained_cfg_overlay=dict(file=PATH)")
+    state_dict = (filter_fn or checkpoint_filter_fn)(state_dict, model)
+    load_state_dict_checked(model, state_dict, origin, strict=strict)
+
+
+def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origin: str,
+                            strict: bool = True) -> None:
+    """`model.load_state_dict` with errors that say which weights do not fit and why.
+
+    BatchNorm's `num_batches_tracked` counters may be absent (some converters drop them).
+    """
+    own = model.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        lines = '\n'.join(f'  {k}: file {a}, model {b}' for k, a, b in mismatched[:8])
+        more = f'\n  ... and {len(mismatched) - 8} more' if len(mismatched) > 8 else ''
+        raise CheckpointError(
+            f'{origin}: the weights are for another Conformer variant; {len(mismatched)} '
+            f'tensors differ in shape:\n{lines}{more}\n'
+            f'file:  {describe_architecture(state_dict)}\nmodel: {describe_architecture(own)}\n'
+            f'Create the variant the weights were trained for.')
+    missing = [k for k in own if k not in state_dict and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        if not set(state_dict) & set(own):
+            raise CheckpointError(
+                f'{origin}: holds no Conformer weights (none of its {len(state_dict)} keys, '
+                f'e.g. {sorted(state_dict)[:3]}, is a Conformer parameter)')
+        detail = (f'{len(missing)} model keys missing from the file {missing[:5]}, '
+                  f'{len(unexpected)} file keys unknown to the model {unexpected[:5]}')
+        if strict:
+            raise CheckpointError(f'{origin}: the weights do not fit the model: {detail}; '
+                                  f'pass strict=False (pretrained_strict=False) to load the rest')
+        _logger.warning(f'{origin}: loaded non-strictly: {detail}')
+    model.load_state_dict(state_dict, strict=False)
+
+
+def describe_architecture(state_dict: StateDict) -> str:
+    """The Conformer hyper-parameters a state_dict's shapes imply (num_heads cannot be seen)."""
+    try:
+        stem, patch = state_dict['conv1.weight'], state_dict['trans_patch_conv.weight']
+        first = state_dict['conv_1.conv3.weight']
+    except KeyError:
+        return 'not in the Conformer layout'
+    stem_stride = 4 if stem.shape[-1] == 7 else 1
+    depth = 1 + len({k.split('.')[0] for k in state_dict if k.startswith('conv_trans_')})
+    head = state_dict.get('conv_cls_head.weight')
+    return (f"stem_type={'imagenet' if stem_stride == 4 else 'small'}, "
+            f'patch_size={patch.shape[-1] * stem_stride}, base_channel={stem.shape[0]}, '
+            f'channel_ratio={first.shape[0] // stem.shape[0]}, embed_dim={patch.shape[0]}, '
+            f'depth={depth}, in_chans={stem.shape[1]}, '
+            f'num_classes={head.shape[0] if head is not None else 0}')
+
+
+def install_timm_loader() -> None:
+    """Make timm's `pretrained=True` load Conformer weights through `load_pretrained_cfg`.
+
+    Other models still go to timm's own `load_pretrained`. Idempotent.
+    """
+    timm_load_pretrained = _builder.load_pretrained
+    if getattr(timm_load_pretrained, 'conformer_zoo', False):
+        return
+
+    def load_pretrained(model, pretrained_cfg=None, num_classes=1000, in_chans=3,
+                        filter_fn=None, strict=True, cache_dir=None):
+        if isinstance(model, Conformer):
+            # heads and stem are fitted to the model by checkpoint_filter_fn, so timm's
+            # num_classes / in_chans arguments are not needed
+            return load_pretrained_cfg(model, pretrained_cfg, filter_fn=filter_fn,
+                                       strict=strict, cache_dir=cache_dir)
+        return timm_load_pretrained(model, pretrained_cfg, num_classes, in_chans, filter_fn,
+                                    strict, cache_dir)
+
+    load_pretrained.__doc__ = timm_load_pretrained.__doc__
+    load_pretrained.conformer_zoo = True
+    _builder.load_pretrained = load_pretrained
