@@ -1,7 +1,9 @@
 """The one place that chooses between the Triton kernels and their PyTorch references.
 
 Every public op in ``conformer.kernels`` asks :func:`use_triton` which path to take; no other
-module in the project branches on the device. Backends:
+module in the project branches on the device. An op's ``backend=`` argument wins over the
+innermost ``with use_backend(...)`` block (per thread / asyncio task), which wins over the
+process-wide :func:`set_backend` default. Backends:
 
 - ``"auto"`` (default): Triton when every tensor is on CUDA and the op supports the shape and
   dtype, PyTorch otherwise.
@@ -14,7 +16,8 @@ whenever they are needed, whatever the backend, so training never breaks.
 """
 
 import contextlib
-import math
+import contextvars
+import os
 from types import SimpleNamespace
 
 import torch
@@ -30,11 +33,21 @@ __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 
-# Triton decides at decoration time whether @triton.jit builds an interpreted function, so
-# reading the flag when this module is imported tells what the kernels below really are.
-INTERPRET = triton is not None and bool(triton.knobs.runtime.interpret)
 
-_default = "auto"
+def _interpreting():
+    """Whether @triton.jit builds interpreted functions. Triton reads TRITON_INTERPRET when a
+    kernel is decorated, so reading it when this module is imported tells what the kernels are."""
+    if triton is None:
+        return False
+    if hasattr(triton, "knobs"):
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # older Triton
+
+
+INTERPRET = _interpreting()
+
+_default = "auto"  # process-wide, from set_backend
+_scoped = contextvars.ContextVar("conformer_kernels_backend", default=None)  # from use_backend
 
 
 def _checked(name):
@@ -44,26 +57,28 @@ def _checked(name):
 
 
 def set_backend(name):
-    """Set the process-wide default backend: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    """Set the process-wide default backend: ``"auto"``, ``"triton"`` or ``"torch"``. A
+    ``use_backend`` block or a ``backend=`` argument still wins over it."""
     global _default
     _default = _checked(name)
 
 
 def get_backend():
-    """The process-wide default backend."""
-    return _default
+    """The backend ops use when called without ``backend=``: the innermost :func:`use_backend`
+    of this thread or task, else the process-wide default."""
+    return _scoped.get() or _default
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Use backend ``name`` inside the ``with`` block; the previous default comes back on exit,
-    also on an exception. A ``backend=`` argument passed to an op still wins over it."""
-    global _default
-    previous, _default = _default, _checked(name)
+    """Use backend ``name`` inside the ``with`` block, in this thread or asyncio task only; the
+    previous choice comes back on exit, also on an exception. A ``backend=`` argument passed to
+    an op still wins over it."""
+    token = _scoped.set(_checked(name))
     try:
         yield
     finally:
-        _default = previous
+        _scoped.reset(token)
 
 
 def needs_grad(*tensors):
@@ -74,12 +89,12 @@ def needs_grad(*tensors):
 def use_triton(op, backend, tensors, unsupported, torch_only=False):
     """Whether ``op`` runs its Triton kernel for this call.
 
-    ``backend`` is the per-call override (None: the process default). ``unsupported()`` returns
+    ``backend`` is the per-call override (None: :func:`get_backend`). ``unsupported()`` returns
     None or a sentence naming the shape/dtype limit the input breaks; it is called only when
     needed. ``torch_only`` marks calls that need something only the PyTorch path has (a
     backward for an inference-only kernel, dropout).
     """
-    name = _checked(_default if backend is None else backend)
+    name = get_backend() if backend is None else _checked(backend)
     tensors = [t for t in tensors if t is not None]
     if name == "torch" or torch_only:
         return False
@@ -119,12 +134,12 @@ def tensor_limit(*tensors):
 def dot_precision(dtype, allow_tf32):
     """``input_precision`` for ``tl.dot``: fp32 inputs use TF32 only where PyTorch would
     (``allow_tf32`` is the matching torch.backends flag); 16-bit inputs ignore it."""
-    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 def next_pow2(n, minimum=16):
     """Block size covering ``n``: tl.arange needs powers of two, tl.dot at least 16."""
-    return max(minimum, 1 << math.ceil(math.log2(n)))
+    return max(minimum, 1 << (n - 1).bit_length())
 
 
 jit = triton.jit if triton is not None else (lambda fn: fn)

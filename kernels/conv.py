@@ -42,7 +42,8 @@ def _conv_bn_act_kernel(X, W, SCALE, SHIFT, RES, OUT, M, H, W_IN, C_IN, H_OUT, W
                         KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    # 1-D grid with the channel blocks of one pixel block adjacent, so they share its x tiles in L2
+    """One (BLOCK_M pixels x BLOCK_N channels) output tile. A 1-D grid puts the channel blocks of
+    a pixel block next to each other, so they share its x tiles in L2."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(C_OUT, BLOCK_N)
     pid_m, pid_n = pid // n_blocks, pid % n_blocks

@@ -39,13 +39,14 @@ def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, 
 @kernel(key=["C_IN", "C_OUT", "PH", "PW"], interpret=dict(BLOCK_M=32, BLOCK_K=16), configs=[
     dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
     dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_K=16, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_K=16, num_warps=8, num_stages=2),
 ])
 def _fcu_down_kernel(X, W, BIAS, LN_W, LN_B, OUT, M, L, GW, C_IN, C_OUT, PH, PW, eps,
                      sxb, sxc, sxh, sxw, swo, swi,
                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_K: tl.constexpr):
+    """BLOCK_M tokens x all C_out channels (padded to BLOCK_N), so LayerNorm sees whole rows."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # token index over B * L
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -86,6 +87,7 @@ def _fcu_up_kernel(T, W, BIAS, SCALE, SHIFT, ADD, OUT, M, L, GW, C_IN, C_OUT, PH
                    stb, stl, stc, swo, swi, sab, sac, sah, saw, sob, soc, soh, sow,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
+    """BLOCK_M tokens x BLOCK_N channels, each written PH x PW times into the output."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(C_OUT, BLOCK_N)
     offs_m = pid // n_blocks * BLOCK_M + tl.arange(0, BLOCK_M)  # token index over B * L

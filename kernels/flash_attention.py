@@ -16,7 +16,7 @@ below are >= 16 and the padded head dim is >= 16.
 import torch
 import torch.nn.functional as F
 
-from .backend import jit, kernel, next_pow2, tensor_limit, tl, triton, use_triton, dot_precision
+from .backend import dot_precision, jit, kernel, next_pow2, tensor_limit, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
@@ -43,6 +43,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, N,
               sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """O and the base-2 row logsumexp of one query block; grid (cdiv(N, BLOCK_M), B * H)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

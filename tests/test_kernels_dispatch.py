@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,6 +56,15 @@ def test_use_backend_restores_previous_even_on_exception():
             with K.use_backend("auto"):
                 raise RuntimeError("boom")
     assert K.get_backend() == "torch"
+
+
+def test_use_backend_is_local_to_the_thread():
+    seen = []
+    with K.use_backend("torch"):
+        worker = threading.Thread(target=lambda: seen.append(K.get_backend()))
+        worker.start()
+        worker.join()
+    assert seen == ["auto"]
 
 
 def test_per_call_argument_wins_over_default_and_context():
