@@ -18,7 +18,8 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["
 def _down_args(B, C_in, H, W, C_out, grid_hw, dtype):
     x = torch.randn(B, C_in, H, W, dtype=dtype)
     weight = (torch.randn(C_out, C_in, 1, 1) / C_in**0.5).to(dtype)
-    bias, ln_weight, ln_bias = torch.randn(C_out, dtype=dtype), (torch.rand(C_out) + 0.5).to(dtype), torch.randn(C_out, dtype=dtype)
+    bias, ln_bias = torch.randn(C_out, dtype=dtype), torch.randn(C_out, dtype=dtype)
+    ln_weight = (torch.rand(C_out) + 0.5).to(dtype)
     return x, weight, bias, grid_hw, ln_weight, ln_bias, 1e-6
 
 
