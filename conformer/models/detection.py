@@ -46,6 +46,7 @@ class ConformerFPN(nn.Module):
         norm_eval: keep every BatchNorm of `body` in eval mode even under `train()`: detection
             batches are a few images per device, too few for useful batch statistics, so
             the pretrained running statistics stay fixed while the affine weights still train.
+            A randomly initialised backbone has no statistics worth keeping: pass False.
         trainable_blocks: train only the last this many of the `depth` coupled blocks; the
             stem and earlier blocks get `requires_grad=False` and frozen BatchNorm statistics.
             None trains everything.
