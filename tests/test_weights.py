@@ -1,0 +1,288 @@
+"""Pretrained weights: every file layout users hold loads through timm's calls, exactly.
+
+The layouts are written here from a small model's state_dict, independently of the loader:
+the paper's bare state_dict, DeiT-style training checkpoints, mmpretrain's (legacy pickle,
+`backbone.`/`head.` prefixes, mmcv names), conformer-zoo training checkpoints and safetensors.
+"""
+import argparse
+import logging
+import os
+import struct
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import conformer  # noqa: F401  registers the models and the weight loader
+from conformer.models.conformer import checkpoint_filter_fn
+from conformer.weights import (CheckpointError, find_weights_file, load_weights,
+                               read_checkpoint)
+
+NANO = 'conformer_nano_patch4'
+
+
+def nano(**kwargs):
+    return timm.create_model(NANO, **kwargs).eval()
+
+
+def perturbed(state_dict, seed=1):
+    """Another set of weights of the same shapes (stands in for the EMA copy)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+            for k, v in state_dict.items()}
+
+
+def to_mmpretrain(state_dict):
+    """The paper's keys as mmpretrain names them (written from mmpretrain's module names)."""
+    block_names = [('.norm1.', '.ln1.'), ('.norm2.', '.ln2.'),
+                   ('.mlp.fc1.', '.ffn.layers.0.0.'), ('.mlp.fc2.', '.ffn.layers.1.')]
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(('conv_cls_head.', 'trans_cls_head.')):
+            out['head.' + key] = value
+            continue
+        if key.startswith('trans_1.') or '.trans_block.' in key:
+            for paper, mm in block_names:
+                key = key.replace(paper, mm)
+        out['backbone.' + key] = value
+    return out
+
+
+def write_layouts(model, folder):
+    """Every supported layout of `model`'s weights -> (path, the weights a loader must pick)."""
+    raw = model.state_dict()
+    ema = perturbed(raw)
+    optimizer = {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': [0, 1]}]}
+    layouts = {
+        'paper': (raw, raw),
+        'deit': ({'model': raw, 'model_ema': ema, 'optimizer': optimizer,
+                  'lr_scheduler': {'last_epoch': 3}, 'epoch': 3,
+                  'args': argparse.Namespace(model='Conformer_nano_patch4', lr=1e-3)}, ema),
+        'deit_without_ema': ({'model': raw, 'optimizer': optimizer, 'epoch': 3}, raw),
+        'ours': ({'model': raw, 'ema': ema, 'optimizer': optimizer, 'epoch': 3,
+                  'meta': {'model': NANO, 'top1': 12.5}}, ema),
+        'ours_without_ema': ({'model': raw, 'ema': None, 'epoch': 3, 'meta': {}}, raw),
+        'ddp': ({'model': {'module.' + k: v for k, v in raw.items()}}, raw),
+    }
+    paths = {}
+    for name, (obj, expected) in layouts.items():
+        paths[name] = (folder / f'{name}.pth', expected)
+        torch.save(obj, paths[name][0])
+    # mmpretrain publishes legacy (non-zip) pickles
+    paths['mmpretrain'] = (folder / 'mmpretrain.pth', raw)
+    torch.save({'meta': {'mmcls_version': '0.18.0', 'CLASSES': ['a', 'b']},
+                'state_dict': to_mmpretrain(raw)}, paths['mmpretrain'][0],
+               _use_new_zipfile_serialization=False)
+    paths['safetensors'] = (folder / 'model.safetensors', raw)
+    save_file({k: v.contiguous() for k, v in raw.items()}, paths['safetensors'][0])
+    return paths
+
+
+@pytest.fixture(scope='module')
+def reference():
+    torch.manual_seed(0)
+    return nano()
+
+
+@pytest.fixture(scope='module')
+def layouts(reference, tmp_path_factory):
+    return write_layouts(reference, tmp_path_factory.mktemp('layouts'))
+
+
+@pytest.fixture(scope='module')
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def by_hand(state_dict, **kwargs):
+    model = nano(**kwargs)
+    model.load_state_dict(state_dict)
+    return model
+
+
+LAYOUTS = ['paper', 'deit', 'deit_without_ema', 'ours', 'ours_without_ema', 'ddp',
+           'mmpretrain', 'safetensors']
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+def test_every_layout_loads_through_timm_exactly(layout, layouts, images):
+    path, expected = layouts[layout]
+    model = timm.create_model(NANO, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    loaded = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with torch.no_grad():
+        assert torch.equal(model(images), by_hand(expected)(images))
+
+
+def test_ema_preferred_and_logged_raw_weights_on_request(layouts, reference, caplog):
+    path, ema = layouts['ours']
+    with caplog.at_level(logging.INFO):
+        checkpoint = read_checkpoint(path)
+    assert checkpoint.weights_key == 'ema'
+    assert "using the EMA weights 'ema'" in caplog.text and "['model']" in caplog.text
+    assert checkpoint.architecture == NANO and checkpoint.meta['top1'] == 12.5
+    model = nano()
+    assert load_weights(model, path, use_ema=False).weights_key == 'model'
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_mmpretrain_layout_of_tiny_maps_every_key():
+    """The real tiny variant, in mmpretrain's layout, converts with nothing missing or left over."""
+    model = timm.create_model('conformer_tiny_patch16')
+    own = model.state_dict()
+    mm = to_mmpretrain(own)
+    # the reference layout really uses mmpretrain's names
+    assert {'backbone.trans_1.ln1.weight', 'backbone.trans_1.ffn.layers.0.0.weight',
+            'backbone.conv_trans_12.trans_block.ffn.layers.1.bias',
+            'backbone.conv_trans_12.trans_block.attn.qkv.weight',
+            'backbone.conv_trans_12.squeeze_block.conv_project.weight',
+            'backbone.conv_trans_12.fusion_block.residual_conv.weight',
+            'head.conv_cls_head.weight', 'head.trans_cls_head.bias'} <= mm.keys()
+    converted = checkpoint_filter_fn(mm, model)
+    assert converted.keys() == own.keys()
+    assert all(converted[k] is own[k] for k in own)
+
+
+def test_other_num_classes_keeps_backbone_and_says_so(layouts, reference, images, caplog):
+    path, raw = layouts['paper']
+    with caplog.at_level(logging.INFO):
+        model = timm.create_model(NANO, pretrained=True, num_classes=10,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
+    lines = [r.message for r in caplog.records if 'heads' in r.message]
+    assert len(lines) == 1 and '1000 classes' in lines[0] and 'model 10' in lines[0]
+    loaded = model.state_dict()
+    assert loaded['conv_cls_head.weight'].shape == (10, 128)
+    assert all(torch.equal(loaded[k], v) for k, v in raw.items() if 'cls_head' not in k)
+
+    features = timm.create_model(NANO, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert not any('cls_head' in k for k in features.state_dict())
+    with torch.no_grad():
+        for got, want in zip(features.forward_features(images),
+                             reference.forward_features(images)):
+            assert torch.equal(got, want)
+
+
+def test_checkpoint_with_its_own_class_count_keeps_its_heads(tmp_path, images):
+    """A 10-class training checkpoint loads whole into a 10-class model (timm's own loader
+    would drop the heads because the variant's cfg says 1000 classes)."""
+    trained = nano(num_classes=10)
+    torch.save({'model': trained.state_dict(), 'epoch': 1}, tmp_path / 'ckpt.pth')
+    model = timm.create_model(NANO, pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'ckpt.pth'))).eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), trained(images))
+
+
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_stem_adapted_to_in_chans(in_chans, layouts, caplog):
+    path, raw = layouts['paper']
+    with caplog.at_level(logging.INFO):
+        model = timm.create_model(NANO, pretrained=True, in_chans=in_chans,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
+    w = raw['conv1.weight']
+    expected = (w.sum(1, keepdim=True) if in_chans == 1  # grey = sum of RGB filters
+                else torch.cat([w, w[:, :1]], 1) * 3 / 4)  # RGB repeated, scaled to keep the sum
+    torch.testing.assert_close(model.conv1.weight.data, expected)
+    lines = [r.message for r in caplog.records if 'stem' in r.message]
+    assert lines == [f'Adapted the pretrained stem conv1 from 3 to {in_chans} input channels']
+
+
+def test_weights_of_another_variant_list_the_mismatched_shapes(layouts):
+    path, _ = layouts['paper']
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model(NANO, embed_dim=64, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    msg = str(e.value)
+    assert str(path) in msg and 'another Conformer variant' in msg
+    assert 'cls_token: file (1, 1, 128), model (1, 1, 64)' in msg
+    assert 'file:  stem_type=small, patch_size=4, base_channel=32, channel_ratio=1, ' \
+           'embed_dim=128, depth=6' in msg
+
+
+def test_file_without_conformer_weights(tmp_path):
+    path = tmp_path / 'resnet.pth'
+    torch.save({'fc.weight': torch.zeros(2, 2), 'layer1.0.conv1.weight': torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match='holds no Conformer weights'):
+        load_weights(nano(), path)
+
+
+def _truncate(src, dst, keep=0.5):
+    data = src.read_bytes()
+    dst.write_bytes(data[:int(len(data) * keep)])
+    return dst
+
+
+@pytest.mark.parametrize('case, problem', [
+    ('zip', 'truncated PyTorch checkpoint'),
+    ('legacy', 'corrupt or truncated PyTorch checkpoint'),
+    ('safetensors', 'truncated safetensors file'),
+    ('safetensors_body', 'corrupt safetensors file'),
+    ('html', 'looks like a web page'),
+    ('empty', 'the file is empty'),
+])
+def test_damaged_files_name_the_file_and_the_problem(case, problem, layouts, tmp_path):
+    bad = tmp_path / f'{case}.bin'
+    if case == 'zip':
+        _truncate(layouts['paper'][0], bad)
+    elif case == 'legacy':
+        _truncate(layouts['mmpretrain'][0], bad)
+    elif case == 'safetensors':
+        _truncate(layouts['safetensors'][0], bad, keep=0.001)
+    elif case == 'safetensors_body':
+        _truncate(layouts['safetensors'][0], bad)
+    elif case == 'html':
+        bad.write_bytes(b'<!DOCTYPE html><html><body>Sign in</body></html>')
+    else:
+        bad.write_bytes(b'')
+    if case == 'safetensors':  # the header must still be readable for the check to apply
+        header_len = struct.unpack('<Q', layouts['safetensors'][0].read_bytes()[:8])[0]
+        assert bad.stat().st_size < header_len + 8
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model(NANO, pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)))
+    assert str(bad) in str(e.value) and problem in str(e.value)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return os.system, ('touch pwned',)
+
+
+def test_pickled_code_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': nano().state_dict(), 'hook': _RunsCode()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_weights(nano(), path)
+    assert 'system' in str(e.value) and 'weights-only loading refuses' in str(e.value)
+    assert not (tmp_path / 'pwned').exists()
+
+
+def test_model_folder_with_several_weight_files_is_ambiguous(tmp_path):
+    for name in ('a.pth', 'b.pth'):
+        (tmp_path / name).write_bytes(b'x')
+    with pytest.raises(CheckpointError, match=r"found \['a.pth', 'b.pth'\]"):
+        find_weights_file(tmp_path)
+
+
+def test_in1k_tags_point_at_the_hash_named_mmpretrain_files():
+    expected = {
+        'conformer_tiny_patch16.in1k':
+            'conformer-tiny-p16_3rdparty_8xb128_in1k_20211206-f6860372.pth',
+        'conformer_small_patch16.in1k':
+            'conformer-small-p16_3rdparty_8xb128_in1k_20211206-3065dcf5.pth',
+        'conformer_small_patch32.in1k':
+            'conformer-small-p32_8xb128_in1k_20211206-947a0816.pth',
+        'conformer_base_patch16.in1k':
+            'conformer-base-p16_3rdparty_8xb128_in1k_20211206-bfdf8637.pth',
+    }
+    assert sorted(timm.list_pretrained('conformer*')) == sorted(expected)
+    for tag, filename in expected.items():
+        cfg = timm.models.get_pretrained_cfg(tag)
+        assert cfg.url == ('https://download.openmmlab.com/mmclassification/v0/conformer/'
+                           + filename)
+        assert torch.hub.HASH_REGEX.search(filename).group(1) == filename[-12:-4]
+        assert cfg.num_classes == 1000 and cfg.license == 'apache-2.0'
