@@ -51,8 +51,9 @@ def batch_norms(module):
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def test_backbone_returns_five_fpn_levels_at_strides_4_to_64():
-    backbone = conformer_fpn_backbone(VARIANT, out_channels=32, **TINY).eval()
+@pytest.mark.parametrize('variant', [VARIANT, VARIANT + '.in1k'])  # a pretrained tag is fine
+def test_backbone_returns_five_fpn_levels_at_strides_4_to_64(variant):
+    backbone = conformer_fpn_backbone(variant, out_channels=32, **TINY).eval()
     with torch.no_grad():
         out = backbone(torch.rand(2, 3, 128, 96))
     assert backbone.out_channels == 32
@@ -185,3 +186,10 @@ def test_bad_arguments_raise_clear_errors(build, match):
 def test_body_must_be_a_conformer():
     with pytest.raises(TypeError, match='needs a conformer.models.Conformer body, got Conv2d'):
         ConformerFPN(nn.Conv2d(3, 8, 3))
+
+
+def test_a_rejected_body_keeps_its_classifier():
+    body = timm.create_model(VARIANT, num_classes=5, **TINY)
+    with pytest.raises(ValueError, match='trainable_blocks'):
+        ConformerFPN(body, trainable_blocks=-1)
+    assert body.num_classes == 5 and body(torch.rand(1, 3, 64, 64)).shape == (1, 5)

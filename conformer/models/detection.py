@@ -18,12 +18,12 @@ from typing import Any, Dict, Optional, Type
 import timm
 import torch
 from torch import nn
-from timm.models import group_parameters
+from timm.models import group_parameters, split_model_name_tag
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .conformer import Conformer
+from .conformer import Conformer, ConvTransBlock
 
 __all__ = ['ConformerFPN', 'conformer_fpn_backbone', 'conformer_faster_rcnn',
            'conformer_mask_rcnn']
@@ -67,6 +67,12 @@ class ConformerFPN(nn.Module):
                 f'(the stride-4 stem) and a depth of at least 6')
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f'out_channels must be a positive integer, got {out_channels!r}')
+        depth = 1 + sum(isinstance(m, ConvTransBlock) for m in body.children())
+        if trainable_blocks is not None and (
+                not isinstance(trainable_blocks, int) or not 0 <= trainable_blocks <= depth):
+            raise ValueError(f'trainable_blocks must be an integer from 0 (freeze the whole '
+                             f'Conformer) to its depth {depth} (freeze only the stem), or None '
+                             f'to train everything; got {trainable_blocks!r}')
         body.prune_intermediate_layers(len(DETECTION_STRIDES), prune_norm=True, prune_head=True)
         self.body = body
         self.fpn = FeaturePyramidNetwork(
@@ -75,20 +81,15 @@ class ConformerFPN(nn.Module):
         self.out_channels = out_channels
         self.norm_eval = norm_eval
         if trainable_blocks is not None:
-            self._freeze_early_blocks(trainable_blocks)
+            self._freeze_first_blocks(depth - trainable_blocks)
         self.train(self.training)  # modules start in training mode: apply norm_eval now
 
-    def _freeze_early_blocks(self, trainable_blocks: int) -> None:
+    def _freeze_first_blocks(self, num_blocks: int) -> None:
+        """Freeze the stem and blocks 1..num_blocks of the (pruned) body."""
         # the model's own layer grouping (used for layer-wise lr decay): 0 = stem, i = block i
-        groups = group_parameters(self.body, self.body.group_matcher())
-        depth = max(groups)
-        if not isinstance(trainable_blocks, int) or not 0 <= trainable_blocks <= depth:
-            raise ValueError(f'trainable_blocks must be an integer from 0 (freeze the whole '
-                             f'Conformer) to its depth {depth} (freeze only the stem), or None '
-                             f'to train everything; got {trainable_blocks!r}')
         params = dict(self.body.named_parameters())
-        for group_id, names in groups.items():
-            if group_id <= depth - trainable_blocks:
+        for group_id, names in group_parameters(self.body, self.body.group_matcher()).items():
+            if group_id <= num_blocks:
                 for name in names:
                     params[name].requires_grad_(False)
 
@@ -110,9 +111,10 @@ def conformer_fpn_backbone(variant: str = 'conformer_small_patch32', pretrained:
                            trainable_blocks: Optional[int] = None,
                            **model_kwargs: Any) -> ConformerFPN:
     """Create a registered Conformer variant (`model_kwargs` go to `timm.create_model`) and
-    wrap it in a `ConformerFPN`; see that class for the other arguments."""
+    wrap it in a `ConformerFPN`; see that class for the other arguments. `variant` may carry
+    a pretrained tag, e.g. 'conformer_small_patch32.in1k'."""
     variants = timm.list_models('conformer_*')
-    if variant not in variants:
+    if split_model_name_tag(variant)[0] not in variants:
         raise ValueError(f'unknown Conformer variant {variant!r}; choose one of {variants} '
                          f'(the paper detects with conformer_small_patch32)')
     body = timm.create_model(variant, pretrained=pretrained, **model_kwargs)
@@ -125,10 +127,11 @@ def _build_detector(detector_cls: Type[FasterRCNN], num_classes: Optional[int], 
                     kwargs: Dict[str, Any]) -> FasterRCNN:
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
         raise ValueError(f'num_classes counts the background class too: for K object classes '
-                         f'pass K + 1 (91 for COCO in torchvision\'s numbering); got {num_classes!r}')
+                         f'pass K + 1 (91 for COCO in torchvision\'s numbering); '
+                         f'got {num_classes!r}')
     backbone = conformer_fpn_backbone(variant, pretrained_backbone, **(backbone_kwargs or {}))
     cfg = backbone.body.pretrained_cfg
-    kwargs = dict(dict(image_mean=list(cfg['mean']), image_std=list(cfg['std'])), **kwargs)
+    kwargs = {'image_mean': list(cfg['mean']), 'image_std': list(cfg['std']), **kwargs}
     return detector_cls(backbone, num_classes, **kwargs)
 
 
