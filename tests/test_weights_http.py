@@ -1,0 +1,227 @@
+"""Downloads against a loopback HTTP server: hash-checked URLs, a Hub-style endpoint, damaged
+downloads and offline mode. Nothing here touches the network or the real caches."""
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import conformer  # noqa: F401  registers the models and the weight loader
+from conformer.weights import DownloadError
+from conformer.weights.convert import convert
+from test_weights import NANO, by_hand, nano, to_mmpretrain
+
+COMMIT = 'a' * 40
+
+
+class LoopbackServer:
+    """Serves `routes` ({url path: bytes}) on 127.0.0.1 until closed, or 300 s at most.
+
+    Paths under `truncated` announce their full length but send half; Hub paths
+    (`/{org}/{repo}/resolve/main/{file}`) carry the headers huggingface_hub needs.
+    """
+
+    def __init__(self):
+        self.routes, self.truncated, self.gets = {}, set(), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self._respond(send_body=False)
+
+            def do_GET(self):
+                server.gets.append(self.path)
+                self._respond(send_body=True)
+
+            def _respond(self, send_body):
+                body = server.routes.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header('X-Error-Code', 'EntryNotFound')
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                if '/resolve/' in self.path:
+                    self.send_header('X-Repo-Commit', COMMIT)
+                    self.send_header('ETag', f'"{hashlib.sha256(body).hexdigest()}"')
+                self.end_headers()
+                if send_body:
+                    cut = len(body) // 2 if self.path in server.truncated else len(body)
+                    self.wfile.write(body[:cut])
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.watchdog = threading.Timer(300, self.httpd.shutdown)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def close(self):
+        self.watchdog.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = LoopbackServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """A nano model saved as mmpretrain does, under a name carrying its sha256 prefix."""
+    torch.manual_seed(0)
+    reference = nano()
+    path = tmp_path_factory.mktemp('src') / 'weights.pth'
+    torch.save({'meta': {}, 'state_dict': to_mmpretrain(reference.state_dict())}, path,
+               _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    name = f'conformer-nano_in1k-{hashlib.sha256(data).hexdigest()[:8]}.pth'
+    return reference, data, name, path
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    return tmp_path / 'torch' / 'hub' / 'checkpoints'
+
+
+def from_url(url, **kwargs):
+    return timm.create_model(NANO, pretrained=True, pretrained_cfg_overlay=dict(url=url),
+                             **kwargs).eval()
+
+
+def test_url_download_is_hash_checked_cached_and_exact(server, weights, torch_home):
+    reference, data, name, _ = weights
+    server.routes[f'/{name}'] = data
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_url(f'{server.url}/{name}')(x), reference(x))
+        assert (torch_home / name).read_bytes() == data
+        assert os.listdir(torch_home) == [name]
+        assert torch.equal(from_url(f'{server.url}/{name}')(x), reference(x))
+    assert server.gets == [f'/{name}']  # the second model came from the cache
+
+
+def test_hash_mismatch_is_a_clear_error_and_caches_nothing(server, weights, torch_home):
+    _, data, name, _ = weights
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 0xFF
+    server.routes[f'/{name}'] = bytes(damaged)
+    with pytest.raises(DownloadError) as e:
+        from_url(f'{server.url}/{name}')
+    prefix = name[-12:-4]
+    assert f'{server.url}/{name}' in str(e.value) and f'promises {prefix}' in str(e.value)
+    assert not torch_home.exists() or os.listdir(torch_home) == []
+
+
+def test_truncated_download_caches_nothing(server, weights, torch_home):
+    _, data, name, _ = weights
+    server.routes[f'/{name}'] = data
+    server.truncated.add(f'/{name}')
+    with pytest.raises(DownloadError) as e:
+        from_url(f'{server.url}/{name}')
+    assert f'{server.url}/{name}: the download stopped after {len(data) // 2} of {len(data)} ' \
+           f'bytes' in str(e.value)
+    assert os.listdir(torch_home) == []
+
+
+def test_missing_url_says_http_status_and_where_to_put_the_file(server, torch_home):
+    with pytest.raises(DownloadError) as e:
+        from_url(f'{server.url}/gone-0123abcd.pth')
+    msg = str(e.value)
+    assert 'HTTP 404' in msg and str(torch_home / 'gone-0123abcd.pth') in msg
+
+
+def test_damaged_cached_file_is_reported_not_deleted(weights, torch_home):
+    _, data, name, _ = weights
+    torch_home.mkdir(parents=True)
+    (torch_home / name).write_bytes(data[:100])
+    with pytest.raises(DownloadError, match='Delete it to download it again'):
+        from_url(f'http://127.0.0.1:9/{name}')
+    assert (torch_home / name).read_bytes() == data[:100]
+
+
+# huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME at import: run in a subprocess
+CHILD = r'''
+import sys, torch, timm, conformer
+from conformer.weights import DownloadError
+images, out = torch.load(sys.argv[1]), {}
+calls = {
+    'hub': lambda: timm.create_model('hf-hub:org/nano', pretrained=True),
+    'hub_overlay_empty_cache': lambda: timm.create_model(
+        'conformer_nano_patch4', pretrained=True, cache_dir=sys.argv[3],
+        pretrained_cfg_overlay=dict(hf_hub_id='org/nano')),
+    'url': lambda: timm.create_model('conformer_nano_patch4', pretrained=True,
+                                     pretrained_cfg_overlay=dict(url=sys.argv[4])),
+    'url_empty_cache': lambda: timm.create_model(
+        'conformer_nano_patch4', pretrained=True, cache_dir=sys.argv[3],
+        pretrained_cfg_overlay=dict(url=sys.argv[4])),
+    'in1k': lambda: timm.create_model('conformer_tiny_patch16', pretrained=True),
+}
+for name in sys.argv[5:]:
+    try:
+        with torch.no_grad():
+            out[name] = calls[name]().eval()(images)
+    except DownloadError as e:
+        out[name] = str(e)
+torch.save(out, sys.argv[2])
+'''
+
+
+def run_child(tmp_path, env, images, url, *calls):
+    torch.save(images, tmp_path / 'images.pt')
+    empty = tmp_path / 'empty_cache'
+    result = subprocess.run(
+        [sys.executable, '-c', CHILD, str(tmp_path / 'images.pt'), str(tmp_path / 'out.pt'),
+         str(empty), url, *calls],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / 'out.pt')
+
+
+def test_hub_endpoint_then_offline(server, weights, tmp_path):
+    reference, data, name, path = weights
+    repo = convert(path, tmp_path / 'repo', model_name=NANO)
+    for f in repo.iterdir():
+        server.routes[f'/org/nano/resolve/main/{f.name}'] = f.read_bytes()
+    server.routes[f'/{name}'] = data
+    torch_cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
+    env = {'HF_ENDPOINT': server.url, 'HF_HOME': str(tmp_path / 'hf'),
+           'TORCH_HOME': str(tmp_path / 'torch'), 'HF_HUB_DISABLE_XET': '1'}
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(images)
+
+    online = run_child(tmp_path, env, images, f'{server.url}/{name}', 'hub', 'url')
+    assert torch.equal(online['hub'], expected) and torch.equal(online['url'], expected)
+    assert (torch_cache / name).is_file()
+
+    served = len(server.gets)
+    offline = run_child(tmp_path, {**env, 'HF_HUB_OFFLINE': '1'}, images,
+                        f'{server.url}/{name}', 'hub', 'url', 'hub_overlay_empty_cache',
+                        'url_empty_cache', 'in1k')
+    assert len(server.gets) == served  # offline means no request at all
+    assert torch.equal(offline['hub'], expected) and torch.equal(offline['url'], expected)
+    msg = offline['hub_overlay_empty_cache']
+    assert 'hf-hub:org/nano' in msg and 'HF_HUB_OFFLINE' in msg and 'hf download org/nano' in msg
+    msg = offline['url_empty_cache']
+    assert f'{server.url}/{name}' in msg and str(tmp_path / 'empty_cache' / name) in msg
+    in1k = 'conformer-tiny-p16_3rdparty_8xb128_in1k_20211206-f6860372.pth'
+    msg = offline['in1k']
+    assert ('https://download.openmmlab.com/mmclassification/v0/conformer/' + in1k in msg
+            and str(torch_cache / in1k) in msg and 'f6860372' in msg)
