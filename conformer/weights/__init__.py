@@ -7,7 +7,8 @@ pretrained=True)`` for Conformer models through it; see `loading` for why. Sourc
 `load_weights(model, source)` directly. File formats: see `checkpoint`.
 """
 from .checkpoint import EMA_KEYS, MODEL_KEYS, Checkpoint, CheckpointError, read_checkpoint
-from .download import DownloadError, default_cache_dir, fetch_hf, fetch_url, find_weights_file
+from .download import (DownloadError, default_cache_dir, fetch_hf, fetch_url, find_weights_file,
+                       sha256_file)
 from .loading import (describe_architecture, install_timm_loader, load_state_dict_checked,
                       load_weights, weights_file)
 
@@ -16,4 +17,4 @@ install_timm_loader()
 __all__ = ['Checkpoint', 'CheckpointError', 'DownloadError', 'EMA_KEYS', 'MODEL_KEYS',
            'default_cache_dir', 'describe_architecture', 'fetch_hf', 'fetch_url',
            'find_weights_file', 'load_state_dict_checked', 'load_weights', 'read_checkpoint',
-           'weights_file']
+           'sha256_file', 'weights_file']

@@ -8,11 +8,12 @@ license. Publish it with ``hf upload ORG/NAME FOLDER``. Command line: ``conforme
 
 The variant is taken from ``--model``, else recognised from the file: one of the hosted
 ``.in1k`` releases by name, the model name a training run recorded (``meta['model']`` in
-conformer-zoo checkpoints, ``args.model`` in DeiT-style ones, timm's ``arch``), or a variant
-name inside the file name (the paper's ``Conformer_small_patch16.pth``). num_classes and
+conformer-zoo checkpoints, ``args.model`` in DeiT-style ones, timm's ``arch``), a converted
+folder's ``config.json``, or a variant name inside the file name (the paper's ``Conformer_small_patch16.pth``). num_classes and
 in_chans come from the weights themselves; ``meta['model_args']`` adds any other kwargs.
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -92,11 +93,14 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
 
 
 def _recorded_architecture(checkpoint: Checkpoint) -> str:
-    """The variant a checkpoint names, through its training record or its file name."""
+    """The variant a checkpoint names: its training record, the config.json of its folder
+    (a converted model), or its file name."""
     conformers = timm.list_models('conformer*')
-    recorded = (checkpoint.architecture or '').lower().split('.')[0]
-    if recorded in conformers:
-        return recorded
+    config = checkpoint.path.parent / 'config.json'
+    folder_arch = json.loads(config.read_text()).get('architecture') if config.is_file() else None
+    for recorded in (checkpoint.architecture, folder_arch):
+        if recorded and recorded.lower().split('.')[0] in conformers:
+            return recorded.lower().split('.')[0]
     in_name = [n for n in conformers if n in checkpoint.path.name.lower()]
     if len(in_name) == 1:
         return in_name[0]

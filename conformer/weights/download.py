@@ -25,7 +25,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundE
 
 from .checkpoint import CheckpointError
 
-__all__ = ['DownloadError', 'default_cache_dir', 'fetch_url', 'fetch_hf', 'find_weights_file']
+__all__ = ['DownloadError', 'default_cache_dir', 'fetch_url', 'fetch_hf', 'find_weights_file',
+           'sha256_file']
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def fetch_url(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
     match = torch.hub.HASH_REGEX.search(filename)
     prefix = match.group(1) if match else None
     if dst.is_file():
-        if prefix and not _sha256(dst).startswith(prefix):
+        if prefix and not sha256_file(dst).startswith(prefix):
             raise DownloadError(
                 f'{dst} (the cached copy of {url}) does not match the sha256 prefix {prefix} '
                 f'in its name: it is damaged or another file. Delete it to download it again.')
@@ -101,7 +102,8 @@ def _download(url: str, dst: Path, prefix: Optional[str], hint: str) -> None:
             os.remove(tmp)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with path.open('rb') as f:
         while chunk := f.read(_CHUNK):

@@ -1,0 +1,131 @@
+"""conformer-convert: every input layout -> a Hub folder that timm loads back exactly."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import conformer  # noqa: F401
+from conformer.weights import sha256_file
+from conformer.weights.convert import convert, known_release, main
+from test_weights import NANO, by_hand, nano, to_mmpretrain, write_layouts
+
+
+@pytest.fixture(scope='module')
+def reference():
+    torch.manual_seed(0)
+    return nano()
+
+
+@pytest.fixture(scope='module')
+def layouts(reference, tmp_path_factory):
+    return write_layouts(reference, tmp_path_factory.mktemp('layouts'))
+
+
+def assert_same_model(model, expected, x):
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), by_hand(expected)(x))
+
+
+@pytest.mark.parametrize('layout', ['paper', 'deit', 'ours', 'ddp', 'mmpretrain', 'safetensors'])
+def test_round_trip_through_local_dir(layout, layouts, tmp_path):
+    path, expected = layouts[layout]
+    # DeiT-style and conformer-zoo checkpoints record their variant; the others need --model
+    model_name = None if layout in ('deit', 'ours') else NANO
+    out = convert(path, tmp_path / 'out', model_name=model_name)
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json',
+                                                     'model.safetensors']
+    assert load_file(out / 'model.safetensors').keys() == expected.keys()
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert_same_model(model, expected, torch.randn(2, 3, 32, 32))
+
+    again = convert(f'local-dir:{out}', tmp_path / 'again')  # config.json names the variant
+    first, second = load_file(out / 'model.safetensors'), load_file(again / 'model.safetensors')
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_training_checkpoint_keeps_its_classes_and_channels(tmp_path):
+    trained = nano(num_classes=10, in_chans=1)
+    ema = {k: v + 1e-3 if v.is_floating_point() else v for k, v in trained.state_dict().items()}
+    torch.save({'model': trained.state_dict(), 'ema': ema, 'epoch': 9,
+                'meta': {'model': NANO}}, tmp_path / 'last.pth')
+    out = convert(tmp_path / 'last.pth', tmp_path / 'out', top1=91.5, dataset='fashion-mnist',
+                  repo_id='me/conformer-nano-fmnist')
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == NANO and config['num_classes'] == 10
+    assert config['model_args'] == {'num_classes': 10, 'in_chans': 1}
+    assert 'notes' not in config['pretrained_cfg'] and 'tag' not in config['pretrained_cfg']
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert model.num_classes == 10 and model.in_chans == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+
+    card = (out / 'README.md').read_text()
+    assert 'datasets:\n- fashion-mnist' in card and 'license: apache-2.0' in card
+    assert '- top-1 91.50% on fashion-mnist' in card
+    assert sha256_file(tmp_path / 'last.pth') in card and "weights from the 'ema' entry" in card
+    assert "timm.create_model('hf-hub:me/conformer-nano-fmnist', pretrained=True)" in card
+
+
+def test_no_ema_takes_the_raw_weights(layouts, tmp_path):
+    path, _ = layouts['ours']
+    raw, _ = layouts['paper']
+    out = convert(path, tmp_path / 'out', use_ema=False)
+    converted = load_file(out / 'model.safetensors')
+    assert all(torch.equal(converted[k], v) for k, v in torch.load(raw).items())
+
+
+def test_cli_errors_are_one_line_not_tracebacks(layouts, tmp_path, capsys):
+    path, _ = layouts['paper']
+    with pytest.raises(SystemExit) as e:
+        main([str(path), str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    assert err.startswith('conformer-convert: error: ') and 'pass --model' in err
+    assert 'embed_dim=128' in err
+    with pytest.raises(SystemExit):
+        main([str(path), str(tmp_path / 'out'), '--model', 'resnet50'])
+    assert "unknown model 'resnet50'" in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_cli_converts(layouts, tmp_path):
+    path, expected = layouts['mmpretrain']
+    main([str(path), str(tmp_path / 'out'), '--model', NANO, '--license', 'cc-by-4.0'])
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())[
+        'pretrained_cfg']['license'] == 'cc-by-4.0'
+    converted = load_file(tmp_path / 'out' / 'model.safetensors')
+    assert all(torch.equal(converted[k], v) for k, v in expected.items())
+
+
+def test_hosted_file_names_are_recognised():
+    assert known_release('conformer-small-p32_8xb128_in1k_20211206-947a0816.pth') == \
+        'conformer_small_patch32.in1k'
+    assert known_release('conformer-base-p16_3rdparty_8xb128_in1k_20211206-bfdf8637.pth') == \
+        'conformer_base_patch16.in1k'
+    assert known_release('Conformer_base_patch16.pth') is None
+
+
+@pytest.mark.slow
+def test_hosted_tiny_release_converts_with_its_published_results(tmp_path):
+    """The tiny release's layout under its real name: recognised, card carries mmpretrain's
+    top-1 and the source URL, and timm loads the folder back exactly."""
+    model = timm.create_model('conformer_tiny_patch16')
+    name = 'conformer-tiny-p16_3rdparty_8xb128_in1k_20211206-f6860372.pth'
+    torch.save({'meta': {}, 'state_dict': to_mmpretrain(model.state_dict())}, tmp_path / name,
+               _use_new_zipfile_serialization=False)
+    out = convert(tmp_path / name, tmp_path / 'out')
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'conformer_tiny_patch16'
+    assert config['pretrained_cfg']['notes'] == ['ImageNet-1k top-1 81.31 (mmpretrain); paper 81.3']
+    card = (out / 'README.md').read_text()
+    assert '- ImageNet-1k top-1 81.31 (mmpretrain); paper 81.3' in card
+    assert 'https://download.openmmlab.com/mmclassification/v0/conformer/' + name in card
+    assert 'datasets:\n- imagenet-1k' in card
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
