@@ -1,0 +1,118 @@
+"""Sampling that keeps a run reproducible across resumes, worker counts and world sizes.
+
+Every epoch has one global order (a seeded permutation). Step b consumes global batch b;
+rank r takes the r-th contiguous slice of it, which its DataLoader splits into gradient
+accumulation micro-batches. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the
+same images per step, and a resume on any world size continues from the next global batch.
+
+Each sample travels with its own augmentation seed (from the seed, the epoch and its
+position in the global order); `SeededTransform` draws the random augmentation from it.
+The same image therefore gets the same augmentation whichever process loads it.
+"""
+import random
+from typing import Callable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+_MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant to spread nearby seeds apart
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    return (((seed * _MIX + epoch) * _MIX) + position) % (2 ** 63)
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's `(index, aug_seed)` keys for global batches `start_step..` of an epoch.
+
+    repeats > 1 is repeated augmentation (Hoffer et al.; DeiT): each image appears `repeats`
+    times per epoch with different augmentations, and the epoch keeps len(dataset) samples.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, repeats: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f'global batch {global_batch} is not divisible by the world size '
+                             f'{world_size}; change data.batch_size')
+        if num_samples < global_batch:
+            raise ValueError(f'the training set has {num_samples} images, fewer than one global '
+                             f'batch ({global_batch}); lower data.batch_size')
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.repeats = shuffle, repeats
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def global_order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        order = torch.randperm(self.num_samples, generator=g)
+        if self.repeats > 1:
+            order = order.repeat_interleave(self.repeats)[:self.num_samples]
+        return order
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * (self.global_batch // self.world_size)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        order = self.global_order().tolist()
+        share = self.global_batch // self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            first = step * self.global_batch + self.rank * share
+            for position in range(first, first + share):
+                yield order[position], sample_seed(self.seed, self.epoch, position)
+
+
+class ShardSampler(Sampler):
+    """Evaluation: rank r takes every world_size-th image, no padding, so counts stay exact."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+class SeededTransform(Dataset):
+    """Applies `transform` to `dataset[i]`; a key `(i, seed)` seeds its randomness.
+
+    The RNG states of `random`, numpy and torch are restored afterwards, so the loading
+    process's own random stream (dropout, drop path, mixup) is untouched.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Optional[Callable]):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img, target = self.dataset[index]
+        if self.transform is None:
+            return img, target
+        if seed is None:
+            return self.transform(img), target
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            # the CPU generator only: torch.manual_seed would also queue a CUDA seeding call
+            # (with a captured stack trace) per sample while CUDA is uninitialised
+            torch.default_generator.manual_seed(seed)
+            try:
+                return self.transform(img), target
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)

@@ -1,0 +1,42 @@
+"""Train and eval transforms, built on timm.data.
+
+Two crop styles: 'rrc' (random-resized crop, the ImageNet/DeiT recipe, via
+timm.data.create_transform) and 'pad' (pad-and-random-crop at the native size, the usual
+choice for 28-32 px images, where a resized crop destroys most of the object).
+"""
+from typing import Callable, Sequence
+
+from timm.data import create_transform
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
+
+
+def build_transform(aug, data, is_training: bool) -> Callable:
+    mean, std = tuple(data.mean), tuple(data.std)
+    if aug.train_crop == 'pad':
+        return _pad_crop_transform(aug, data.input_size, mean, std, is_training)
+    if not is_training:
+        return create_transform(data.input_size, is_training=False, interpolation=data.interpolation,
+                                mean=mean, std=std, crop_pct=data.crop_pct)
+    return create_transform(
+        data.input_size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip,
+        color_jitter=aug.color_jitter, auto_augment=aug.auto_augment,
+        interpolation=data.interpolation, mean=mean, std=std,
+        re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
+
+
+def _pad_crop_transform(aug, size: int, mean: Sequence[float], std: Sequence[float],
+                        is_training: bool) -> Callable:
+    # CenterCrop pads with zeros when the image is smaller, e.g. 28 px Fashion-MNIST -> 32
+    steps = [T.CenterCrop(size)]
+    if is_training:
+        steps += [T.RandomCrop(size, padding=aug.pad), T.RandomHorizontalFlip(aug.hflip)]
+        if aug.auto_augment:
+            fill = tuple(round(255 * m) for m in mean)
+            steps.append(rand_augment_transform(aug.auto_augment, dict(img_mean=fill)))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if is_training and aug.re_prob > 0:
+        steps.append(RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count,
+                                   device='cpu'))
+    return T.Compose(steps)

@@ -1,0 +1,73 @@
+"""Model, data loaders, optimizer and schedule from a config: shared by train and eval."""
+import logging
+import os
+from typing import Sequence
+
+import timm
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+import conformer  # noqa: F401  (registers the conformer_* variants with timm)
+from conformer.data import (GlobalBatchSampler, SeededTransform, ShardSampler, build_transform)
+
+_logger = logging.getLogger(__name__)
+
+
+def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
+    """timm.create_model; pretrained weights come from the variant's default source or, with
+    model.checkpoint, from a local file of any supported format (a new head is made when the
+    class count differs)."""
+    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if not isinstance(
+        model_cfg.kwargs, dict) else dict(model_cfg.kwargs)
+    overlay = None
+    if model_cfg.checkpoint:
+        path = os.path.expanduser(model_cfg.checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'model.checkpoint={model_cfg.checkpoint} does not exist')
+        overlay = dict(file=path)
+    return timm.create_model(
+        model_cfg.name, pretrained=model_cfg.pretrained, pretrained_cfg_overlay=overlay,
+        num_classes=num_classes, in_chans=in_chans, drop_rate=model_cfg.drop_rate,
+        drop_path_rate=model_cfg.drop_path_rate, **kwargs)
+
+
+def head_modules(model: nn.Module) -> Sequence[nn.Module]:
+    heads = model.get_classifier()
+    return heads if isinstance(heads, (tuple, list)) else (heads,)
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Linear probe: only the classifier heads train."""
+    model.requires_grad_(False)
+    for head in head_modules(model):
+        head.requires_grad_(True)
+
+
+def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
+    """train() for training; a frozen backbone's blocks stay in eval mode (BN statistics
+    fixed, no dropout) while the model itself is in train mode (dual-head outputs)."""
+    model.train()
+    if frozen_backbone:
+        heads = set(head_modules(model))
+        for child in model.children():
+            if child not in heads:
+                child.eval()
+
+
+def train_loader(dataset, data_cfg, aug_cfg, sampler: GlobalBatchSampler, micro_batch: int,
+                 epoch_seed: int) -> DataLoader:
+    view = SeededTransform(dataset, build_transform(aug_cfg, data_cfg, is_training=True))
+    return DataLoader(view, batch_size=micro_batch, sampler=sampler,
+                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(epoch_seed),
+                      persistent_workers=False)
+
+
+def eval_loader(dataset, data_cfg, aug_cfg, rank: int, world_size: int) -> DataLoader:
+    view = SeededTransform(dataset, build_transform(aug_cfg, data_cfg, is_training=False))
+    return DataLoader(view, batch_size=data_cfg.eval_batch_size,
+                      sampler=ShardSampler(len(dataset), rank, world_size),
+                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(0))

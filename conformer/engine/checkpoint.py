@@ -1,0 +1,100 @@
+"""Checkpoints that survive a kill at any moment and load with `torch.load(weights_only=True)`.
+
+A checkpoint is written to a temporary file in the run directory, flushed, fsynced and
+renamed over its final name, so a reader sees the old file or the new one, never half of
+one. `last.pth` and `best.pth` are hard links to the newest and the best step files; the
+step files beyond `keep_last` are deleted. Content is tensors and plain containers only:
+RNG states are stored as tensors, the config as a plain dict.
+"""
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+LAST, BEST = 'last.pth', 'best.pth'
+
+
+def atomic_save(obj: Dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Atomically make `dst` name the same content as `src` (hard link, else a copy)."""
+    tmp = dst.with_name(f'.{dst.name}.tmp{os.getpid()}')
+    try:
+        os.link(src, tmp)
+    except OSError:  # filesystems without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class CheckpointManager:
+    """Writes `step-<n>.pth`, keeps the newest `keep_last` of them, plus last.pth and best.pth."""
+
+    def __init__(self, directory: Path, keep_last: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+
+    def save(self, state: Dict[str, Any], step: int, is_best: bool) -> Path:
+        path = self.dir / f'step-{step:08d}.pth'
+        atomic_save(state, path)
+        _link(path, self.dir / LAST)
+        if is_best:
+            _link(path, self.dir / BEST)
+        for old in sorted(self.dir.glob('step-*.pth'))[:-self.keep_last]:
+            old.unlink()
+        return path
+
+    def latest(self) -> Optional[Path]:
+        path = self.dir / LAST
+        return path if path.is_file() else None
+
+
+def load(path: str) -> Dict[str, Any]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist; pass trainer.resume=<path to '
+                                f'a .pth written by conformer-train> or trainer.resume=auto')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f'cannot read checkpoint {path} ({e}); it may be incomplete: '
+                           f'resume from an older step-*.pth in the same folder') from e
+
+
+def capture_rng() -> Dict[str, torch.Tensor]:
+    """This process's RNG states (torch CPU and CUDA, numpy, python) as tensors."""
+    version, py_state, gauss = random.getstate()
+    kind, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'python': torch.tensor(py_state, dtype=torch.int64),
+        'python_gauss': torch.tensor([float('nan') if gauss is None else gauss], dtype=torch.float64),
+        'numpy': torch.from_numpy(np_key.astype(np.int64)),
+        'numpy_pos': torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
+        'numpy_gauss': torch.tensor([np_gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng(state: Dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state['torch'])
+    gauss = float(state['python_gauss'][0])
+    random.setstate((3, tuple(int(v) for v in state['python']), None if gauss != gauss else gauss))
+    pos, has_gauss = (int(v) for v in state['numpy_pos'])
+    np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state['numpy_gauss'][0])))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state['cuda']))
