@@ -286,3 +286,21 @@ def test_in1k_tags_point_at_the_hash_named_mmpretrain_files():
                            + filename)
         assert torch.hub.HASH_REGEX.search(filename).group(1) == filename[-12:-4]
         assert cfg.num_classes == 1000 and cfg.license == 'apache-2.0'
+
+
+def test_variant_without_weights_says_what_to_do():
+    with pytest.raises(RuntimeError, match=r"conformer_nano_patch4 has no pretrained weights; "
+                                           r"use pretrained=False"):
+        timm.create_model(NANO, pretrained=True)
+
+
+def test_other_timm_models_keep_timms_own_loader(tmp_path, caplog):
+    source = timm.create_model('test_resnet')
+    torch.save({'state_dict': source.state_dict()}, tmp_path / 'resnet.pth')
+    with caplog.at_level(logging.INFO):
+        model = timm.create_model('test_resnet', pretrained=True, num_classes=7,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / 'resnet.pth')))
+    loggers = {r.name for r in caplog.records}
+    assert 'timm.models._builder' in loggers
+    assert not any(name.startswith('conformer') for name in loggers)
+    assert torch.equal(model.state_dict()['conv1.0.weight'], source.state_dict()['conv1.0.weight'])
