@@ -163,6 +163,7 @@ from conformer.weights import DownloadError
 images, out = torch.load(sys.argv[1]), {}
 calls = {
     'hub': lambda: timm.create_model('hf-hub:org/nano', pretrained=True),
+    'hub_bin': lambda: timm.create_model('hf-hub:org/nano_bin', pretrained=True),
     'hub_overlay_empty_cache': lambda: timm.create_model(
         'conformer_nano_patch4', pretrained=True, cache_dir=sys.argv[3],
         pretrained_cfg_overlay=dict(hf_hub_id='org/nano')),
@@ -199,6 +200,11 @@ def test_hub_endpoint_then_offline(server, weights, tmp_path):
     repo = convert(path, tmp_path / 'repo', model_name=NANO)
     for f in repo.iterdir():
         server.routes[f'/org/nano/resolve/main/{f.name}'] = f.read_bytes()
+    # a repo with only the pickle timm falls back to
+    server.routes['/org/nano_bin/resolve/main/config.json'] = (repo / 'config.json').read_bytes()
+    torch.save(reference.state_dict(), tmp_path / 'pytorch_model.bin')
+    server.routes['/org/nano_bin/resolve/main/pytorch_model.bin'] = \
+        (tmp_path / 'pytorch_model.bin').read_bytes()
     server.routes[f'/{name}'] = data
     torch_cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
     env = {'HF_ENDPOINT': server.url, 'HF_HOME': str(tmp_path / 'hf'),
@@ -207,8 +213,8 @@ def test_hub_endpoint_then_offline(server, weights, tmp_path):
     with torch.no_grad():
         expected = reference(images)
 
-    online = run_child(tmp_path, env, images, f'{server.url}/{name}', 'hub', 'url')
-    assert torch.equal(online['hub'], expected) and torch.equal(online['url'], expected)
+    online = run_child(tmp_path, env, images, f'{server.url}/{name}', 'hub', 'hub_bin', 'url')
+    assert all(torch.equal(online[call], expected) for call in ('hub', 'hub_bin', 'url'))
     assert (torch_cache / name).is_file()
 
     served = len(server.gets)

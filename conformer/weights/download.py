@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download, is_offline_mode
-from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+from huggingface_hub import hf_hub_download
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
 from .checkpoint import CheckpointError
 
@@ -62,7 +62,7 @@ def fetch_url(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
         return dst
     hint = (f'download {url} on a machine with network access and copy it to {dst}'
             + (f' (its sha256 starts with {prefix})' if prefix else ''))
-    if is_offline_mode():
+    if hf_constants.HF_HUB_OFFLINE:
         raise DownloadError(f'{filename} is not in the cache ({cache}) and HF_HUB_OFFLINE is '
                             f'set; unset it, or {hint}')
     cache.mkdir(parents=True, exist_ok=True)
@@ -124,10 +124,10 @@ def fetch_hf(hf_hub_id: str, filename: Optional[str] = None,
         try:
             return Path(hf_hub_download(repo_id, name, revision=revision or None,
                                         cache_dir=cache_dir, library_name='conformer-zoo'))
-        except RemoteEntryNotFoundError:
-            continue
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError:  # offline or unreachable, and not cached
             missed_locally = True
+        except EntryNotFoundError:  # the repo has no such file
+            continue
     if missed_locally:
         raise DownloadError(
             f'hf-hub:{hf_hub_id}: none of {list(candidates)} is in the Hugging Face cache '
