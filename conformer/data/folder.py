@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
 
 
 def to_mode(img: Image.Image, in_chans: int) -> Image.Image:

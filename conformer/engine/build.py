@@ -28,7 +28,8 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
             raise FileNotFoundError(f'model.checkpoint={model_cfg.checkpoint} does not exist')
         overlay = dict(file=path)
     return timm.create_model(
-        model_cfg.name, pretrained=model_cfg.pretrained, pretrained_cfg_overlay=overlay,
+        model_cfg.name, pretrained=model_cfg.pretrained or overlay is not None,
+        pretrained_cfg_overlay=overlay,
         num_classes=num_classes, in_chans=in_chans, drop_rate=model_cfg.drop_rate,
         drop_path_rate=model_cfg.drop_path_rate, **kwargs)
 

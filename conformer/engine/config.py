@@ -16,8 +16,8 @@ from omegaconf import MISSING
 class ModelConfig:
     name: str = MISSING  # any timm model name, e.g. conformer_tiny_patch16
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
-    pretrained: bool = False  # load weights: the variant's default, or `checkpoint`
-    checkpoint: Optional[str] = None  # local weights file (any format, incl. our checkpoints)
+    pretrained: bool = False  # load the variant's published weights
+    checkpoint: Optional[str] = None  # or these local weights (any format, incl. our checkpoints)
     drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     freeze_backbone: bool = False  # linear probe: train only the two heads
@@ -176,9 +176,6 @@ def check(cfg) -> None:
     if t.fsdp and t.ema:
         fail('trainer.fsdp=true with trainer.ema=true is not supported (the EMA copy would '
              'need sharding too); set trainer.ema=false')
-    if cfg.model.checkpoint and not cfg.model.pretrained:
-        fail('model.checkpoint is set but model.pretrained=false; set model.pretrained=true '
-             'to load it')
 
 
 def register() -> None:
