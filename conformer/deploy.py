@@ -14,8 +14,7 @@ What it does to a (copy of a) Conformer, and why each step is safe:
   folded/cast weights are prepared once and kernels are fused around them);
 - optionally bfloat16 autocast (matmuls and convolutions in bf16, norms and softmax in fp32).
 
-The returned :class:`InferenceModel` answers ``model(x)``, ``model(x, split_heads=True)``,
-``forward_features``, ``forward_head`` and ``forward_intermediates`` like the original, returns
+The returned :class:`InferenceModel` answers ``model(x)``, ``forward_features``, ``forward_head`` and ``forward_intermediates`` like the original, returns
 fp32 tensors in every mode, and forwards every other attribute (``num_classes``,
 ``pretrained_cfg``, ``feature_info``...) to the wrapped model.
 
@@ -108,8 +107,8 @@ class InferenceModel(nn.Module):
             out = fn(*args, **kwargs)
         return tree_map(_to_float32, out)
 
-    def forward(self, x: torch.Tensor, split_heads: bool = False):
-        return self._call('forward', x, split_heads=split_heads)
+    def forward(self, x: torch.Tensor):
+        return self._call('forward', x)
 
     def forward_features(self, x: torch.Tensor):
         return self._call('forward_features', x)

@@ -1,0 +1,426 @@
+"""Inference and training benchmark of a Conformer variant across execution modes.
+
+Modes:
+
+- ``eager``: the reference. The paper's computation op for op: explicit
+  ``softmax(q @ k^T * scale) @ v`` attention, unfused BatchNorm, NCHW, fp32, eager.
+- ``fp32`` / ``bf16``: :func:`conformer.deploy.optimize_for_inference` (BN folded, SDPA,
+  channels_last; bf16 autocast for ``bf16``; torch.compile with freezing under ``--compile``).
+  For training: SDPA, channels_last, bf16 autocast for ``bf16``, torch.compile under ``--compile``.
+- ``triton``: the Triton kernels on a CUDA device; reported as skipped without one.
+
+Speed-ups are medians of per-round time ratios against ``eager``, with all modes run in turn
+within each round, so drifting machine load hits every mode alike. FLOPs are counted once per
+batch size with ``FlopCounterMode`` (2 per multiply-add); "% of peak" compares the achieved
+rate to a large GEMM's rate measured in the same run, in the mode's dtype.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import timm
+import conformer  # noqa: F401  (registers the variants with timm)
+from conformer.deploy import optimize_for_inference
+from conformer.layers import Attention
+
+__all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes',
+           'matmul_peak_gflops', 'run', 'main']
+
+SCHEMA = 'conformer-benchmark/1'
+MODES = ('eager', 'fp32', 'bf16', 'triton')
+NO_CUDA = 'skipped: no CUDA device'
+MEMORY_METHOD = (
+    'CPU: peak of bytes live in the PyTorch CPU allocator during one call above the level at '
+    'its start (torch.profiler allocation records, total_allocated); excludes weights already '
+    'allocated and memory oneDNN allocates privately. CUDA: torch.cuda.max_memory_allocated '
+    'minus the allocation at the start of the call.')
+
+
+def paper_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Attention exactly as the paper's code computes it (explicit score matrix)."""
+    B, N, C = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * self.scale
+    attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+    x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+    return self.proj_drop(self.proj(x))
+
+
+def reference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose attention layers run :func:`paper_attention_forward`."""
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, Attention):
+            module.forward = types.MethodType(paper_attention_forward, module)
+    return reference
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by ``fn()`` above what was live when it started (see MEMORY_METHOD)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
+            allocations.append((node.start_time_ns, node.extra_fields))
+    if not allocations:
+        return 0
+    allocations.sort(key=lambda a: a[0])
+    first = allocations[0][1]
+    start = first.total_allocated - first.alloc_size
+    return max(a.total_allocated for _, a in allocations) - start
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int, repeats: int,
+                       device: torch.device = torch.device('cpu')) -> float:
+    """The machine's matmul rate: median over ``repeats`` of a size^3 GEMM, in GFLOP/s."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = _now(device)
+        a @ b
+        times.append(_now(device) - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def _now(device: torch.device) -> float:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def _train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                   autocast_dtype: Optional[torch.dtype]) -> Callable[[], float]:
+    """One AdamW step on the dual-head loss (mean of the two cross-entropies)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device_type = x.device.type
+
+    def step() -> float:
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            conv_logits, trans_logits = model(x)
+            loss = (F.cross_entropy(conv_logits.float(), target)
+                    + F.cross_entropy(trans_logits.float(), target)) / 2
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def _build_modes(model: nn.Module, modes: Sequence[str], compile: bool, device: torch.device,
+                 training: bool) -> Dict[str, Optional[nn.Module]]:
+    """Each mode's model (None for a mode this machine cannot run)."""
+    built = {}
+    for mode in modes:
+        if mode == 'triton' and device.type != 'cuda':
+            built[mode] = None
+        elif mode == 'eager':
+            built[mode] = reference_model(model).to(device)
+        elif training:
+            m = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
+            built[mode] = torch.compile(m) if compile else m
+        elif mode == 'triton':
+            built[mode] = copy.deepcopy(model).to(device).eval()
+        else:
+            dtype = torch.bfloat16 if mode == 'bf16' else torch.float32
+            built[mode] = optimize_for_inference(model.to(device), dtype=dtype, compile=compile)
+    return built
+
+
+def _kernel_backend(mode: str):
+    """The Triton backend for ``triton`` mode; the default dispatch otherwise."""
+    if mode != 'triton':
+        from contextlib import nullcontext
+        return nullcontext()
+    from conformer.kernels import use_backend
+    return use_backend('triton')
+
+
+def _interleaved_times(calls: Dict[str, Callable[[], object]], rounds: int,
+                       device: torch.device) -> Dict[str, List[float]]:
+    times = {mode: [] for mode in calls}
+    for _ in range(rounds):
+        for mode, call in calls.items():
+            start = _now(device)
+            call()
+            times[mode].append(_now(device) - start)
+    return times
+
+
+def _ratio_median(reference: List[float], times: List[float]) -> float:
+    return statistics.median(r / t for r, t in zip(reference, times))
+
+
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequence[int],
+                    image_size: int, rounds: int, warmup: int, compile: bool,
+                    device: torch.device, peaks: Dict[str, float]) -> List[dict]:
+    model = model.eval()
+    built = _build_modes(model, modes, compile, device, training=False)
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, image_size, image_size, device=device)
+        flops = _count_flops(built['eager'], x)
+        print(f'inference batch {batch}: {flops / 1e9:.1f} GFLOP per call', file=sys.stderr)
+        with torch.no_grad():
+            expected = built['eager'](x)
+        calls, compile_s = {}, {}
+        for mode, m in built.items():
+            if m is None:
+                continue
+            call = (lambda m=m, mode=mode: _with_backend(mode, lambda: m(x)))
+            start = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(warmup):
+                    call()
+            compile_s[mode] = time.perf_counter() - start
+            calls[mode] = call
+        with torch.no_grad():
+            times = _interleaved_times(calls, rounds, device)
+        for mode in modes:
+            row = dict(mode=mode, batch=batch)
+            if mode not in calls:
+                rows.append(dict(row, status=NO_CUDA))
+                continue
+            with torch.no_grad():
+                logits = calls[mode]()
+                memory = peak_memory_bytes(calls[mode], device)
+            p50 = statistics.median(times[mode])
+            peak = peaks['bfloat16' if mode == 'bf16' else 'float32']
+            rows.append(dict(
+                row, status='ok',
+                images_per_s=batch / p50,
+                latency_ms_p50=1e3 * p50,
+                latency_ms_p90=1e3 * _percentile(times[mode], 0.9),
+                peak_memory_mb=memory / 2 ** 20,
+                gflop_per_call=flops / 1e9,
+                achieved_gflops=flops / p50 / 1e9,
+                pct_of_matmul_peak=100 * flops / p50 / 1e9 / peak,
+                speedup_vs_eager=_ratio_median(times['eager'], times[mode]),
+                max_abs_logit_diff=(logits.float() - expected).abs().max().item(),
+                top1_agreement=(logits.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+                warmup_s=compile_s[mode],
+                times_ms=[1e3 * t for t in times[mode]],
+            ))
+    return rows
+
+
+def _with_backend(mode: str, fn: Callable[[], object]) -> object:
+    with _kernel_backend(mode):
+        return fn()
+
+
+def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_size: int,
+                   rounds: int, warmup: int, compile: bool, device: torch.device) -> List[dict]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+    target = torch.randint(0, model.num_classes, (batch,), generator=generator).to(device)
+    rows = []
+    for checkpointing in (False, True):
+        model.train().set_grad_checkpointing(checkpointing)
+        model.set_dual_head_training(True)
+        built = _build_modes(model, modes, compile, device, training=True)
+        print(f'training batch {batch}, checkpointing={checkpointing}', file=sys.stderr)
+        steps, first_loss, warm_s = {}, {}, {}
+        for mode, m in built.items():
+            if m is None:
+                continue
+            autocast = torch.bfloat16 if mode == 'bf16' else None
+            inputs = x if mode == 'eager' else x.contiguous(memory_format=torch.channels_last)
+            step = _train_step_fn(m, inputs, target, autocast)
+            steps[mode] = (lambda step=step, mode=mode: _with_backend(mode, step))
+            start = time.perf_counter()
+            first_loss[mode] = steps[mode]()  # same weights and batch in every mode
+            for _ in range(warmup - 1):
+                steps[mode]()
+            warm_s[mode] = time.perf_counter() - start
+        times = _interleaved_times(steps, rounds, device)
+        for mode in modes:
+            row = dict(mode=mode, batch=batch, grad_checkpointing=checkpointing)
+            if mode not in steps:
+                rows.append(dict(row, status=NO_CUDA))
+                continue
+            p50 = statistics.median(times[mode])
+            rows.append(dict(
+                row, status='ok',
+                images_per_s=batch / p50,
+                step_ms_p50=1e3 * p50,
+                step_ms_p90=1e3 * _percentile(times[mode], 0.9),
+                peak_memory_mb=peak_memory_bytes(steps[mode], device) / 2 ** 20,
+                speedup_vs_eager=_ratio_median(times['eager'], times[mode]),
+                first_loss=first_loss[mode],
+                loss_abs_diff_vs_eager=abs(first_loss[mode] - first_loss['eager']),
+                warmup_s=warm_s[mode],
+            ))
+    model.set_grad_checkpointing(False)
+    model.set_dual_head_training(False)
+    by_key = {(r['mode'], r['grad_checkpointing']): r for r in rows}
+    for r in rows:
+        if r['grad_checkpointing'] and r['status'] == 'ok':
+            r['memory_saved_pct'] = 100 * (1 - r['peak_memory_mb']
+                                           / by_key[(r['mode'], False)]['peak_memory_mb'])
+    return rows
+
+
+def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: int,
+        rounds: int, warmup: int, compile: bool, modes: Sequence[str] = MODES,
+        gemm_size: int = 2048, skip_training: bool = False,
+        model_kwargs: Optional[dict] = None) -> dict:
+    """Run the whole benchmark; returns the JSON-ready result."""
+    if 'eager' not in modes:
+        raise ValueError("modes must include 'eager': every speed-up is measured against it")
+    if rounds < 1 or warmup < 1:
+        raise ValueError(f'rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}')
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.manual_seed(0)
+    model = timm.create_model(variant, **(model_kwargs or {}))
+    _calibrate_batchnorm(model, image_size)
+    peaks = {str(dt).removeprefix('torch.'): matmul_peak_gflops(dt, gemm_size, max(3, rounds),
+                                                                device)
+             for dt in (torch.float32, torch.bfloat16)}
+    result = dict(
+        schema=SCHEMA,
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     torch=torch.__version__, threads=torch.get_num_threads(),
+                     device=str(device), omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
+                     load_average_at_start=os.getloadavg()),
+        settings=dict(variant=variant, image_size=image_size, batch_sizes=list(batch_sizes),
+                      train_batch=train_batch, rounds=rounds, warmup=warmup, compile=compile,
+                      modes=list(modes), gemm_size=gemm_size),
+        matmul_peak_gflops=peaks,
+        memory_method=MEMORY_METHOD,
+        inference=bench_inference(model, modes, batch_sizes, image_size, rounds, warmup,
+                                  compile, device, peaks),
+        training=[] if skip_training else bench_training(
+            model, modes, train_batch, image_size, rounds, warmup, compile, device),
+    )
+    result['machine']['load_average_at_end'] = os.getloadavg()
+    return result
+
+
+def _calibrate_batchnorm(model: nn.Module, image_size: int) -> None:
+    """Give BatchNorm realistic running statistics (a randomly initialised model's are 0/1,
+    which makes its activations, and so the logit tolerances, blow up)."""
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average over the calibration batches
+        for _ in range(2):
+            model(torch.randn(4, 3, image_size, image_size, generator=generator))
+    model.eval()
+
+
+def format_table(result: dict) -> str:
+    """Markdown tables of the inference and training rows."""
+    s = result['settings']
+    peaks = result['matmul_peak_gflops']
+    lines = [f"{s['variant']} @ {s['image_size']}px, {result['machine']['threads']} threads, "
+             f"compile={s['compile']}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, "
+             f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; speed-up = median of interleaved ratios",
+             '',
+             '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | speed-up '
+             '| max abs diff |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for r in result['inference']:
+        if r['status'] != 'ok':
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['status']} |  |  |  |  |  |  |  |")
+            continue
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['images_per_s']:.1f} | "
+                     f"{r['latency_ms_p50']:.0f} | {r['latency_ms_p90']:.0f} | "
+                     f"{r['peak_memory_mb']:.0f} | {r['achieved_gflops']:.0f} | "
+                     f"{r['pct_of_matmul_peak']:.0f}% | {r['speedup_vs_eager']:.2f}x | "
+                     f"{r['max_abs_logit_diff']:.1e} |")
+    if result['training']:
+        lines += ['', '| train mode | batch | checkpointing | img/s | step ms | peak MB | '
+                      'memory saved | speed-up | loss diff |', '|---|---|---|---|---|---|---|---|---|']
+        for r in result['training']:
+            if r['status'] != 'ok':
+                lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
+                             f"{r['status']} |  |  |  |  |  |")
+                continue
+            saved = f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else ''
+            lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
+                         f"{r['images_per_s']:.2f} | {r['step_ms_p50']:.0f} | "
+                         f"{r['peak_memory_mb']:.0f} | {saved} | {r['speedup_vs_eager']:.2f}x | "
+                         f"{r['loss_abs_diff_vs_eager']:.1e} |")
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description='Benchmark a Conformer variant: eager reference vs deploy modes '
+                    '(set OMP_WAIT_POLICY=ACTIVE for stable CPU timings).')
+    parser.add_argument('--model', default='conformer_small_patch16')
+    parser.add_argument('--batch-sizes', type=int, nargs='*', default=[1, 8, 32],
+                        help='inference batch sizes (none: skip inference)')
+    parser.add_argument('--train-batch', type=int, default=8)
+    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--rounds', type=int, default=9, help='timed rounds per config')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed calls per config')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the fp32/bf16 modes (inductor freezing for inference)')
+    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
+    parser.add_argument('--skip-training', action='store_true')
+    parser.add_argument('--json', default='benchmark.json', help='where to write the results')
+    parser.add_argument('--smoke', action='store_true',
+                        help='a seconds-long run on a tiny model (for CI): checks the tool, '
+                             'not the speed')
+    args = parser.parse_args(argv)
+    kwargs = dict(variant=args.model, batch_sizes=args.batch_sizes, train_batch=args.train_batch,
+                  image_size=args.image_size, rounds=args.rounds, warmup=args.warmup,
+                  compile=args.compile, modes=args.modes, skip_training=args.skip_training)
+    if args.smoke:
+        kwargs.update(variant='conformer_nano_patch4', batch_sizes=[1, 2], train_batch=2,
+                      image_size=32, rounds=2, warmup=1, gemm_size=256,
+                      model_kwargs=dict(num_classes=10))
+    result = run(**kwargs)
+    print(format_table(result))
+    with open(args.json, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f'wrote {args.json}', file=sys.stderr)
+    return result
+
+
+if __name__ == '__main__':
+    main()
