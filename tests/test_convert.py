@@ -51,13 +51,21 @@ def test_round_trip_through_local_dir(layout, layouts, tmp_path):
 def test_training_checkpoint_keeps_its_classes_and_channels(tmp_path):
     trained = nano(num_classes=10, in_chans=1)
     ema = {k: v + 1e-3 if v.is_floating_point() else v for k, v in trained.state_dict().items()}
-    torch.save({'model': trained.state_dict(), 'ema': ema, 'epoch': 9,
-                'meta': {'model': NANO}}, tmp_path / 'last.pth')
+    classes = ['T-shirt', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+               'Sneaker', 'Bag', 'Ankle boot']
+    meta = {'variant': NANO, 'num_classes': 10, 'in_chans': 1, 'classes': classes,
+            'model_kwargs': {'drop_path_rate': 0.1}, 'input_size': 28, 'mean': [0.286],
+            'std': [0.353], 'epoch': 9, 'metrics': {'top1': 92.8, 'ema_top1': 93.1}}
+    torch.save({'model': trained.state_dict(), 'ema': ema, 'epoch': 9, 'meta': meta},
+               tmp_path / 'last.pth')
     out = convert(tmp_path / 'last.pth', tmp_path / 'out', top1=91.5, dataset='fashion-mnist',
                   repo_id='me/conformer-nano-fmnist')
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == NANO and config['num_classes'] == 10
-    assert config['model_args'] == {'num_classes': 10, 'in_chans': 1}
+    assert config['model_args'] == {'num_classes': 10, 'in_chans': 1, 'drop_path_rate': 0.1}
+    assert config['label_names'] == classes
+    cfg = config['pretrained_cfg']
+    assert cfg['input_size'] == [1, 28, 28] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
     assert 'notes' not in config['pretrained_cfg'] and 'tag' not in config['pretrained_cfg']
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert model.num_classes == 10 and model.in_chans == 1
@@ -66,6 +74,8 @@ def test_training_checkpoint_keeps_its_classes_and_channels(tmp_path):
     card = (out / 'README.md').read_text()
     assert 'datasets:\n- fashion-mnist' in card and 'license: apache-2.0' in card
     assert '- top-1 91.50% on fashion-mnist' in card
+    assert '- top-1 93.10% (EMA weights) on the eval split, as recorded by conformer-train at ' \
+           'epoch 9' in card
     assert sha256_file(tmp_path / 'last.pth') in card and "weights from the 'ema' entry" in card
     assert "timm.create_model('hf-hub:me/conformer-nano-fmnist', pretrained=True)" in card
 

@@ -60,9 +60,14 @@ def write_layouts(model, folder):
                   'lr_scheduler': {'last_epoch': 3}, 'epoch': 3,
                   'args': argparse.Namespace(model='Conformer_nano_patch4', lr=1e-3)}, ema),
         'deit_without_ema': ({'model': raw, 'optimizer': optimizer, 'epoch': 3}, raw),
-        'ours': ({'model': raw, 'ema': ema, 'optimizer': optimizer, 'epoch': 3,
-                  'meta': {'model': NANO, 'top1': 12.5}}, ema),
-        'ours_without_ema': ({'model': raw, 'ema': None, 'epoch': 3, 'meta': {}}, raw),
+        # as conformer-train (conformer/engine/trainer.py) writes them
+        'ours': ({'model': raw, 'ema': ema, 'optimizer': optimizer, 'step': 30, 'epoch': 3,
+                  'meta': {'variant': NANO, 'num_classes': 1000, 'in_chans': 3,
+                           'classes': [str(i) for i in range(1000)], 'model_kwargs': {},
+                           'epoch': 3, 'metrics': {'top1': 10.0, 'ema_top1': 12.5}},
+                  'rng': [{'torch': torch.get_rng_state()}],
+                  'config': {'model': {'name': NANO}}}, ema),
+        'ours_without_ema': ({'model': raw, 'epoch': 3, 'meta': {'variant': NANO}}, raw),
         'ddp': ({'model': {'module.' + k: v for k, v in raw.items()}}, raw),
     }
     paths = {}
@@ -123,7 +128,7 @@ def test_ema_preferred_and_logged_raw_weights_on_request(layouts, reference, cap
         checkpoint = read_checkpoint(path)
     assert checkpoint.weights_key == 'ema'
     assert "using the EMA weights 'ema'" in caplog.text and "['model']" in caplog.text
-    assert checkpoint.architecture == NANO and checkpoint.meta['top1'] == 12.5
+    assert checkpoint.architecture == NANO and checkpoint.meta['metrics']['ema_top1'] == 12.5
     model = nano()
     assert load_weights(model, path, use_ema=False).weights_key == 'model'
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())

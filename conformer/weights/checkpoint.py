@@ -11,7 +11,8 @@ Layouts found inside a file, and which weights are used:
 * a bare state_dict (the paper's released ``.pth`` files, safetensors);
 * a wrapper dict: DeiT's ``{'model', 'model_ema', 'optimizer', 'args', ...}``, timm's
   ``{'state_dict', 'state_dict_ema', ...}``, mmpretrain's ``{'meta', 'state_dict'}`` and
-  conformer-zoo's training checkpoints ``{'model', 'ema', 'meta', 'epoch', 'optimizer', ...}``.
+  conformer-train's ``{'model', 'ema', 'meta', 'optimizer', 'rng', 'config', ...}`` (its
+  ``meta`` records the variant, class names, preprocessing and metrics).
   EMA weights are preferred when present, as timm does (``use_ema=False`` takes the raw ones);
   the log says which key was used.
 
@@ -54,7 +55,7 @@ class Checkpoint:
     file_format: str  # 'safetensors' | 'torch' | 'torch-legacy'
     weights_key: Optional[str] = None  # wrapper entry the weights came from; None: bare state_dict
     meta: Dict[str, Any] = field(default_factory=dict)  # the wrapper's 'meta' entry, if a dict
-    architecture: Optional[str] = None  # model name recorded by the training code, if any
+    architecture: Optional[str] = None  # model name recorded by the training run, if any
 
 
 def read_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoint:
@@ -74,7 +75,7 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoint:
     wrapper = obj if key else {}
     meta = wrapper.get('meta') if isinstance(wrapper.get('meta'), dict) else {}
     args = wrapper.get('args')
-    architecture = meta.get('model') or getattr(args, 'model', None) or wrapper.get('arch')
+    architecture = meta.get('variant') or getattr(args, 'model', None) or wrapper.get('arch')
     return Checkpoint(state_dict, path, file_format, key, meta,
                       architecture if isinstance(architecture, str) else None)
 

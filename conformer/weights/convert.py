@@ -7,10 +7,12 @@ license. Publish it with ``hf upload ORG/NAME FOLDER``. Command line: ``conforme
 (``tools/convert.py``).
 
 The variant is taken from ``--model``, else recognised from the file: one of the hosted
-``.in1k`` releases by name, the model name a training run recorded (``meta['model']`` in
-conformer-zoo checkpoints, ``args.model`` in DeiT-style ones, timm's ``arch``), a converted
+``.in1k`` releases by name, the model name a training run recorded (``meta['variant']`` in
+conformer-train checkpoints, ``args.model`` in DeiT-style ones, timm's ``arch``), a converted
 folder's ``config.json``, or a variant name inside the file name (the paper's ``Conformer_small_patch16.pth``). num_classes and
-in_chans come from the weights themselves; ``meta['model_args']`` adds any other kwargs.
+in_chans come from the weights themselves. From conformer-train checkpoints the card and
+config also take ``meta['model_kwargs']``, the class names, the input size, mean and std, and
+the eval top-1 recorded with the weights.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ from timm.models import get_pretrained_cfg, save_for_hf
 
 from conformer.models.conformer import checkpoint_filter_fn
 
-from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from .checkpoint import EMA_KEYS, Checkpoint, CheckpointError, read_checkpoint
 from .download import DownloadError, sha256_file
 from .loading import describe_architecture, load_state_dict_checked, weights_file
 
@@ -70,8 +72,8 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
     if release and name.split('.')[0] != release.split('.')[0]:
         release = None
     num_classes, in_chans = _trained_heads_and_stem(checkpoint.state_dict)
-    model_args = dict(checkpoint.meta.get('model_args') or {},
-                      num_classes=num_classes, in_chans=in_chans)
+    meta = checkpoint.meta
+    model_args = dict(meta.get('model_kwargs') or {}, num_classes=num_classes, in_chans=in_chans)
     model = timm.create_model(name, **model_args)
     load_state_dict_checked(model, checkpoint_filter_fn(checkpoint.state_dict, model),
                             str(checkpoint.path))
@@ -83,7 +85,13 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
         model.pretrained_cfg['license'] = license
 
     out_dir = Path(out_dir)
-    save_for_hf(model, out_dir, model_args=model_args, safe_serialization=True)
+    # conformer-train records the class names and the preprocessing it trained with
+    data_config = {k: meta[k] for k in ('mean', 'std') if k in meta}
+    if 'input_size' in meta:
+        data_config['img_size'] = meta['input_size']
+    save_for_hf(model, out_dir, model_args=model_args, safe_serialization=True,
+                model_config=dict(label_names=meta['classes']) if meta.get('classes') else None,
+                data_config=data_config or None)
     card = model_card(model, checkpoint, release, top1=top1, dataset=dataset,
                       repo_id=repo_id or f'ORG/{out_dir.resolve().name}')
     (out_dir / 'README.md').write_text(card, encoding='utf-8')
@@ -131,6 +139,7 @@ def model_card(model: torch.nn.Module, checkpoint: Checkpoint, release: Optional
     cfg = model.pretrained_cfg
     dataset = dataset or ('imagenet-1k' if release else None)
     results: List[str] = list(cfg.get('notes') or ()) if release else []
+    results += _recorded_results(checkpoint)
     if top1 is not None:
         results.append(f'top-1 {top1:.2f}%' + (f' on {dataset}' if dataset else ''))
     weights_from = (f"the {checkpoint.weights_key!r} entry" if checkpoint.weights_key
@@ -162,6 +171,16 @@ def model_card(model: torch.nn.Module, checkpoint: Checkpoint, release: Optional
         f'`conformer-convert`.', '', '## Model details', *details, '',
         '## Results', *([f'- {r}' for r in results] or ['- not reported']), '',
         '## Usage', usage, '', '## Citation', '```bibtex', CITATION, '```', ''])
+
+
+def _recorded_results(checkpoint: Checkpoint) -> List[str]:
+    """The eval top-1 conformer-train stored with these weights (EMA or raw, as loaded)."""
+    metrics, ema = checkpoint.meta.get('metrics') or {}, checkpoint.weights_key in EMA_KEYS
+    top1 = metrics.get('ema_top1' if ema else 'top1')
+    if top1 is None:
+        return []
+    return [f"top-1 {top1:.2f}% ({'EMA' if ema else 'raw'} weights) on the eval split, as "
+            f"recorded by conformer-train at epoch {checkpoint.meta.get('epoch', '?')}"]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
