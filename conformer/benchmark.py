@@ -387,7 +387,7 @@ def format_table(result: dict) -> str:
     return '\n'.join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='Benchmark a Conformer variant: eager reference vs deploy modes '
                     '(set OMP_WAIT_POLICY=ACTIVE for stable CPU timings).')
@@ -419,8 +419,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with open(args.json, 'w') as f:
         json.dump(result, f, indent=1)
     print(f'wrote {args.json}', file=sys.stderr)
-    return result
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Classify image files and folders: top-k labels with probabilities.
+
+Images go through the model's own ``pretrained_cfg`` eval transform (resize, centre crop,
+normalisation) in batches. A file that cannot be read as an image is reported and skipped;
+the rest are still classified.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+import timm
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
+import conformer  # noqa: F401  (registers the variants with timm)
+
+__all__ = ['create_model', 'find_images', 'load_labels', 'predict', 'main']
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                  '.pgm'}
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+                 **kwargs) -> nn.Module:
+    """``name`` with downloaded weights (``pretrained``) or a local ``checkpoint`` file in any
+    format timm / conformer.weights can read; eval mode."""
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f'checkpoint {checkpoint} does not exist; pass the path of '
+                                    f'a weights file (.pth, .safetensors, ...)')
+        model = timm.create_model(name, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(checkpoint)), **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    return model.eval()
+
+
+def find_images(paths: Sequence[str]) -> List[Path]:
+    """Files given directly (whatever their suffix, so a bad one gets reported) plus every
+    image file under the given folders, sorted."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob('*')
+                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(p)
+    return found
+
+
+def load_labels(spec: str, num_classes: int) -> List[str]:
+    """'imagenet' (timm's ImageNet-1k descriptions), 'none' (class indices) or a text file
+    with one label per line."""
+    if spec == 'imagenet':
+        if num_classes != 1000:
+            raise ValueError(f'--labels imagenet names 1000 classes but the model has '
+                             f'{num_classes}; pass --labels FILE (one label per line) or none')
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(num_classes)]
+    if spec == 'none':
+        return [str(i) for i in range(num_classes)]
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f'labels file {spec} does not exist; pass imagenet, none or a '
+                                f'text file with one label per line')
+    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(labels) != num_classes:
+        raise ValueError(f'labels file {spec} has {len(labels)} labels but the model has '
+                         f'{num_classes} classes')
+    return labels
+
+
+def _read(path: Path, transform) -> torch.Tensor:
+    with Image.open(path) as img:
+        return transform(img.convert('RGB'))
+
+
+def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk: int = 5,
+            batch_size: int = 16) -> Iterator[dict]:
+    """Yield, in input order, ``{'path', 'top': [(label, probability), ...]}`` for each image
+    or ``{'path', 'error'}`` for each file that could not be read."""
+    transform = create_transform(**resolve_data_config(model=model))
+    topk = min(topk, len(labels))
+    for start in range(0, len(paths), batch_size):
+        chunk, tensors = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                tensors.append(_read(path, transform))
+                chunk.append(dict(path=str(path)))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                chunk.append(dict(path=str(path), error=f'{type(e).__name__}: {e}'))
+        if tensors:
+            with torch.no_grad():
+                probs = model(torch.stack(tensors)).float().softmax(-1)
+            values, indices = probs.topk(topk, dim=-1)
+            ok = iter(zip(values.tolist(), indices.tolist()))
+            for result in chunk:
+                if 'error' not in result:
+                    v, i = next(ok)
+                    result['top'] = [(labels[c], p) for p, c in zip(v, i)]
+        yield from chunk
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='Top-k ImageNet (or custom) labels for images.')
+    parser.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
+    parser.add_argument('--model', default='conformer_small_patch16')
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true', help='download the released weights')
+    weights.add_argument('--checkpoint', help='a local weights file')
+    parser.add_argument('--num-classes', type=int, help="the checkpoint's class count "
+                                                         "(default: the model's, 1000)")
+    parser.add_argument('--labels', default='imagenet',
+                        help="'imagenet', 'none' or a text file with one label per line")
+    parser.add_argument('--topk', type=int, default=5)
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--json', help='also write the results to this file')
+    args = parser.parse_args(argv)
+    if not (args.pretrained or args.checkpoint):
+        parser.error('pass --pretrained or --checkpoint FILE: random weights predict nothing')
+    if args.topk < 1 or args.batch_size < 1:
+        parser.error('--topk and --batch-size must be >= 1')
+    paths = find_images(args.inputs)
+    if not paths:
+        parser.error(f'no image files found in {" ".join(args.inputs)}')
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    try:
+        model = create_model(args.model, args.pretrained, args.checkpoint, **kwargs)
+        labels = load_labels(args.labels, model.num_classes)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    results = []
+    for result in predict(model, paths, labels, args.topk, args.batch_size):
+        results.append(result)
+        if 'error' in result:
+            print(f"{result['path']}: cannot read: {result['error']}", file=sys.stderr)
+            continue
+        print(result['path'])
+        for label, prob in result['top']:
+            print(f'  {prob:7.2%}  {label}')
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    failed = sum('error' in r for r in results)
+    if failed:
+        print(f'{failed} of {len(results)} files could not be read', file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

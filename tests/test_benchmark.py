@@ -1,0 +1,88 @@
+"""conformer.benchmark: the paper-style reference, the memory probe, and the --smoke run's JSON."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm
+import conformer  # noqa: F401
+from conformer.benchmark import (MODES, NO_CUDA, SCHEMA, paper_attention_forward,
+                                 peak_memory_bytes, reference_model, run)
+from conformer.layers import Attention
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_attention_matches_the_sdpa_attention():
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=6, qkv_bias=True).eval()
+    x = torch.randn(2, 17, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(paper_attention_forward(attn, x), attn(x), atol=1e-5, rtol=0)
+
+
+def test_reference_model_matches_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = timm.create_model('conformer_nano_patch4', num_classes=10).eval()
+    reference = reference_model(model)
+    patched = [m for m in reference.modules() if isinstance(m, Attention)]
+    assert patched and all('forward' in vars(m) for m in patched)
+    assert not any('forward' in vars(m) for m in model.modules() if isinstance(m, Attention))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_peak_memory_counts_the_largest_live_set():
+    def fn():
+        a = torch.ones(1_000_000)  # 4 MB
+        del a
+        b = torch.ones(500_000)  # 2 MB, after a is freed
+        c = torch.ones(250_000)  # +1 MB: 3 MB live
+        return (b.sum() + c.sum()).item()
+
+    peak = peak_memory_bytes(fn, torch.device('cpu'))
+    assert 4_000_000 <= peak < 4_000_000 + 65_536
+
+
+def test_eager_mode_is_required():
+    with pytest.raises(ValueError, match="include 'eager'"):
+        run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('fp32',))
+
+
+def test_smoke_run_writes_the_documented_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--smoke',
+                           '--json', str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f'| triton | 1 | {NO_CUDA} |' in proc.stdout
+    result = json.loads(out.read_text())
+    assert result['schema'] == SCHEMA
+    assert set(result) >= {'machine', 'settings', 'matmul_peak_gflops', 'memory_method',
+                           'inference', 'training'}
+    assert all(result['matmul_peak_gflops'][k] > 0 for k in ('float32', 'bfloat16'))
+    batches = result['settings']['batch_sizes']
+    assert [(r['mode'], r['batch']) for r in result['inference']] == [
+        (m, b) for b in batches for m in MODES]
+    for r in result['inference']:
+        if r['mode'] == 'triton' and not torch.cuda.is_available():
+            assert r['status'] == NO_CUDA
+            continue
+        assert r['status'] == 'ok'
+        for key in ('images_per_s', 'latency_ms_p50', 'latency_ms_p90', 'peak_memory_mb',
+                    'achieved_gflops', 'pct_of_matmul_peak', 'speedup_vs_eager'):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r['latency_ms_p90'] >= r['latency_ms_p50']
+        assert r['max_abs_logit_diff'] < (1e-4 if r['mode'] != 'bf16' else 1.0)
+    training = [r for r in result['training'] if r['status'] == 'ok']
+    assert {(r['mode'], r['grad_checkpointing']) for r in training} == {
+        (m, c) for m in ('eager', 'fp32', 'bf16') for c in (False, True)}
+    for r in training:
+        assert r['step_ms_p50'] > 0 and r['peak_memory_mb'] > 0
+        assert ('memory_saved_pct' in r) == r['grad_checkpointing']
+        if r['mode'] == 'fp32':  # same weights and batch: the same first loss
+            assert r['loss_abs_diff_vs_eager'] < 1e-4

@@ -1,0 +1,87 @@
+"""conformer.predict: top-5 from files and folders against a direct model call, and
+unreadable files reported without stopping the run."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from timm.data import create_transform, resolve_data_config
+import conformer  # noqa: F401
+from conformer.predict import load_labels, main
+
+LABELS = [f'class_{i}' for i in range(10)]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('conformer_nano_patch4', num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / 'nano.pth')
+    (tmp_path / 'labels.txt').write_text('\n'.join(LABELS))
+    images = tmp_path / 'images'
+    (images / 'sub').mkdir(parents=True)
+    colours = {'a.png': (250, 10, 10), 'sub/b.jpg': (10, 200, 40), 'c.bmp': (30, 30, 220)}
+    for i, (name, colour) in enumerate(colours.items()):
+        img = Image.new('RGB', (40 + 8 * i, 36), colour)
+        img.paste((255, 255, 0), (5, 5, 20, 20))
+        img.save(images / name)
+    (images / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated')
+    (images / 'notes.txt').write_text('not an image, and not an image suffix: ignored')
+    return model, tmp_path, images
+
+
+def run(tmp_path, *inputs, batch_size=2):
+    return main([*map(str, inputs), '--model', 'conformer_nano_patch4',
+                 '--checkpoint', str(tmp_path / 'nano.pth'), '--num-classes', '10',
+                 '--labels', str(tmp_path / 'labels.txt'), '--batch-size', str(batch_size),
+                 '--json', str(tmp_path / 'out.json')])
+
+
+def test_top5_matches_a_direct_model_call_and_bad_files_are_reported(setup, capsys):
+    model, tmp_path, images = setup
+    rc = run(tmp_path, images)
+    results = json.loads((tmp_path / 'out.json').read_text())
+    assert rc == 1  # one file failed; the others were still classified
+    assert 'broken.jpg: cannot read' in capsys.readouterr().err
+    assert [r['path'].removeprefix(str(images) + '/') for r in results] == [
+        'a.png', 'broken.jpg', 'c.bmp', 'sub/b.jpg']
+    transform = create_transform(**resolve_data_config(model=model))
+    for r in results:
+        if r['path'].endswith('broken.jpg'):
+            assert 'error' in r and 'top' not in r
+            continue
+        with Image.open(r['path']) as img, torch.no_grad():
+            probs = model(transform(img.convert('RGB'))[None]).softmax(-1)[0]
+        p, i = probs.topk(5)
+        assert [label for label, _ in r['top']] == [LABELS[c] for c in i]
+        assert [prob for _, prob in r['top']] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_single_files_and_exit_status(setup):
+    _, tmp_path, images = setup
+    assert run(tmp_path, images / 'a.png', images / 'sub' / 'b.jpg', batch_size=8) == 0
+    assert len(json.loads((tmp_path / 'out.json').read_text())) == 2
+
+
+def test_missing_input_is_reported_not_fatal(setup, capsys):
+    _, tmp_path, images = setup
+    assert run(tmp_path, images / 'a.png', tmp_path / 'missing.png') == 1
+    assert 'missing.png: cannot read' in capsys.readouterr().err
+
+
+def test_labels_errors_name_the_fix(tmp_path):
+    assert load_labels('imagenet', 1000)[0].startswith('tench')
+    with pytest.raises(ValueError, match='--labels FILE'):
+        load_labels('imagenet', 10)
+    (tmp_path / 'three.txt').write_text('a\nb\nc\n')
+    with pytest.raises(ValueError, match='3 labels but the model has 10'):
+        load_labels(str(tmp_path / 'three.txt'), 10)
+
+
+def test_no_weights_is_an_error(setup, capsys):
+    _, tmp_path, images = setup
+    with pytest.raises(SystemExit):
+        main([str(images), '--model', 'conformer_nano_patch4'])
+    assert '--pretrained or --checkpoint' in capsys.readouterr().err

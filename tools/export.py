@@ -1,0 +1,9 @@
+"""Export a Conformer to ONNX and torch.export with dynamic batch and image size.
+
+Same as the `conformer-export` console script; see conformer/export.py."""
+import sys
+
+from conformer.export import main
+
+if __name__ == '__main__':
+    sys.exit(main())

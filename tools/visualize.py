@@ -1,0 +1,9 @@
+"""The paper's Figure 2 view (both branches' activations) and both heads' CAMs as a PNG.
+
+Same as the `conformer-visualize` console script; see conformer/viz.py."""
+import sys
+
+from conformer.viz import main
+
+if __name__ == '__main__':
+    sys.exit(main())
