@@ -7,10 +7,10 @@ Public ops: :func:`attention` (fused multi-head attention, forward and backward)
 :func:`use_backend` context manager, and :mod:`.backend` is the only place that picks a path.
 """
 
-from .backend import BACKENDS, get_backend, set_backend, use_backend
+from .backend import BACKENDS, get_backend, prefers_triton, set_backend, use_backend
 from .conv import conv_bn_act
 from .fcu import fcu_down, fcu_up
 from .flash_attention import attention
 
-__all__ = ["BACKENDS", "attention", "conv_bn_act", "fcu_down", "fcu_up", "get_backend", "set_backend",
-           "use_backend"]
+__all__ = ["BACKENDS", "attention", "conv_bn_act", "fcu_down", "fcu_up", "get_backend", "prefers_triton",
+           "set_backend", "use_backend"]

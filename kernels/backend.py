@@ -29,7 +29,7 @@ except ImportError:  # CPU-only PyTorch wheels ship without Triton; the torch pa
     triton = None
     tl = SimpleNamespace(constexpr=None)  # kernel signatures are annotated with tl.constexpr
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend"]
+__all__ = ["BACKENDS", "get_backend", "prefers_triton", "set_backend", "use_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -84,6 +84,19 @@ def use_backend(name):
 def needs_grad(*tensors):
     """True if autograd will need the backward of an op taking ``tensors``."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def prefers_triton(backend, *tensors):
+    """Whether a layer that chains several ops should take its fused Triton route at all.
+
+    Layers ask this before unpacking their modules into kernel arguments, so that on the
+    PyTorch route they keep running their own modules (the reference numerics, op for op).
+    ``"triton"`` always says yes (the ops then raise if they cannot run), ``"auto"`` on CUDA.
+    """
+    name = get_backend() if backend is None else _checked(backend)
+    if name == "auto":
+        return triton is not None and all(t.is_cuda for t in tensors if t is not None)
+    return name == "triton"
 
 
 def use_triton(op, backend, tensors, unsupported, torch_only=False):

@@ -2,7 +2,8 @@
 
 Run once with a checkout of https://github.com/pengzhiliang/Conformer:
     python tests/make_golden.py /path/to/Conformer
-The file holds numbers only: both heads' logits for each case in golden.GOLDEN_CASES.
+The file holds numbers only: both heads' logits for each case in golden.GOLDEN_CASES, and
+each variant's state_dict key -> shape table (to prove the parameter names match).
 """
 import argparse
 import sys
@@ -28,9 +29,10 @@ def main():
     sys.path.insert(0, str(args.paper_repo))
     from conformer import Conformer as PaperConformer  # the paper's conformer.py
 
-    golden = {}
+    golden = {'shapes': {}}
     for variant, batch, height, width in GOLDEN_CASES:
         model = PaperConformer(depth=12, mlp_ratio=4, qkv_bias=True, **PAPER_ARGS[variant])
+        golden['shapes'][variant] = {k: list(v.shape) for k, v in model.state_dict().items()}
         model.load_state_dict(fill_state_dict(model.state_dict()))
         with torch.no_grad():
             conv_logits, trans_logits = model.eval()(golden_input(batch, height, width))

@@ -1,5 +1,6 @@
 """Building blocks of the Conformer: the CNN bottleneck, the transformer block and the
 feature-coupling units that join the two branches."""
-from .blocks import Attention, ConvBlock, FCUDown, FCUUp, TransformerBlock
+from .blocks import Attention, ConvBlock, FCUDown, FCUUp, KernelLayer, TransformerBlock, bn_affine
 
-__all__ = ['Attention', 'ConvBlock', 'FCUDown', 'FCUUp', 'TransformerBlock']
+__all__ = ['Attention', 'ConvBlock', 'FCUDown', 'FCUUp', 'KernelLayer', 'TransformerBlock',
+           'bn_affine']

@@ -5,20 +5,61 @@ state_dicts load unchanged and produce the same outputs. Two generalisations let
 size work: the CNN map is pooled onto the transformer's token grid with adaptive average
 pooling, and the token map is upsampled back to the CNN map's exact size. Both reduce to the
 paper's fixed-stride AvgPool / nearest upsample when the sizes divide evenly.
+
+Every hot op goes through `conformer.kernels`, whose backend switch ('auto' | 'triton' |
+'torch') picks Triton or PyTorch; `kernel_backend` on a layer overrides the process default
+(`Conformer.set_kernel_backend` sets it model-wide). The conv + BatchNorm kernels are
+inference-only, so in train mode, and whenever the switch picks PyTorch, the layers run their
+own modules exactly as the paper's code does.
 """
 from functools import partial
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
+from torch.fx._symbolic_trace import is_fx_tracing
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp
+
+from conformer.kernels import attention, conv_bn_act, fcu_down, fcu_up, prefers_triton
+
+torch.fx.wrap('attention')  # dispatches on concrete tensors: a leaf for FX tracing
 
 BatchNorm2dEps6 = partial(nn.BatchNorm2d, eps=1e-6)
 LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
 
 
-class Attention(nn.Module):
+class KernelLayer(nn.Module):
+    """A layer whose forward calls `conformer.kernels`; None follows the kernels' default.
+
+    Callers test `torch.jit.is_scripting()` in an `if` of its own before calling
+    `fused_route`: TorchScript skips only such branches, and the kernels are Python.
+    """
+    kernel_backend: Optional[str] = None
+
+    def fused_route(self, x: torch.Tensor, inference_only: bool = True) -> bool:
+        """Whether to run the fused kernels. Those that fold BatchNorm are `inference_only`;
+        FX graphs keep the module ops, so a traced graph stays device-agnostic."""
+        if is_fx_tracing() or (inference_only and self.training):
+            return False
+        return prefers_triton(self.kernel_backend, x)
+
+
+def bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) equal to eval-mode BN after `conv` (BN may already be folded
+    into the conv's bias, as the deploy path does)."""
+    if isinstance(bn, nn.BatchNorm2d):
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        return scale, shift
+    shift = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+    return torch.ones_like(shift), shift
+
+
+class Attention(KernelLayer):
     """Multi-head self-attention with a fused qkv projection (the ViT/DeiT layout)."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
@@ -39,8 +80,12 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
+        dropout_p = self.attn_drop if self.training else 0.
+        if torch.jit.is_scripting():
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        else:
+            x = attention(q, k, v, scale=self.scale, dropout_p=dropout_p,
+                          backend=self.kernel_backend)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -63,11 +108,12 @@ class TransformerBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ConvBlock(nn.Module):
+class ConvBlock(KernelLayer):
     """ResNet bottleneck (1x1 -> 3x3 -> 1x1, expansion 4); no drop path, as in the paper.
 
-    `fusion` (the up-projected transformer features) is added to the input of the 3x3 conv.
-    Returns the block output and the 3x3 conv's activation, which feeds the FCU down-path.
+    Split in two so a coupling unit can add into the 3x3 conv's input: `reduce` is the first
+    1x1 conv, `expand` the rest; `forward(x, fusion)` runs both with `fusion` added between.
+    `expand` returns the block output and the 3x3 conv's activation (the FCU down-path input).
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, res_conv: bool = False):
@@ -89,18 +135,44 @@ class ConvBlock(nn.Module):
             self.residual_conv = nn.Identity()
             self.residual_bn = nn.Identity()
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.fused_route(x):
+                return conv_bn_act(x, self.conv1.weight, *bn_affine(self.conv1, self.bn1),
+                                   backend=self.kernel_backend)
+        return self.act1(self.bn1(self.conv1(x)))
+
+    def expand(self, h: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not torch.jit.is_scripting():
+            if self.fused_route(x):
+                return self._expand_fused(h, x)
+        shortcut = self.residual_bn(self.residual_conv(x))
+        x2 = self.act2(self.bn2(self.conv2(h)))
+        return self.act3(self.bn3(self.conv3(x2)) + shortcut), x2
+
+    @torch.jit.unused
+    def _expand_fused(self, h: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        backend = self.kernel_backend
+        shortcut = x
+        if isinstance(self.residual_conv, nn.Conv2d):
+            shortcut = conv_bn_act(
+                x, self.residual_conv.weight, *bn_affine(self.residual_conv, self.residual_bn),
+                stride=self.residual_conv.stride[0], relu=False, backend=backend)
+        x2 = conv_bn_act(h, self.conv2.weight, *bn_affine(self.conv2, self.bn2),
+                         stride=self.conv2.stride[0], backend=backend)
+        out = conv_bn_act(x2, self.conv3.weight, *bn_affine(self.conv3, self.bn3),
+                          residual=shortcut, backend=backend)
+        return out, x2
+
     def forward(self, x: torch.Tensor,
                 fusion: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        shortcut = self.residual_bn(self.residual_conv(x))
-        x = self.act1(self.bn1(self.conv1(x)))
+        h = self.reduce(x)
         if fusion is not None:
-            x = x + fusion
-        x2 = self.act2(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x2))
-        return self.act3(x + shortcut), x2
+            h = h + fusion
+        return self.expand(h, x)
 
 
-class FCUDown(nn.Module):
+class FCUDown(KernelLayer):
     """CNN feature map -> patch tokens: 1x1 conv, average pool onto the token grid, LN, GELU.
 
     The class token of the incoming token sequence is prepended unchanged.
@@ -113,13 +185,20 @@ class FCUDown(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.fused_route(x, inference_only=False):  # it backs off itself for autograd
+                tokens = fcu_down(x, self.conv_project.weight, self.conv_project.bias, grid,
+                                  self.ln.weight, self.ln.bias, self.ln.eps,
+                                  backend=self.kernel_backend)
+                return torch.cat([x_t[:, :1], tokens], dim=1)
         x = F.adaptive_avg_pool2d(self.conv_project(x), grid)
         x = self.act(self.ln(x.flatten(2).transpose(1, 2)))
         return torch.cat([x_t[:, :1], x], dim=1)
 
 
-class FCUUp(nn.Module):
-    """Patch tokens -> CNN feature map: drop the class token, 1x1 conv, BN, ReLU, nearest resize."""
+class FCUUp(KernelLayer):
+    """Patch tokens -> CNN feature map added into `add_to`: drop the class token, 1x1 conv,
+    BN, ReLU, nearest resize to `add_to`'s size."""
 
     def __init__(self, embed_dim: int, out_chs: int):
         super().__init__()
@@ -128,8 +207,19 @@ class FCUUp(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x_t: torch.Tensor, grid: Tuple[int, int],
-                out_hw: Tuple[int, int]) -> torch.Tensor:
+                add_to: torch.Tensor) -> torch.Tensor:
+        out_hw = (add_to.shape[2], add_to.shape[3])
+        if not torch.jit.is_scripting():
+            if self.fused_route(x_t):
+                return fcu_up(x_t[:, 1:], grid, self.conv_project.weight, *self._affine_args(),
+                              out_hw, add_to, backend=self.kernel_backend)
         B, _, C = x_t.shape
         x = x_t[:, 1:].transpose(1, 2).reshape(B, C, grid[0], grid[1])
         x = self.act(self.bn(self.conv_project(x)))
-        return F.interpolate(x, size=out_hw, mode='nearest')
+        return add_to + F.interpolate(x, size=out_hw, mode='nearest')
+
+    @torch.jit.unused
+    def _affine_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bias, scale, shift) for the kernel: the conv bias is applied before BN there."""
+        scale, shift = bn_affine(self.conv_project, self.bn)
+        return torch.zeros_like(shift), scale, shift

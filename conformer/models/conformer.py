@@ -23,7 +23,8 @@ from timm.models import (adapt_input_conv, build_model_with_cfg, clean_state_dic
                          generate_default_cfgs, register_model)
 from timm.models._features import feature_take_indices
 
-from conformer.layers import ConvBlock, FCUDown, FCUUp, TransformerBlock
+from conformer.kernels import BACKENDS
+from conformer.layers import ConvBlock, FCUDown, FCUUp, KernelLayer, TransformerBlock
 
 __all__ = ['Conformer', 'ConvTransBlock']
 
@@ -70,8 +71,8 @@ class ConvTransBlock(nn.Module):
         x, x2 = self.cnn_block(x)
         x_st = self.squeeze_block(x2, x_t, grid)
         x_t = self.trans_block(x_st + x_t)  # the class token is added twice, as in the paper
-        x_t_up = self.expand_block(x_t, grid, (x2.shape[2], x2.shape[3]))
-        x, _ = self.fusion_block(x, x_t_up)
+        h = self.expand_block(x_t, grid, self.fusion_block.reduce(x))  # adds the tokens in
+        x, _ = self.fusion_block.expand(h, x)
         return x, x_t
 
 
@@ -196,6 +197,16 @@ class Conformer(nn.Module):
         self.dual_head_training = enable
 
     @torch.jit.ignore
+    def set_kernel_backend(self, backend: Optional[str]) -> None:
+        """Pin this model's kernels to 'auto' | 'triton' | 'torch' (None: follow
+        `conformer.kernels.set_backend` / `use_backend`)."""
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f'unknown kernel backend {backend!r}; choose one of {BACKENDS} or None')
+        for module in self.modules():
+            if isinstance(module, KernelLayer):
+                module.kernel_backend = backend
+
+    @torch.jit.ignore
     def get_classifier(self) -> Tuple[nn.Module, nn.Module]:
         return self.conv_cls_head, self.trans_cls_head
 
@@ -225,10 +236,13 @@ class Conformer(nn.Module):
         x, _ = self.conv_1(x_base)
         return x, self.trans_1(x_t), grid
 
+    # The block loops below walk named_children() so the paper's parameter names stay
+    # top-level; blocks are recognised by attribute because TorchScript's isinstance
+    # refinement accepts only the first of several ConvTransBlock module types.
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x, x_t, grid = self._stem(x)
         for _, block in self.named_children():
-            if hasattr(block, "squeeze_block"):  # ConvTransBlock; see _is_block_note
+            if hasattr(block, "squeeze_block"):  # a ConvTransBlock
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
                 else:
@@ -240,7 +254,7 @@ class Conformer(nn.Module):
         """Summed logits, or with pre_logits the two pooled vectors concatenated (CNN first)."""
         x, x_t = features
         pooled = self.head_drop(torch.cat([self.pooling(x).flatten(1), x_t[:, 0]], dim=1))
-        if pre_logits:
+        if pre_logits or self.num_classes == 0:
             return pooled
         conv_logits, trans_logits = self._heads(pooled)
         return conv_logits + trans_logits
@@ -278,7 +292,7 @@ class Conformer(nn.Module):
         intermediates: List[torch.Tensor] = []
         x, x_t, grid = self._stem(x)
         for name, block in self.named_children():
-            if hasattr(block, "squeeze_block"):  # ConvTransBlock; see _is_block_note
+            if hasattr(block, "squeeze_block"):  # a ConvTransBlock
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
                 else:
@@ -342,8 +356,9 @@ def _check_args(**kw: Any) -> None:
             fail(f"patch_size must be a multiple of {granule} with stem_type="
                  f"{kw['stem_type']!r} (the token grid halves twice against the CNN branch), "
                  f"got {kw['patch_size']}")
-    if 'depth' in kw and kw['depth'] % 3:
-        fail(f"depth must be a multiple of 3 (three stages of equal length), got {kw['depth']}")
+    if 'depth' in kw and (kw['depth'] % 3 or kw['depth'] < 6):
+        fail(f"depth must be a multiple of 3 and at least 6 (three stages of equal length, "
+             f"each with a detection tap), got {kw['depth']}")
     if 'embed_dim' in kw and kw['embed_dim'] % kw['num_heads']:
         fail(f"embed_dim {kw['embed_dim']} must be divisible by num_heads {kw['num_heads']}")
 
