@@ -5,7 +5,6 @@ from typing import Sequence
 
 import timm
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -13,14 +12,20 @@ import conformer  # noqa: F401  (registers the conformer_* variants with timm)
 from conformer.data import (GlobalBatchSampler, SeededTransform, ShardSampler, build_transform)
 
 _logger = logging.getLogger(__name__)
+ARCH_KEYS = ('stem_type', 'patch_size', 'base_channel', 'channel_ratio', 'embed_dim', 'depth',
+             'num_heads', 'mlp_ratio')
+
+
+def model_kwargs(model_cfg) -> dict:
+    """The architecture settings that override the variant's defaults."""
+    return {k: model_cfg[k] for k in ARCH_KEYS if model_cfg[k] is not None}
 
 
 def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
     """timm.create_model; pretrained weights come from the variant's default source or, with
     model.checkpoint, from a local file of any supported format (a new head is made when the
     class count differs)."""
-    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if not isinstance(
-        model_cfg.kwargs, dict) else dict(model_cfg.kwargs)
+    kwargs = model_kwargs(model_cfg)
     overlay = None
     if model_cfg.checkpoint:
         path = os.path.expanduser(model_cfg.checkpoint)

@@ -6,7 +6,7 @@ the wrong type fails at composition, naming the key. `check()` then catches what
 cannot (incompatible settings) before any data is read or model is built.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -14,8 +14,16 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # any timm model name, e.g. conformer_tiny_patch16
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra create_model kwargs
+    name: str = MISSING  # a registered variant, e.g. conformer_tiny_patch16
+    # architecture overrides of the variant's defaults (None keeps the variant's value)
+    stem_type: Optional[str] = None  # 'imagenet' (stride 4) | 'small' (stride 1, tiny images)
+    patch_size: Optional[int] = None
+    base_channel: Optional[int] = None
+    channel_ratio: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
     pretrained: bool = False  # load the variant's published weights
     checkpoint: Optional[str] = None  # or these local weights (any format, incl. our checkpoints)
     drop_rate: float = 0.0

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from conformer.data import GlobalBatchSampler, build_datasets
 from . import checkpoint as ckpt
-from .build import build_model, eval_loader, freeze_backbone, set_train_mode, train_loader
+from .build import (build_model, eval_loader, freeze_backbone, model_kwargs, set_train_mode,
+                    train_loader)
 from .config import check
 from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
 from .evaluate import autocast, evaluate
@@ -147,7 +148,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     manager = ckpt.CheckpointManager(run_dir / 'checkpoints', t.keep_last)
     logger = RunLogger(run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.plot)
     meta = dict(variant=cfg.model.name, num_classes=len(classes), in_chans=cfg.data.in_chans,
-                classes=list(classes), model_kwargs=OmegaConf.to_container(cfg.model.kwargs),
+                classes=list(classes), model_kwargs=model_kwargs(cfg.model),
                 input_size=cfg.data.input_size, mean=list(cfg.data.mean), std=list(cfg.data.std))
     step, epoch, start_step, best = 0, 0, 0, -1.0
 

@@ -1,0 +1,228 @@
+"""End-to-end training on a tiny model and a tiny ImageFolder: outputs, exact resume after
+SIGKILL, clean SIGTERM exit, NaN stop, transfer modes, Hydra multirun, and DDP over gloo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from conformer.engine.cli import config_dir
+from conformer.engine.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ['model=conformer_nano_patch4',
+        'model.base_channel=8', 'model.embed_dim=16', 'model.num_heads=2', 'model.depth=6',
+        'model.drop_path_rate=0.1', 'data.input_size=16', 'data.eval_batch_size=16',
+        'data.num_workers=0', 'data.batch_size=8', 'aug=small', 'aug.pad=2', 'aug.re_prob=0.5',
+        'optim.lr=3e-3', 'trainer.threads=1', 'trainer.deterministic=true', 'trainer.ema=true',
+        'trainer.ema_decay=0.9', 'logging.progress=false', 'logging.every_steps=2']
+
+
+def make_folder(root: Path, classes=3, per_class=12, size=16) -> Path:
+    """Each class is a noisy image of its own colour: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    for split, n in (('train', per_class), ('val', per_class // 2)):
+        for c in range(classes):
+            folder = root / split / f'class{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3))
+                base[..., c % 3] = 200
+                noise = rng.normal(0, 40, (size, size, 3))
+                Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(
+                    folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp('images'))
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir(), version_base='1.3'):
+        return compose('train', overrides=list(overrides))
+
+
+def run_cli(run_dir, *overrides, wait=True, launcher=(sys.executable,), env=None):
+    cmd = [*launcher, str(REPO / 'tools' / 'train.py'), *TINY, f'hydra.run.dir={run_dir}',
+           *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', **(env or {})))
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path):
+    cfg = compose_cfg(*TINY, f'data.root={folder}', 'trainer.epochs=2', 'trainer.keep_last=1')
+    result = train(cfg, tmp_path)
+    assert result['status'] == 'finished' and result['step'] == 8  # 36 images // 8, x2 epochs
+    summary = json.loads((tmp_path / 'metrics.json').read_text())
+    assert summary['top1'] == result['top1'] and summary['count'] == 18
+    assert (tmp_path / 'curves.png').stat().st_size > 10_000
+    kinds = [json.loads(line)['kind'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert kinds.count('eval') == 2 and kinds.count('train') >= 4
+    ckpts = tmp_path / 'checkpoints'
+    assert sorted(p.name for p in ckpts.iterdir()) == ['best.pth', 'last.pth', 'step-00000008.pth']
+    state = load(ckpts / 'last.pth')
+    assert {'model', 'ema', 'meta', 'optimizer', 'scheduler', 'scaler', 'rng', 'sampler'} <= set(state)
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in state['model'])
+    assert state['meta']['variant'] == 'conformer_nano_patch4' and state['meta']['num_classes'] == 3
+    # the weights rebuild the model; its summed-head accuracy on val is the recorded one
+    from conformer.engine.evaluator import evaluate_checkpoint
+    with initialize_config_dir(config_dir(), version_base='1.3'):
+        eval_cfg = compose('eval', overrides=[
+            *[o for o in TINY if o.split('=')[0].split('.')[0] in ('model', 'data', 'aug')],
+            f'data.root={folder}', f'checkpoint={ckpts / "last.pth"}', 'use_ema=false'])
+    assert evaluate_checkpoint(eval_cfg)['top1'] == pytest.approx(result['top1'])
+
+
+def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
+    from conformer.engine import dual_head_loss
+    conv, trans = torch.randn(4, 5), torch.randn(4, 5)
+    target = torch.tensor([0, 4, 2, 2])
+
+    def nll(logits):  # hand-written cross-entropy
+        return (logits.exp().sum(1).log() - logits[torch.arange(4), target]).mean()
+
+    expected = (nll(conv) + nll(trans)) / 2
+    assert torch.allclose(dual_head_loss((conv, trans), target, torch.nn.CrossEntropyLoss()), expected)
+
+
+def wait_for(path: Path, proc, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+def assert_same_state(a, b):
+    for key in ('model', 'ema'):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
+    flat = lambda s: [t for st in s['optimizer']['state'].values() for t in st.values()  # noqa
+                      if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(x, y) for x, y in zip(flat(a), flat(b)))
+
+
+def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(folder, tmp_path):
+    common = [f'data.root={folder}', 'trainer.epochs=3', 'trainer.ckpt_every_steps=1',
+              'aug.mixup=0.4']
+    run_cli(tmp_path / 'whole', *common)
+    proc = run_cli(tmp_path / 'killed', *common, wait=False)
+    wait_for(tmp_path / 'killed' / 'checkpoints' / 'step-00000006.pth', proc)  # mid-epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load(tmp_path / 'killed' / 'checkpoints' / 'last.pth')['step']
+    assert killed_at < 12, 'the run finished before it was killed; the test proved nothing'
+    out = run_cli(tmp_path / 'killed', *common, 'trainer.resume=auto')
+    assert 'test top-1' in out
+    assert_same_state(load(tmp_path / 'whole' / 'checkpoints' / 'last.pth'),
+                      load(tmp_path / 'killed' / 'checkpoints' / 'last.pth'))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(folder, tmp_path):
+    proc = run_cli(tmp_path, f'data.root={folder}', 'trainer.epochs=50',
+                   'trainer.ckpt_every_steps=2', wait=False)
+    wait_for(tmp_path / 'checkpoints' / 'step-00000002.pth', proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert 'run interrupted' in out
+    state = load(tmp_path / 'checkpoints' / 'last.pth')
+    assert state['step'] >= 2 and json.loads((tmp_path / 'metrics.json').read_text())['status'] == 'interrupted'
+
+
+def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    cfg = compose_cfg(*TINY, f'data.root={folder}', 'optim.lr=1e12', 'trainer.amp=none',
+                      'trainer.ckpt_every_steps=1', 'trainer.epochs=5', 'trainer.keep_last=50')
+    with pytest.raises(FloatingPointError, match='Last good checkpoint: .*step-0') as err:
+        train(cfg, tmp_path)
+    good = Path(str(err.value).split('Last good checkpoint: ')[1].split('. ')[0])
+    state = load(good)
+    assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
+
+
+def test_linear_probe_trains_only_the_heads_and_finetune_makes_a_new_head(folder, tmp_path):
+    train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.epochs=1'), tmp_path / 'pre')
+    # conformer.weights loads a training checkpoint's EMA weights when it has them
+    pretrained = load(tmp_path / 'pre' / 'checkpoints' / 'last.pth')['ema']
+    two_classes = make_folder(tmp_path / 'two', classes=2)
+    probe = tmp_path / 'probe'
+    train(compose_cfg(*TINY, f'data.root={two_classes}', 'trainer.epochs=1',
+                      f'model.checkpoint={tmp_path / "pre" / "checkpoints" / "last.pth"}',
+                      'model.freeze_backbone=true'), probe)
+    probed = load(probe / 'checkpoints' / 'last.pth')['model']
+    for name, value in probed.items():
+        if name.startswith(('conv_cls_head', 'trans_cls_head')):
+            assert value.shape[0] == 2
+        else:  # weights and BN statistics untouched
+            assert torch.equal(value, pretrained[name]), name
+    assert not torch.equal(probed['trans_cls_head.weight'], torch.zeros_like(probed['trans_cls_head.weight']))
+
+
+def test_layer_decay_gives_early_blocks_smaller_learning_rates(folder):
+    from timm.optim import create_optimizer_v2
+    model = timm.create_model('conformer_nano_patch4', num_classes=3, base_channel=8, embed_dim=16,
+                              num_heads=2, depth=6)
+    opt = create_optimizer_v2(model, 'adamw', lr=1.0, layer_decay=0.5)
+    scales = {}
+    for group in opt.param_groups:
+        for p in group['params']:
+            scales[p] = group['lr_scale']
+    named = dict(model.named_parameters())
+    assert scales[named['conv1.weight']] < scales[named['conv_trans_2.cnn_block.conv1.weight']] \
+        < scales[named['conv_trans_6.cnn_block.conv1.weight']] < scales[named['conv_cls_head.weight']] == 1.0
+
+
+def test_a_hydra_multirun_sweep_runs_every_job(folder, tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'train.py'), '-m', *TINY, f'data.root={folder}',
+         'trainer.max_steps=2', 'optim.lr=1e-3,2e-3', f'hydra.sweep.dir={tmp_path}'],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert out.returncode == 0, out.stdout + out.stderr
+    for job in ('0', '1'):
+        metrics = json.loads((tmp_path / job / 'metrics.json').read_text())
+        assert metrics['step'] == 2
+    lrs = [load(tmp_path / j / 'checkpoints' / 'last.pth')['config']['optim']['lr'] for j in '01']
+    assert lrs == [1e-3, 2e-3]
+
+
+def test_two_gloo_processes_match_one_process_and_resume_on_another_world_size(folder, tmp_path):
+    # same global batch (8) and micro-batch (4): 2 ranks x 1 vs 1 rank x 2 accumulation steps
+    common = [f'data.root={folder}', 'trainer.epochs=1', 'trainer.ema=false',
+              'model.drop_path_rate=0.0', 'aug.re_prob=0.0']
+    run_cli(tmp_path / 'one', *common, 'trainer.accum_steps=2')
+    run_cli(tmp_path / 'two', *common, launcher=(
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    one = load(tmp_path / 'one' / 'checkpoints' / 'last.pth')
+    two = load(tmp_path / 'two' / 'checkpoints' / 'last.pth')
+    assert two['world_size'] == 2 and one['step'] == two['step'] == 4
+    params = dict(timm.create_model('conformer_nano_patch4', num_classes=3, base_channel=8,
+                                    embed_dim=16, num_heads=2, depth=6).named_parameters())
+    for name in params:
+        torch.testing.assert_close(two['model'][name], one['model'][name], rtol=1e-4, atol=1e-5)
+    # the 2-process checkpoint resumes in one process and trains on to the end
+    out = run_cli(tmp_path / 'two', *[c.replace('epochs=1', 'epochs=2') for c in common],
+                  'trainer.resume=auto')
+    assert 'test top-1' in out
+    assert load(tmp_path / 'two' / 'checkpoints' / 'last.pth')['step'] == 8
