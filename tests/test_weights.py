@@ -251,6 +251,12 @@ def test_damaged_files_name_the_file_and_the_problem(case, problem, layouts, tmp
     assert str(bad) in str(e.value) and problem in str(e.value)
 
 
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=f'{tmp_path}/nope.pth: no such file'):
+        timm.create_model(NANO, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope.pth')))
+
+
 class _RunsCode:
     def __reduce__(self):
         return os.system, ('touch pwned',)

@@ -86,12 +86,13 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
 
     out_dir = Path(out_dir)
     # conformer-train records the class names and the preprocessing it trained with
-    data_config = {k: meta[k] for k in ('mean', 'std') if k in meta}
     if 'input_size' in meta:
-        data_config['img_size'] = meta['input_size']
+        size = meta['input_size']
+        model.pretrained_cfg['input_size'] = (in_chans, *((size, size) if isinstance(size, int)
+                                                          else tuple(size)[-2:]))
+    model.pretrained_cfg.update({k: tuple(meta[k]) for k in ('mean', 'std') if k in meta})
     save_for_hf(model, out_dir, model_args=model_args, safe_serialization=True,
-                model_config=dict(label_names=meta['classes']) if meta.get('classes') else None,
-                data_config=data_config or None)
+                model_config=dict(label_names=meta['classes']) if meta.get('classes') else None)
     card = model_card(model, checkpoint, release, top1=top1, dataset=dataset,
                       repo_id=repo_id or f'ORG/{out_dir.resolve().name}')
     (out_dir / 'README.md').write_text(card, encoding='utf-8')
