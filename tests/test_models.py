@@ -345,3 +345,13 @@ def test_kernel_backend_context_and_bad_name():
         torch.testing.assert_close(model(x), model.eval()(x))
     with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
         model.set_kernel_backend('cuda')
+
+
+def test_model_table_counts_params_and_macs():
+    from conformer.models.profile import count_flops, model_table
+    linear = torch.nn.Linear(7, 5)
+    assert count_flops(linear, torch.zeros(3, 7)) == 2 * 3 * 7 * 5
+    (row,) = model_table(['conformer_nano_patch4'])
+    model = timm.create_model('conformer_nano_patch4')
+    assert row['params_m'] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    assert row['input_size'] == [3, 32, 32] and 0 < row['macs_g'] < 1

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.fx
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath, Mlp
@@ -41,7 +41,7 @@ class KernelLayer(nn.Module):
     def fused_route(self, x: torch.Tensor, inference_only: bool = True) -> bool:
         """Whether to run the fused kernels. Those that fold BatchNorm are `inference_only`;
         FX graphs keep the module ops, so a traced graph stays device-agnostic."""
-        if is_fx_tracing() or (inference_only and self.training):
+        if is_fx_symbolic_tracing() or (inference_only and self.training):
             return False
         return prefers_triton(self.kernel_backend, x)
 

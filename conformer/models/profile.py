@@ -1,0 +1,56 @@
+"""Parameter and MAC counts of the registered variants (the README's model table).
+
+    python tools/model_table.py [--out model_table.json]
+
+MACs count every multiply-add of convolutions, matmuls and attention (torch's
+FlopCounterMode / 2) at each variant's default input size; norms and activations are left
+out, as in the usual ResNet/ViT tables, so the paper's figures are a little higher.
+"""
+import argparse
+import json
+from typing import Dict, List, Optional, Sequence
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# published ImageNet-1k top-1 of the paper's weights (Peng et al. 2021, Table 1; S/32 from
+# mmpretrain's model zoo, whose weights are the paper's)
+PUBLISHED_TOP1 = {'conformer_tiny_patch16': 81.3, 'conformer_small_patch16': 83.4,
+                  'conformer_small_patch32': 81.96, 'conformer_base_patch16': 84.1}
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass (2 per multiply-add)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def model_table(names: Optional[Sequence[str]] = None) -> List[Dict]:
+    rows = []
+    for name in names or timm.list_models('conformer_*'):
+        model = timm.create_model(name).eval()
+        input_size = model.pretrained_cfg['input_size']
+        rows.append(dict(
+            model=name, input_size=list(input_size),
+            params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            macs_g=round(count_flops(model, torch.zeros(1, *input_size)) / 2e9, 2),
+            published_top1=PUBLISHED_TOP1.get(name)))
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='Parameters and MACs of every Conformer variant.')
+    parser.add_argument('--out', help='also write the rows as JSON to this path')
+    args = parser.parse_args(argv)
+    rows = model_table()
+    print('| model | input | params (M) | MACs (G) | ImageNet top-1 (published) |')
+    print('|---|---|---|---|---|')
+    for r in rows:
+        top1 = '-' if r['published_top1'] is None else r['published_top1']
+        print(f"| {r['model']} | {r['input_size'][-1]} | {r['params_m']} | {r['macs_g']} | {top1} |")
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(rows, f, indent=2)
+    return 0
