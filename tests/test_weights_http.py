@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import timm
@@ -15,7 +14,7 @@ import torch
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.weights import DownloadError
 from conformer.weights.convert import convert
-from test_weights import NANO, by_hand, nano, to_mmpretrain
+from test_weights import NANO, nano, to_mmpretrain
 
 COMMIT = 'a' * 40
 

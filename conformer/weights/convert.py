@@ -9,10 +9,10 @@ license. Publish it with ``hf upload ORG/NAME FOLDER``. Command line: ``conforme
 The variant is taken from ``--model``, else recognised from the file: one of the hosted
 ``.in1k`` releases by name, the model name a training run recorded (``meta['variant']`` in
 conformer-train checkpoints, ``args.model`` in DeiT-style ones, timm's ``arch``), a converted
-folder's ``config.json``, or a variant name inside the file name (the paper's ``Conformer_small_patch16.pth``). num_classes and
-in_chans come from the weights themselves. From conformer-train checkpoints the card and
-config also take ``meta['model_kwargs']``, the class names, the input size, mean and std, and
-the eval top-1 recorded with the weights.
+folder's ``config.json``, or a variant name inside the file name (the paper's
+``Conformer_small_patch16.pth``). num_classes and in_chans come from the weights themselves.
+From conformer-train checkpoints the card and config also take ``meta['model_kwargs']``, the
+class names, the input size, mean and std, and the eval top-1 recorded with the weights.
 """
 import argparse
 import json
