@@ -6,16 +6,19 @@ transformer head's cross-entropies. Checkpoints hold everything the next step de
 (weights, EMA, optimizer, schedule, scaler, data position, every rank's RNG), so a resumed
 run continues exactly where the killed one stopped.
 """
+import contextlib
+import json
 import logging
 import math
 import os
+import random
 import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
@@ -68,8 +71,6 @@ def setup_runtime(t, env: DistEnv) -> None:
                          'use trainer.amp=bf16 on CPU')
     # every rank starts from the same weights; per-rank streams (dropout, mixup) then differ
     torch.manual_seed(t.seed)
-    import random
-    import numpy as np
     random.seed(t.seed + env.rank)
     np.random.seed(t.seed + env.rank)
 
@@ -218,6 +219,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
             set_train_mode(model, cfg.model.freeze_backbone)
             # running sums since the last log: loss, correct combined/conv/trans, images
             window = torch.zeros(5, dtype=torch.float64)
+            nonfinite = False
             tic = time.perf_counter()
             for step_in_epoch in range(start_step, steps_per_epoch):
                 for micro in range(t.accum_steps):
@@ -230,11 +232,12 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                     if mixup is not None:
                         images, target = mixup(images, target)
                     sync = micro == t.accum_steps - 1 or not env.enabled or t.fsdp
-                    with (trained.no_sync() if not sync else _null()):
+                    with (contextlib.nullcontext() if sync else trained.no_sync()):
                         with autocast(env.device, t.amp):
                             outputs = forward(images)
                         loss = dual_head_loss(outputs, target, criterion)
                         scaler.scale(loss / t.accum_steps).backward()
+                    nonfinite |= not math.isfinite(loss.item())
                     with torch.no_grad():
                         conv, trans = (o.float() for o in outputs)
                         window += torch.tensor([
@@ -256,7 +259,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                 bar.update(1)
 
                 # one collective per step: did any rank see a non-finite loss or a signal?
-                flags = all_sum(torch.tensor([float(not math.isfinite(loss.item())),
+                flags = all_sum(torch.tensor([float(nonfinite),
                                               float(stop.signal is not None)], dtype=torch.float64))
                 if flags[0] > 0:
                     raise FloatingPointError(
@@ -315,18 +318,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     result = dict(status=status, epoch=epoch, step=step, checkpoint=str(last_path),
                   run_dir=str(run_dir), **metrics)
     if env.is_main:
-        import json
         (run_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
     shutdown()
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_eval(cfg, env: DistEnv, model, ema, eval_set, epoch: int, step: int,
