@@ -355,3 +355,11 @@ def test_model_table_counts_params_and_macs():
     model = timm.create_model('conformer_nano_patch4')
     assert row['params_m'] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     assert row['input_size'] == [3, 32, 32] and 0 < row['macs_g'] < 1
+
+
+def test_builds_on_the_meta_device():
+    """Shape-only construction (for large-model init and checkpoint inspection)."""
+    with torch.device('meta'):
+        model = timm.create_model('conformer_base_patch16')
+    assert model.conv1.weight.is_meta
+    assert sum(p.numel() for p in model.parameters()) == 83289136

@@ -122,7 +122,8 @@ class Conformer(nn.Module):
         self.num_features = self.head_hidden_size = chs[-1] + embed_dim
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # transformer blocks only
+        # linear over the transformer blocks only (plain floats, so meta-device builds work)
+        dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)]
 
         # stem: 7x7/2 conv + 3x3/2 max pool for ImageNet-sized inputs, 3x3/1 conv for tiny ones
         if stem_type == 'imagenet':
