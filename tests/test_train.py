@@ -93,6 +93,20 @@ def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path)
     assert evaluate_checkpoint(eval_cfg)['top1'] == pytest.approx(result['top1'])
 
 
+def test_the_eval_tool_reports_the_same_accuracy_as_training(folder, tmp_path):
+    run_cli(tmp_path / 'run', f'data.root={folder}', 'trainer.epochs=1')
+    trained = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    out = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'eval.py'),
+         *[o for o in TINY if o.split('=')[0].split('.')[0] in ('model', 'data', 'aug')],
+         f'data.root={folder}', f'checkpoint={tmp_path / "run" / "checkpoints" / "best.pth"}',
+         f'hydra.run.dir={tmp_path / "eval"}'], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / 'eval' / 'eval.json').read_text())
+    assert result['top1'] == pytest.approx(trained['ema_top1'])  # EMA weights by default
+    assert f"top-1 {result['top1']:.2f}%" in out.stdout
+
+
 def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
     from conformer.engine import dual_head_loss
     conv, trans = torch.randn(4, 5), torch.randn(4, 5)

@@ -86,6 +86,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     t, run_dir = cfg.trainer, Path(run_dir)
     env = init_distributed(t.device)
     setup_runtime(t, env)
+    if cfg.model.sync_bn and env.device.type != 'cuda':
+        raise ValueError('model.sync_bn=true needs GPUs (PyTorch has no CPU SyncBatchNorm); '
+                         'set model.sync_bn=false on CPU')
     if t.fsdp and env.device.type != 'cuda':
         raise ValueError('trainer.fsdp=true shards the large variants over GPUs; on CPU use DDP '
                          '(the default under torchrun)')
