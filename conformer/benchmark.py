@@ -402,11 +402,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='torch.compile the fp32/bf16 modes (inductor freezing for inference)')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
     parser.add_argument('--skip-training', action='store_true')
+    parser.add_argument('--threads', type=int,
+                        help="intra-op threads (default: torch's, one per core); 1 gives steadier "
+                             "ratios when other jobs share the cores")
     parser.add_argument('--json', default='benchmark.json', help='where to write the results')
     parser.add_argument('--smoke', action='store_true',
                         help='a seconds-long run on a tiny model (for CI): checks the tool, '
                              'not the speed')
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error('--threads must be >= 1')
+        torch.set_num_threads(args.threads)
     kwargs = dict(variant=args.model, batch_sizes=args.batch_sizes, train_batch=args.train_batch,
                   image_size=args.image_size, rounds=args.rounds, warmup=args.warmup,
                   compile=args.compile, modes=args.modes, skip_training=args.skip_training)
