@@ -357,16 +357,15 @@ def format_table(result: dict) -> str:
     peaks = result['matmul_peak_gflops']
     lines = [f"{s['variant']} @ {s['image_size']}px, {result['machine']['threads']} threads, "
              f"compile={s['compile']}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, "
-             f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; speed-up = median of interleaved ratios",
-             '',
-             '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | speed-up '
-             '| max abs diff |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; speed-up = median of interleaved ratios"]
+    if result['inference']:
+        lines += ['', '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | '
+                      'speed-up | max abs diff |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in result['inference']:
         if r['status'] != 'ok':
             lines.append(f"| {r['mode']} | {r['batch']} | {r['status']} |  |  |  |  |  |  |  |")
             continue
-        lines.append(f"| {r['mode']} | {r['batch']} | {r['images_per_s']:.1f} | "
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['images_per_s']:.3g} | "
                      f"{r['latency_ms_p50']:.0f} | {r['latency_ms_p90']:.0f} | "
                      f"{r['peak_memory_mb']:.0f} | {r['achieved_gflops']:.0f} | "
                      f"{r['pct_of_matmul_peak']:.0f}% | {r['speedup_vs_eager']:.2f}x | "
@@ -381,7 +380,7 @@ def format_table(result: dict) -> str:
                 continue
             saved = f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else ''
             lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
-                         f"{r['images_per_s']:.2f} | {r['step_ms_p50']:.0f} | "
+                         f"{r['images_per_s']:.3g} | {r['step_ms_p50']:.0f} | "
                          f"{r['peak_memory_mb']:.0f} | {saved} | {r['speedup_vs_eager']:.2f}x | "
                          f"{r['loss_abs_diff_vs_eager']:.1e} |")
     return '\n'.join(lines)
