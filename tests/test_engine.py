@@ -1,0 +1,56 @@
+"""Checkpoint files and RNG capture: atomic writes, retention, weights_only loading."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conformer.engine import checkpoint as ckpt
+
+
+def test_manager_keeps_the_newest_files_and_links_last_and_best(tmp_path):
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save({'step': step, 'w': torch.full((2,), float(step))}, step, is_best=step == 2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ['best.pth', 'last.pth', 'step-00000002.pth', 'step-00000003.pth']
+    assert ckpt.load(tmp_path / 'last.pth')['step'] == 3
+    assert ckpt.load(tmp_path / 'best.pth')['step'] == 2
+    manager.save({'step': 4}, 4, is_best=False)
+    assert ckpt.load(tmp_path / 'best.pth')['step'] == 2  # best survives pruning of its step file
+    assert manager.latest() == tmp_path / 'last.pth'
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'c.pth'
+    ckpt.atomic_save({'v': 1}, path)
+
+    def crash(obj, f):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save({'v': 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path) == {'v': 1}
+
+
+def test_truncated_or_missing_checkpoints_name_the_fix(tmp_path):
+    ckpt.atomic_save({'w': torch.zeros(1000)}, tmp_path / 'a.pth')
+    (tmp_path / 'b.pth').write_bytes((tmp_path / 'a.pth').read_bytes()[:500])
+    with pytest.raises(RuntimeError, match='older step-'):
+        ckpt.load(tmp_path / 'b.pth')
+    with pytest.raises(FileNotFoundError, match='trainer.resume'):
+        ckpt.load(tmp_path / 'none.pth')
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    ckpt.atomic_save({'rng': ckpt.capture_rng()}, tmp_path / 'r.pth')
+    expected = (torch.rand(3), np.random.normal(), np.random.rand(), random.random(), random.gauss(0, 1))
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ckpt.restore_rng(ckpt.load(tmp_path / 'r.pth')['rng'])
+    again = (torch.rand(3), np.random.normal(), np.random.rand(), random.random(), random.gauss(0, 1))
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
