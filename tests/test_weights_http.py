@@ -213,7 +213,9 @@ def test_hub_endpoint_then_offline(server, weights, tmp_path):
         expected = reference(images)
 
     online = run_child(tmp_path, env, images, f'{server.url}/{name}', 'hub', 'hub_bin', 'url')
-    assert all(torch.equal(online[call], expected) for call in ('hub', 'hub_bin', 'url'))
+    # outputs come from another process, whose thread count may split reductions differently
+    same = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    assert all(same(online[call], expected) for call in ('hub', 'hub_bin', 'url'))
     assert (torch_cache / name).is_file()
 
     served = len(server.gets)
@@ -221,7 +223,7 @@ def test_hub_endpoint_then_offline(server, weights, tmp_path):
                         f'{server.url}/{name}', 'hub', 'url', 'hub_overlay_empty_cache',
                         'url_empty_cache', 'in1k')
     assert len(server.gets) == served  # offline means no request at all
-    assert torch.equal(offline['hub'], expected) and torch.equal(offline['url'], expected)
+    assert same(offline['hub'], expected) and same(offline['url'], expected)
     msg = offline['hub_overlay_empty_cache']
     assert 'hf-hub:org/nano' in msg and 'HF_HUB_OFFLINE' in msg and 'hf download org/nano' in msg
     msg = offline['url_empty_cache']

@@ -64,7 +64,7 @@ class ConformerFPN(nn.Module):
             raise ValueError(
                 f'the detection backbone needs CNN-branch taps at strides {DETECTION_STRIDES}, '
                 f'but this Conformer has them at {strides}; use stem_type=\'imagenet\' '
-                f'(the stride-4 stem) and a depth of at least 6')
+                f'(the stride-4 stem)')
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f'out_channels must be a positive integer, got {out_channels!r}')
         depth = 1 + sum(isinstance(m, ConvTransBlock) for m in body.children())
