@@ -100,3 +100,46 @@ def test_compiled_fp32_deploy_matches_eager():
         x = torch.randn(shape)
         with torch.no_grad():
             torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=0)
+
+
+def fashion_mnist_tensors(split):
+    """(images as normalised (N, 1, 28, 28) floats, labels); fails, naming the package, if the
+    dataset is not installed."""
+    from conformer.data.fashion_mnist import MEAN, STD, FashionMNIST
+    try:
+        data = FashionMNIST(split=split, download=False)
+    except FileNotFoundError as e:
+        pytest.fail(f'this test needs the real Fashion-MNIST files: {e}')
+    return (data.images[:, None].float() / 255 - MEAN[0]) / STD[0], data.targets
+
+
+@pytest.mark.slow
+def test_bf16_deploy_keeps_top1_on_a_real_evaluation_set():
+    """The documented bf16 tolerance: the same top-1 as eager fp32 on >= 99% of real images
+    (a small nano Conformer briefly trained on Fashion-MNIST, evaluated on 2000 test images)."""
+    torch.manual_seed(0)
+    images, labels = fashion_mnist_tensors('train')
+    model = timm.create_model('conformer_nano_patch4', in_chans=1, num_classes=10, patch_size=8,
+                              base_channel=16, embed_dim=96, num_heads=3)
+    model.set_dual_head_training(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(300):
+        idx = torch.randint(len(labels), (64,))
+        conv_logits, trans_logits = model(images[idx])
+        loss = (nn.functional.cross_entropy(conv_logits, labels[idx])
+                + nn.functional.cross_entropy(trans_logits, labels[idx])) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    test_images, test_labels = fashion_mnist_tensors('test')
+    test_images, test_labels = test_images[:2000], test_labels[:2000]
+    deployed = optimize_for_inference(model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = torch.cat([model(b) for b in test_images.split(250)]).argmax(-1)
+    bf16 = torch.cat([deployed(b) for b in test_images.split(250)]).argmax(-1)
+    accuracy = (eager == test_labels).float().mean().item()
+    assert accuracy > 0.7, f'the model did not train (accuracy {accuracy:.3f}); the check is void'
+    agreement = (bf16 == eager).float().mean().item()
+    assert agreement >= 0.99, f'bf16 agrees with fp32 on {agreement:.4f} of the test images'
