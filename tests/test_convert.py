@@ -9,18 +9,7 @@ from safetensors.torch import load_file
 import conformer  # noqa: F401
 from conformer.weights import sha256_file
 from conformer.weights.convert import convert, known_release, main
-from test_weights import NANO, by_hand, nano, to_mmpretrain, write_layouts
-
-
-@pytest.fixture(scope='module')
-def reference():
-    torch.manual_seed(0)
-    return nano()
-
-
-@pytest.fixture(scope='module')
-def layouts(reference, tmp_path_factory):
-    return write_layouts(reference, tmp_path_factory.mktemp('layouts'))
+from test_weights import NANO, by_hand, layouts, nano, reference, to_mmpretrain  # noqa: F401 (fixtures)
 
 
 def assert_same_model(model, expected, x):

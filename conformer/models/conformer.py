@@ -502,8 +502,8 @@ def conformer_base_patch16(pretrained: bool = False, **kwargs) -> Conformer:
 
 @register_model
 def conformer_nano_patch4(pretrained: bool = False, **kwargs) -> Conformer:
-    """A ~1M-parameter Conformer for 28-64 px images (small stem, 4 px patches) that trains
-    on a laptop CPU in minutes; not from the paper."""
+    """A 1.7M-parameter Conformer for 28-64 px images (stride-1 stem, 4 px patches), sized
+    for training on a laptop CPU; not from the paper."""
     args = dict(patch_size=4, stem_type='small', base_channel=32, channel_ratio=1,
                 embed_dim=128, depth=6, num_heads=4)
     return _create_conformer('conformer_nano_patch4', pretrained, **dict(args, **kwargs))
