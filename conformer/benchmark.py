@@ -29,12 +29,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 import conformer  # noqa: F401  (registers the variants with timm)
 from conformer.deploy import optimize_for_inference
 from conformer.layers import Attention
+from conformer.models.profile import count_flops
 
 __all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes',
            'matmul_peak_gflops', 'run', 'main']
@@ -116,12 +116,6 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
 def _train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
                    autocast_dtype: Optional[torch.dtype]) -> Callable[[], float]:
     """One AdamW step on the dual-head loss (mean of the two cross-entropies)."""
@@ -199,7 +193,7 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
-        flops = _count_flops(built['eager'], x)
+        flops = count_flops(built['eager'], x)
         print(f'inference batch {batch}: {flops / 1e9:.1f} GFLOP per call', file=sys.stderr)
         with torch.no_grad():
             expected = built['eager'](x)
