@@ -11,8 +11,8 @@ import torch
 import timm
 import conformer  # noqa: F401
 from conformer.benchmark import (MODES, NO_CUDA, SCHEMA, paper_attention_forward,
-                                 peak_memory_bytes, reference_model, run)
-from conformer.layers import Attention
+                                 paper_fcu_down_forward, peak_memory_bytes, reference_model, run)
+from conformer.layers import Attention, FCUDown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,13 +25,30 @@ def test_paper_attention_matches_the_sdpa_attention():
         torch.testing.assert_close(paper_attention_forward(attn, x), attn(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize('map_hw, grid', [((8, 12), (2, 3)), ((7, 9), (3, 4))])
+def test_pool_first_fcu_down_equals_the_papers_conv_then_pool(map_hw, grid):
+    """Same outputs and gradients, for even windows and for adaptive (overlapping) ones."""
+    torch.manual_seed(0)
+    fcu = FCUDown(8, 24)
+    x = torch.randn(2, 8, *map_hw, requires_grad=True)
+    x_t = torch.randn(2, 1 + grid[0] * grid[1], 24)
+    ours = fcu(x, x_t, grid)
+    (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    paper = paper_fcu_down_forward(fcu, x, x_t, grid)
+    (grad_paper,) = torch.autograd.grad(paper.square().sum(), x)
+    torch.testing.assert_close(ours, paper, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad_ours, grad_paper, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_model_matches_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = timm.create_model('conformer_nano_patch4', num_classes=10).eval()
     reference = reference_model(model)
-    patched = [m for m in reference.modules() if isinstance(m, Attention)]
-    assert patched and all('forward' in vars(m) for m in patched)
-    assert not any('forward' in vars(m) for m in model.modules() if isinstance(m, Attention))
+    layers = (Attention, FCUDown)
+    patched = [m for m in reference.modules() if isinstance(m, layers)]
+    assert {type(m) for m in patched} == set(layers)
+    assert all('forward' in vars(m) for m in patched)
+    assert not any('forward' in vars(m) for m in model.modules() if isinstance(m, layers))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reference(x), model(x), atol=1e-5, rtol=0)
