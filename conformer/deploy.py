@@ -12,7 +12,9 @@ What it does to a (copy of a) Conformer, and why each step is safe:
 - attention already runs through ``F.scaled_dot_product_attention`` (fused kernels);
 - optionally ``torch.compile`` with inductor freezing (weights become constants, so the
   folded/cast weights are prepared once and kernels are fused around them);
-- optionally bfloat16 autocast (matmuls and convolutions in bf16, norms and softmax in fp32).
+- optionally bfloat16 autocast (matmuls and convolutions in bf16, norms and softmax in fp32),
+  with the convolution and linear weights stored in bf16 up front, so no call re-casts them
+  (autocast would otherwise read every fp32 weight and write a bf16 copy on each call).
 
 The returned :class:`InferenceModel` answers ``model(x)``, ``forward_features``, ``forward_head`` and ``forward_intermediates`` like the original, returns
 fp32 tensors in every mode, and forwards every other attribute (``num_classes``,
@@ -156,6 +158,10 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
     deployed = copy.deepcopy(model).eval()
     fold_batchnorm(deployed)
     deployed = deployed.to(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        for module in deployed.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.to(torch.bfloat16)
     for p in deployed.parameters():
         p.requires_grad_(False)
     return InferenceModel(deployed, dtype=dtype, compile=compile,

@@ -74,6 +74,11 @@ def test_bf16_deploy_returns_fp32_close_to_eager():
         want = model(x)
     got = deployed(x)
     assert got.dtype == torch.float32
+    # weights are cast once at deploy time, norms keep fp32; the original stays fp32
+    assert deployed.model.conv_trans_2.trans_block.attn.qkv.weight.dtype == torch.bfloat16
+    assert deployed.model.conv1.weight.dtype == torch.bfloat16
+    assert deployed.model.trans_norm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     # bf16 keeps 8 bits of mantissa: a few per cent of the logit scale
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
