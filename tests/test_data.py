@@ -208,6 +208,22 @@ def test_seeded_transform_is_reproducible_and_leaves_global_rng_alone():
     assert not torch.equal(a[0], c[0])
 
 
+def test_a_batch_fetch_gives_each_image_its_own_seeded_view():
+    """The DataLoader's __getitems__ path: same views as one-by-one fetches, in any batch
+    grouping, and the global RNG streams are left where they were."""
+    data = [(Image.new('L', (4, 4)), i) for i in range(4)]
+    view = SeededTransform(data, lambda _: (torch.rand(1).item(), np.random.rand(), random.random()))
+    keys = [(0, 7), (1, 8), (2, 7), (3, 9)]
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    batch = view.__getitems__(keys)
+    after = (torch.rand(1), np.random.rand(), random.random())
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    assert after == (torch.rand(1), np.random.rand(), random.random())
+    assert batch == [view[key] for key in keys]
+    assert batch[0][0] == batch[2][0] and batch[0][0] != batch[1][0]  # same seed, same view
+    assert [t for _, t in batch] == [0, 1, 2, 3]
+
+
 def test_to_mode_only_accepts_one_or_three_channels(tmp_path):
     with pytest.raises(ValueError, match='in_chans=4'):
         save(tmp_path / 'a' / 'x.png', Image.new('RGB', (4, 4)))

@@ -10,7 +10,7 @@ position in the global order); `SeededTransform` draws the random augmentation f
 The same image therefore gets the same augmentation whichever process loads it.
 """
 import random
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -88,7 +88,10 @@ class SeededTransform(Dataset):
     """Applies `transform` to `dataset[i]`; a key `(i, seed)` seeds its randomness.
 
     The RNG states of `random`, numpy and torch are restored afterwards, so the loading
-    process's own random stream (dropout, drop path, mixup) is untouched.
+    process's own random stream (dropout, drop path, mixup) is untouched. The DataLoader
+    fetches a whole batch through `__getitems__`, which saves and restores those states once
+    per batch rather than once per image (that bookkeeping cost more than a small image's
+    transform).
     """
 
     def __init__(self, dataset: Dataset, transform: Optional[Callable]):
@@ -98,21 +101,28 @@ class SeededTransform(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: List) -> List[Tuple[Any, int]]:
+        keys = [key if isinstance(key, tuple) else (key, None) for key in keys]
+        if self.transform is None or all(seed is None for _, seed in keys):
+            return [self._load(index) for index, _ in keys]
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                return [self._load(index, seed) for index, seed in keys]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def _load(self, index: int, seed: Optional[int] = None) -> Tuple[Any, int]:
         img, target = self.dataset[index]
         if self.transform is None:
             return img, target
-        if seed is None:
-            return self.transform(img), target
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        if seed is not None:
             random.seed(seed)
             np.random.seed(seed % 2 ** 32)
             # the CPU generator only: torch.manual_seed would also queue a CUDA seeding call
             # (with a captured stack trace) per sample while CUDA is uninitialised
             torch.default_generator.manual_seed(seed)
-            try:
-                return self.transform(img), target
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        return self.transform(img), target
