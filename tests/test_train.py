@@ -240,3 +240,18 @@ def test_two_gloo_processes_match_one_process_and_resume_on_another_world_size(f
                   'trainer.resume=auto')
     assert 'test top-1' in out
     assert load(tmp_path / 'two' / 'checkpoints' / 'last.pth')['step'] == 8
+
+
+@pytest.mark.slow
+def test_the_quickstart_learns_real_fashion_mnist(tmp_path):
+    """The README's main job, cut to 40 steps: real data through the shipped experiment."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'train.py'), 'experiment=quickstart',
+         'trainer.max_steps=40', 'logging.progress=false', f'hydra.run.dir={tmp_path}'],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / 'metrics.json').read_text())
+    assert summary['count'] == 10_000 and summary['step'] == 40
+    assert summary['top1'] > 30, summary  # chance is 10%
+    assert f"test top-1 {summary['top1']:.2f}%" in proc.stdout
+    assert (tmp_path / 'curves.png').is_file() and (tmp_path / 'checkpoints' / 'last.pth').is_file()
