@@ -35,6 +35,7 @@ from torch import nn
 import timm
 import conformer  # noqa: F401  (registers the variants with timm)
 from conformer.deploy import optimize_for_inference
+from conformer.kernels.fcu import fcu_down_reference
 from conformer.layers import Attention, FCUDown
 from conformer.models.profile import count_flops
 
@@ -64,10 +65,11 @@ def paper_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
 
 def paper_fcu_down_forward(self: FCUDown, x: torch.Tensor, x_t: torch.Tensor,
                            grid: Tuple[int, int]) -> torch.Tensor:
-    """FCU-down in the paper's order: the 1x1 conv on the full map, then the pooling."""
-    x = F.adaptive_avg_pool2d(self.conv_project(x), grid)
-    x = self.act(self.ln(x.flatten(2).transpose(1, 2)))
-    return torch.cat([x_t[:, :1], x], dim=1)
+    """FCU-down in the paper's order (the kernels' PyTorch reference): the 1x1 conv on the
+    full map, then the pooling."""
+    tokens = fcu_down_reference(x, self.conv_project.weight, self.conv_project.bias, grid,
+                                self.ln.weight, self.ln.bias, self.ln.eps)
+    return torch.cat([x_t[:, :1], tokens], dim=1)
 
 
 def reference_model(model: nn.Module) -> nn.Module:
