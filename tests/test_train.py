@@ -1,5 +1,6 @@
 """End-to-end training on a tiny model and a tiny ImageFolder: outputs, exact resume after
-SIGKILL, clean SIGTERM exit, NaN stop, transfer modes, Hydra multirun, and DDP over gloo."""
+SIGKILL, clean SIGTERM exit, NaN stop, transfer modes, Hydra multirun, DDP and FSDP2 over
+gloo."""
 import json
 import os
 import signal
@@ -222,24 +223,35 @@ def test_a_hydra_multirun_sweep_runs_every_job(folder, tmp_path):
 
 
 def test_two_gloo_processes_match_one_process_and_resume_on_another_world_size(folder, tmp_path):
-    # same global batch (8) and micro-batch (4): 2 ranks x 1 vs 1 rank x 2 accumulation steps
+    # same global batch (8) and micro-batch (4): 2 ranks x 1 vs 1 rank x 2 accumulation steps,
+    # with the gradients all-reduced (DDP) or reduce-scattered onto sharded weights (FSDP2)
     common = [f'data.root={folder}', 'trainer.epochs=1', 'trainer.ema=false',
               'model.drop_path_rate=0.0', 'aug.re_prob=0.0']
+    two_procs = (sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                 '--nproc_per_node=2')
     run_cli(tmp_path / 'one', *common, 'trainer.accum_steps=2')
-    run_cli(tmp_path / 'two', *common, launcher=(
-        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    run_cli(tmp_path / 'ddp', *common, launcher=two_procs)
+    out = run_cli(tmp_path / 'fsdp', *common, 'trainer.fsdp=true', launcher=two_procs)
+    assert out.count('test top-1') == 1  # rank 0 alone reports
     one = load(tmp_path / 'one' / 'checkpoints' / 'last.pth')
-    two = load(tmp_path / 'two' / 'checkpoints' / 'last.pth')
-    assert two['world_size'] == 2 and one['step'] == two['step'] == 4
     params = dict(timm.create_model('conformer_nano_patch4', num_classes=3, base_channel=8,
                                     embed_dim=16, num_heads=2, depth=6).named_parameters())
-    for name in params:
-        torch.testing.assert_close(two['model'][name], one['model'][name], rtol=1e-4, atol=1e-5)
-    # the 2-process checkpoint resumes in one process and trains on to the end
-    out = run_cli(tmp_path / 'two', *[c.replace('epochs=1', 'epochs=2') for c in common],
-                  'trainer.resume=auto')
+    for run in ('ddp', 'fsdp'):
+        two = load(tmp_path / run / 'checkpoints' / 'last.pth')
+        assert two['world_size'] == 2 and one['step'] == two['step'] == 4
+        assert set(two['model']) == set(one['model'])  # full, unsharded state dicts
+        for name in params:
+            torch.testing.assert_close(two['model'][name], one['model'][name],
+                                       rtol=1e-4, atol=1e-5, msg=f'{run}: {name}')
+    more = [c.replace('epochs=1', 'epochs=2') for c in common]
+    # a 2-process checkpoint resumes in one process; a 1-process one resumes sharded on two
+    out = run_cli(tmp_path / 'ddp', *more, 'trainer.resume=auto')
     assert 'test top-1' in out
-    assert load(tmp_path / 'two' / 'checkpoints' / 'last.pth')['step'] == 8
+    assert load(tmp_path / 'ddp' / 'checkpoints' / 'last.pth')['step'] == 8
+    run_cli(tmp_path / 'one', *more, 'trainer.resume=auto', 'trainer.fsdp=true',
+            launcher=two_procs)
+    resumed = load(tmp_path / 'one' / 'checkpoints' / 'last.pth')
+    assert resumed['step'] == 8 and resumed['world_size'] == 2
 
 
 @pytest.mark.slow

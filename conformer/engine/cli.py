@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _schema  # noqa: F401  (registers train_schema / eval_schema)
+from .distributed import launched_rank
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ def _train(cfg: DictConfig) -> float:
     from .trainer import train
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(cfg, run_dir)
+    if launched_rank() != 0:  # one summary per run, from the rank that wrote it
+        return result.get('top1', float('nan'))
     if 'top1' not in result:
         print(f'run {result["status"]} at step {result["step"]} | checkpoint {result["checkpoint"]}')
         return float('nan')

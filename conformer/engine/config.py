@@ -111,7 +111,7 @@ class TrainerConfig:
     ckpt_every_steps: Optional[int] = None  # also checkpoint mid-epoch (preemptible machines)
     keep_last: int = 2
     resume: Optional[str] = None  # checkpoint path, or 'auto' for the run dir's last.pth
-    fsdp: bool = False  # FSDP2 fully_shard for the large variants (GPU)
+    fsdp: bool = False  # FSDP2 fully_shard per coupled block (NCCL on GPU, gloo on CPU)
     device: str = 'auto'  # 'auto' | 'cpu' | 'cuda'
 
 

@@ -34,9 +34,14 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device('cuda', local_rank)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when launched plainly)."""
+    return int(os.environ.get('RANK', 0))
+
+
 def init_distributed(device_preference: str) -> DistEnv:
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+    rank, local_rank = launched_rank(), int(os.environ.get('LOCAL_RANK', 0))
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':

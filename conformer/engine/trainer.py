@@ -25,6 +25,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from conformer.data import GlobalBatchSampler, build_datasets
+from conformer.models import ConvTransBlock
 from . import checkpoint as ckpt
 from .build import (build_model, eval_loader, freeze_backbone, model_kwargs, set_train_mode,
                     train_loader)
@@ -75,6 +77,20 @@ def setup_runtime(t, env: DistEnv) -> None:
     np.random.seed(t.seed + env.rank)
 
 
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Gather FSDP2-sharded parameters for the duration: evaluation calls the model's
+    submodules directly, which bypasses the hooks that gather them in a normal forward."""
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+
+
 def dual_head_loss(outputs, target, criterion) -> torch.Tensor:
     conv, trans = outputs
     return (criterion(conv.float(), target) + criterion(trans.float(), target)) / 2
@@ -89,9 +105,6 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     if cfg.model.sync_bn and env.device.type != 'cuda':
         raise ValueError('model.sync_bn=true needs GPUs (PyTorch has no CPU SyncBatchNorm); '
                          'set model.sync_bn=false on CPU')
-    if t.fsdp and env.device.type != 'cuda':
-        raise ValueError('trainer.fsdp=true shards the large variants over GPUs; on CPU use DDP '
-                         '(the default under torchrun)')
 
     train_set, eval_set, classes = build_datasets(cfg.data)
     per_rank = cfg.data.batch_size // env.world_size
@@ -116,6 +129,18 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema else None
 
+    # wrap for distribution before the optimizer sees the parameters (fully_shard replaces
+    # them); `model` stays the plain module for state dicts and EMA
+    trained = model
+    if t.fsdp:
+        for block in model.children():  # one all-gather per coupled block, as it runs
+            if isinstance(block, ConvTransBlock):
+                fully_shard(block)
+        trained = fully_shard(model)
+    elif env.enabled:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
+
     lr = cfg.optim.lr * (cfg.data.batch_size / cfg.optim.lr_base_batch
                          if cfg.optim.lr_base_batch else 1.)
     optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=lr,
@@ -127,17 +152,6 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         updates_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(env.device.type, enabled=t.amp == 'fp16')
 
-    # wrap for distribution; `model` stays the plain module for state dicts and EMA
-    trained = model
-    if t.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in model.children():
-            if sum(p.numel() for p in block.parameters()) > 1_000_000:
-                fully_shard(block)
-        trained = fully_shard(model)
-    elif env.enabled:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
     forward = torch.compile(trained) if t.compile else trained
 
     mixup = None
@@ -329,7 +343,8 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
 def run_eval(cfg, env: DistEnv, model, ema, eval_set, epoch: int, step: int,
              logger: RunLogger) -> Dict[str, float]:
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
-    metrics = evaluate(model, loader, env.device, cfg.trainer.amp, cfg.model.channels_last)
+    with unsharded(model):
+        metrics = evaluate(model, loader, env.device, cfg.trainer.amp, cfg.model.channels_last)
     if ema is not None:
         ema_metrics = evaluate(ema.module, loader, env.device, cfg.trainer.amp,
                                cfg.model.channels_last)
