@@ -7,6 +7,7 @@ transformer head's cross-entropies. Checkpoints hold everything the next step de
 run continues exactly where the killed one stopped.
 """
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from .logger import RunLogger
 
 _logger = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 class StopRequested:
@@ -61,7 +63,24 @@ class StopRequested:
             signal.signal(s, handler)
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep freed tensor buffers for reuse instead of unmapping them.
+
+    By default large buffers are mmapped and unmapped, and the heap's top is trimmed, so a
+    CPU training step faults its activations' pages back in (about 4,600 faults and 18 ms of
+    kernel time per quickstart step). Other C libraries (macOS, musl) are left alone.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return
+    mallopt(M_MMAP_MAX, 0)  # every size from the heap, which is kept
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value its int argument takes
+
+
 def setup_runtime(t, env: DistEnv) -> None:
+    if env.device.type == 'cpu':
+        keep_freed_memory()
     if t.threads:
         torch.set_num_threads(t.threads)
     if t.deterministic:
