@@ -7,11 +7,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conformer.data import (ClassSubset, FashionMNIST, GlobalBatchSampler, ImageFolder,
                             SeededTransform, read_idx, to_mode)
 from conformer.data import fashion_mnist
+from conformer.data.transforms import build_transform
 
 
 def write_idx(path, array, compress=True):
@@ -222,6 +224,26 @@ def test_a_batch_fetch_gives_each_image_its_own_seeded_view():
     assert batch == [view[key] for key in keys]
     assert batch[0][0] == batch[2][0] and batch[0][0] != batch[1][0]  # same seed, same view
     assert [t for _, t in batch] == [0, 1, 2, 3]
+
+
+def test_pad_crop_training_transform_pads_flips_and_normalises_only_as_asked():
+    data = OmegaConf.create(dict(input_size=6, mean=[0.5], std=[0.25]))
+    img = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4) * 16)
+    expected = torch.zeros(1, 6, 6)  # centred on a zero canvas, then normalised
+    expected[0, 1:5, 1:5] = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
+    expected = (expected - 0.5) / 0.25
+
+    def transform(**aug):
+        return build_transform(OmegaConf.create(dict(train_crop='pad', auto_augment=None,
+                                                     re_prob=0.0, **aug)), data, True)
+    plain = transform(pad=0, hflip=0.0)
+    assert len(plain.transforms) == 3  # crop, to-tensor, normalise: no steps that do nothing
+    assert torch.equal(plain(img), expected)
+    flipped = transform(pad=0, hflip=1.0)(img)
+    assert torch.equal(flipped, expected.flip(-1))
+    torch.manual_seed(0)
+    shifts = {tuple(transform(pad=2, hflip=0.0)(img)[0].argmax(1).tolist()) for _ in range(20)}
+    assert len(shifts) > 1  # padding gives random shifts
 
 
 def test_to_mode_only_accepts_one_or_three_channels(tmp_path):
