@@ -90,6 +90,26 @@ def test_any_input_size_from_32px(hw):
     assert [m.shape[-2] for m in maps] == [-(-hw[0] // r) for r in (4, 8, 16, 32)]
 
 
+@pytest.mark.parametrize('hw', [(28, 28), (33, 47), (8, 8)])
+def test_the_pooled_stem_halves_every_stage_and_keeps_odd_edges(hw):
+    torch.manual_seed(0)
+    model = timm.create_model('conformer_nano_patch4', stem_type='pooled', patch_size=8,
+                              in_chans=1, num_classes=10).eval()
+    assert [f['reduction'] for f in model.feature_info] == [2, 4, 8, 16]
+    x = torch.randn(2, 1, *hw)
+    with torch.no_grad():
+        logits = model(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        x_base = model.act1(model.bn1(model.conv1(x)))
+        pooled = model.maxpool(x_base)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    half = (-(-hw[0] // 2), -(-hw[1] // 2))
+    assert pooled.shape[-2:] == half  # an odd last row or column is pooled, not dropped
+    assert torch.equal(pooled[..., -1, -1], x_base[..., 2 * half[0] - 2:, 2 * half[1] - 2:]
+                       .amax((-2, -1)))
+    assert [m.shape[-2] for m in maps][0] == half[0]
+
+
 def test_fcu_generalisation_reduces_to_paper_ops_on_divisible_sizes():
     """Adaptive pooling onto the token grid / resizing to the CNN map equal the paper's
     AvgPool(dw) and 'nearest upsample by dw' when the sizes divide."""
@@ -123,7 +143,8 @@ def test_grayscale_in_chans():
     (dict(depth=3), 'at least 6'),
     (dict(num_classes=-1), 'num_classes must be an integer >= 0'),
     (dict(in_chans=0), 'in_chans must be a positive integer'),
-    (dict(stem_type='cifar'), "stem_type must be one of \\['imagenet', 'small'\\]"),
+    (dict(stem_type='cifar'), "stem_type must be one of \\['imagenet', 'pooled', 'small'\\]"),
+    (dict(stem_type='pooled', patch_size=12), 'patch_size must be a multiple of 8'),
     (dict(patch_size=8), 'patch_size must be a multiple of 16'),
     (dict(num_heads=5), 'embed_dim 64 must be divisible by num_heads 5'),
     (dict(drop_path_rate=1.5), 'drop_path_rate must be in \\[0, 1\\)'),

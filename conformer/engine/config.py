@@ -16,7 +16,7 @@ from omegaconf import MISSING
 class ModelConfig:
     name: str = MISSING  # a registered variant, e.g. conformer_tiny_patch16
     # architecture overrides of the variant's defaults (None keeps the variant's value)
-    stem_type: Optional[str] = None  # 'imagenet' (stride 4) | 'small' (stride 1, tiny images)
+    stem_type: Optional[str] = None  # 'imagenet' (stride 4) | 'pooled' (2) | 'small' (1)
     patch_size: Optional[int] = None
     base_channel: Optional[int] = None
     channel_ratio: Optional[int] = None

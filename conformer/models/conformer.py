@@ -28,7 +28,7 @@ from conformer.layers import ConvBlock, FCUDown, FCUUp, KernelLayer, Transformer
 
 __all__ = ['Conformer', 'ConvTransBlock']
 
-STEM_STRIDES = {'imagenet': 4, 'small': 1}
+STEM_STRIDES = {'imagenet': 4, 'pooled': 2, 'small': 1}
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
@@ -125,13 +125,16 @@ class Conformer(nn.Module):
         # linear over the transformer blocks only (plain floats, so meta-device builds work)
         dpr = [drop_path_rate * i / (depth - 1) for i in range(depth)]
 
-        # stem: 7x7/2 conv + 3x3/2 max pool for ImageNet-sized inputs, 3x3/1 conv for tiny ones
+        # stem: 7x7/2 conv + 3x3/2 max pool for ImageNet-sized inputs; for tiny ones a 3x3/1
+        # conv, alone ('small') or before a 2x2 max pool ('pooled': a quarter of the pixels
+        # for every CNN stage, so a wider branch costs less than a narrow one at full size)
         if stem_type == 'imagenet':
             self.conv1 = nn.Conv2d(in_chans, base_channel, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         else:
             self.conv1 = nn.Conv2d(in_chans, base_channel, 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+            self.maxpool = (nn.MaxPool2d(2, ceil_mode=True) if stem_type == 'pooled'
+                            else nn.Identity())
         self.bn1 = nn.BatchNorm2d(base_channel)
         self.act1 = nn.ReLU(inplace=True)
 
