@@ -13,8 +13,10 @@ Modes:
 Speed-ups are medians of per-round time ratios against ``eager``, with all modes run in turn
 within each round, so drifting machine load hits every mode alike. FLOPs are counted once per
 batch size with ``FlopCounterMode`` (2 per multiply-add) in each mode's own op order; "% of
-peak" compares the achieved rate to a large GEMM's rate measured in the same run, in the
-mode's dtype.
+peak" compares the achieved rate to a large GEMM in the mode's dtype that runs in the same
+rounds (the median of per-round rate ratios, like the speed-ups). On CPU the process keeps
+freed memory for reuse (:func:`conformer.runtime.keep_freed_memory`, as the trainer does),
+so no mode pays for page faults on its activations.
 """
 import argparse
 import copy
@@ -38,6 +40,7 @@ from conformer.deploy import optimize_for_inference
 from conformer.kernels.fcu import fcu_down_reference
 from conformer.layers import Attention, FCUDown
 from conformer.models.profile import count_flops
+from conformer.runtime import keep_freed_memory
 
 __all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes',
            'matmul_peak_gflops', 'run', 'main']
@@ -110,18 +113,19 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return max(a.total_allocated for _, a in allocations) - start
 
 
+def gemm_call(dtype: torch.dtype, size: int, device: torch.device) -> Callable[[], object]:
+    """A size^3 GEMM (2 * size^3 FLOP), warmed up: the yardstick for "% of peak"."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    return lambda: a @ b
+
+
 def matmul_peak_gflops(dtype: torch.dtype, size: int, repeats: int,
                        device: torch.device = torch.device('cpu')) -> float:
     """The machine's matmul rate: median over ``repeats`` of a size^3 GEMM, in GFLOP/s."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = _now(device)
-        a @ b
-        times.append(_now(device) - start)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
+    times = _interleaved_times({'gemm': gemm_call(dtype, size, device)}, repeats, device)
+    return 2 * size ** 3 / statistics.median(times['gemm']) / 1e9
 
 
 def _now(device: torch.device) -> float:
@@ -201,8 +205,11 @@ def _percentile(values: List[float], q: float) -> float:
 
 def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequence[int],
                     image_size: int, rounds: int, warmup: int, compile: bool,
-                    device: torch.device, peaks: Dict[str, float]) -> List[dict]:
+                    device: torch.device, gemm_size: int) -> List[dict]:
     model = model.eval()
+    gemm_flops = 2 * gemm_size ** 3
+    gemms = {f'gemm_{dt}': gemm_call(getattr(torch, dt), gemm_size, device)
+             for dt in ('float32', 'bfloat16')}
     built = _build_modes(model, modes, compile, device, training=False)
     rows = []
     for batch in batch_sizes:
@@ -225,7 +232,7 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
             compile_s[mode] = time.perf_counter() - start
             calls[mode] = call
         with torch.no_grad():
-            times = _interleaved_times(calls, rounds, device)
+            times = _interleaved_times({**calls, **gemms}, rounds, device)
         for mode in modes:
             row = dict(mode=mode, batch=batch)
             if mode not in calls:
@@ -235,7 +242,7 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
                 logits = calls[mode]()
                 memory = peak_memory_bytes(calls[mode], device)
             p50 = statistics.median(times[mode])
-            peak = peaks['bfloat16' if mode == 'bf16' else 'float32']
+            gemm_times = times['gemm_bfloat16' if mode == 'bf16' else 'gemm_float32']
             mode_flops = flops['eager' if mode == 'eager' else 'other']
             rows.append(dict(
                 row, status='ok',
@@ -245,7 +252,9 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
                 peak_memory_mb=memory / 2 ** 20,
                 gflop_per_call=mode_flops / 1e9,
                 achieved_gflops=mode_flops / p50 / 1e9,
-                pct_of_matmul_peak=100 * mode_flops / p50 / 1e9 / peak,
+                matmul_peak_gflops=gemm_flops / statistics.median(gemm_times) / 1e9,
+                pct_of_matmul_peak=100 * _ratio_median(
+                    [t / gemm_flops for t in gemm_times], [t / mode_flops for t in times[mode]]),
                 speedup_vs_eager=_ratio_median(times['eager'], times[mode]),
                 max_abs_logit_diff=(logits.float() - expected).abs().max().item(),
                 top1_agreement=(logits.argmax(-1) == expected.argmax(-1)).float().mean().item(),
@@ -322,6 +331,8 @@ def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: 
     if rounds < 1 or warmup < 1:
         raise ValueError(f'rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}')
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cpu':
+        keep_freed_memory()
     torch.manual_seed(0)
     model = timm.create_model(variant, **(model_kwargs or {}))
     _calibrate_batchnorm(model, image_size)
@@ -340,7 +351,7 @@ def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: 
         matmul_peak_gflops=peaks,
         memory_method=MEMORY_METHOD,
         inference=bench_inference(model, modes, batch_sizes, image_size, rounds, warmup,
-                                  compile, device, peaks),
+                                  compile, device, gemm_size),
         training=[] if skip_training else bench_training(
             model, modes, train_batch, image_size, rounds, warmup, compile, device),
     )
@@ -367,8 +378,9 @@ def format_table(result: dict) -> str:
     s = result['settings']
     peaks = result['matmul_peak_gflops']
     lines = [f"{s['variant']} @ {s['image_size']}px, {result['machine']['threads']} threads, "
-             f"compile={s['compile']}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, "
-             f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; speed-up = median of interleaved ratios"]
+             f"compile={s['compile']}; matmul peak at start fp32 {peaks['float32']:.0f} GFLOP/s, "
+             f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; speed-up and % peak = medians of ratios "
+             f"interleaved in each round"]
     if result['inference']:
         lines += ['', '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | '
                       'speed-up | max abs diff |', '|---|---|---|---|---|---|---|---|---|---|']

@@ -91,8 +91,12 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
             continue
         assert r['status'] == 'ok'
         for key in ('images_per_s', 'latency_ms_p50', 'latency_ms_p90', 'peak_memory_mb',
-                    'achieved_gflops', 'pct_of_matmul_peak', 'speedup_vs_eager'):
+                    'achieved_gflops', 'matmul_peak_gflops', 'pct_of_matmul_peak',
+                    'speedup_vs_eager'):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        # % of peak is a median of per-round ratios, so it sits near the ratio of medians
+        ratio_of_medians = 100 * r['achieved_gflops'] / r['matmul_peak_gflops']
+        assert 0.2 < r['pct_of_matmul_peak'] / ratio_of_medians < 5, r
         assert r['latency_ms_p90'] >= r['latency_ms_p50']
         assert r['max_abs_logit_diff'] < (1e-4 if r['mode'] != 'bf16' else 1.0)
     training = [r for r in result['training'] if r['status'] == 'ok']

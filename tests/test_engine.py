@@ -61,7 +61,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from conformer.engine.trainer import keep_freed_memory
+from conformer.runtime import keep_freed_memory
 if sys.argv[1] == 'keep':
     keep_freed_memory()
 def step():  # four 40 MiB activations, allocated then freed, as in a training step

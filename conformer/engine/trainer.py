@@ -7,7 +7,6 @@ transformer head's cross-entropies. Checkpoints hold everything the next step de
 run continues exactly where the killed one stopped.
 """
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from conformer.data import GlobalBatchSampler, build_datasets
 from conformer.models import ConvTransBlock
+from conformer.runtime import keep_freed_memory
 from . import checkpoint as ckpt
 from .build import (build_model, eval_loader, freeze_backbone, model_kwargs, set_train_mode,
                     train_loader)
@@ -45,7 +45,6 @@ from .logger import RunLogger
 
 _logger = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 class StopRequested:
@@ -61,21 +60,6 @@ class StopRequested:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def keep_freed_memory() -> None:
-    """Have glibc keep freed tensor buffers for reuse instead of unmapping them.
-
-    By default large buffers are mmapped and unmapped, and the heap's top is trimmed, so a
-    CPU training step faults its activations' pages back in (about 4,600 faults and 18 ms of
-    kernel time per quickstart step). Other C libraries (macOS, musl) are left alone.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:
-        return
-    mallopt(M_MMAP_MAX, 0)  # every size from the heap, which is kept
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value its int argument takes
 
 
 def setup_runtime(t, env: DistEnv) -> None:
