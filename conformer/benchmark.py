@@ -14,9 +14,12 @@ Speed-ups are medians of per-round time ratios against ``eager``, with all modes
 within each round, so drifting machine load hits every mode alike. FLOPs are counted once per
 batch size with ``FlopCounterMode`` (2 per multiply-add) in each mode's own op order; "% of
 peak" compares the achieved rate to a large GEMM in the mode's dtype that runs in the same
-rounds (the median of per-round rate ratios, like the speed-ups). On CPU the process keeps
-freed memory for reuse (:func:`conformer.runtime.keep_freed_memory`, as the trainer does),
-so no mode pays for page faults on its activations.
+rounds (the median of per-round rate ratios, like the speed-ups).
+
+On CPU, ``--keep-freed-memory`` makes the process keep freed memory for reuse
+(:func:`conformer.runtime.keep_freed_memory`, as the trainer does). Without it every mode
+runs on glibc's defaults, as a user's process would, and the eager reference, which
+allocates more large activations, pays more page faults than the deploy modes.
 """
 import argparse
 import copy
@@ -40,7 +43,7 @@ from conformer.deploy import optimize_for_inference
 from conformer.kernels.fcu import fcu_down_reference
 from conformer.layers import Attention, FCUDown
 from conformer.models.profile import count_flops
-from conformer.runtime import keep_freed_memory
+from conformer import runtime
 
 __all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes',
            'matmul_peak_gflops', 'run', 'main']
@@ -324,15 +327,15 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
 def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: int,
         rounds: int, warmup: int, compile: bool, modes: Sequence[str] = MODES,
         gemm_size: int = 2048, skip_training: bool = False,
-        model_kwargs: Optional[dict] = None) -> dict:
+        model_kwargs: Optional[dict] = None, keep_freed_memory: bool = False) -> dict:
     """Run the whole benchmark; returns the JSON-ready result."""
     if 'eager' not in modes:
         raise ValueError("modes must include 'eager': every speed-up is measured against it")
     if rounds < 1 or warmup < 1:
         raise ValueError(f'rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}')
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cpu':
-        keep_freed_memory()
+    if keep_freed_memory and device.type == 'cpu':
+        runtime.keep_freed_memory()
     torch.manual_seed(0)
     model = timm.create_model(variant, **(model_kwargs or {}))
     _calibrate_batchnorm(model, image_size)
@@ -347,7 +350,8 @@ def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: 
                      load_average_at_start=os.getloadavg()),
         settings=dict(variant=variant, image_size=image_size, batch_sizes=list(batch_sizes),
                       train_batch=train_batch, rounds=rounds, warmup=warmup, compile=compile,
-                      modes=list(modes), gemm_size=gemm_size),
+                      modes=list(modes), gemm_size=gemm_size,
+                      keep_freed_memory=keep_freed_memory),
         matmul_peak_gflops=peaks,
         memory_method=MEMORY_METHOD,
         inference=bench_inference(model, modes, batch_sizes, image_size, rounds, warmup,
@@ -378,7 +382,8 @@ def format_table(result: dict) -> str:
     s = result['settings']
     peaks = result['matmul_peak_gflops']
     lines = [f"{s['variant']} @ {s['image_size']}px, {result['machine']['threads']} threads, "
-             f"compile={s['compile']}; matmul peak at start fp32 {peaks['float32']:.0f} GFLOP/s, "
+             f"compile={s['compile']}, keep_freed_memory={s['keep_freed_memory']}; "
+             f"matmul peak at start fp32 {peaks['float32']:.0f} GFLOP/s, "
              f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; speed-up and % peak = medians of ratios "
              f"interleaved in each round"]
     if result['inference']:
@@ -424,6 +429,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='torch.compile the fp32/bf16 modes (inductor freezing for inference)')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
     parser.add_argument('--skip-training', action='store_true')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help='CPU: keep freed memory for reuse instead of glibc handing it back '
+                             '(as the trainer does), so no mode pays page faults')
     parser.add_argument('--threads', type=int,
                         help="intra-op threads (default: torch's, one per core); 1 gives steadier "
                              "ratios when other jobs share the cores")
@@ -438,7 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     kwargs = dict(variant=args.model, batch_sizes=args.batch_sizes, train_batch=args.train_batch,
                   image_size=args.image_size, rounds=args.rounds, warmup=args.warmup,
-                  compile=args.compile, modes=args.modes, skip_training=args.skip_training)
+                  compile=args.compile, modes=args.modes, skip_training=args.skip_training,
+                  keep_freed_memory=args.keep_freed_memory)
     if args.smoke:
         kwargs.update(variant='conformer_nano_patch4', batch_sizes=[1, 2], train_batch=2,
                       image_size=32, rounds=2, warmup=1, gemm_size=256,

@@ -74,11 +74,12 @@ def test_eager_mode_is_required():
 def test_smoke_run_writes_the_documented_json(tmp_path):
     out = tmp_path / 'bench.json'
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'benchmark.py'), '--smoke',
-                           '--json', str(out)], capture_output=True, text=True, timeout=900)
+                           '--keep-freed-memory', '--json', str(out)],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f'| triton | 1 | {NO_CUDA} |' in proc.stdout
     result = json.loads(out.read_text())
-    assert result['schema'] == SCHEMA
+    assert result['schema'] == SCHEMA and result['settings']['keep_freed_memory'] is True
     assert set(result) >= {'machine', 'settings', 'matmul_peak_gflops', 'memory_method',
                            'inference', 'training'}
     assert all(result['matmul_peak_gflops'][k] > 0 for k in ('float32', 'bfloat16'))
