@@ -72,6 +72,7 @@ def test_the_schema_also_guards_yaml_edits():
     (['data.batch_size=10', 'trainer.accum_steps=3'], 'not divisible by trainer.accum_steps'),
     (['trainer.amp=fp8'], "trainer.amp='fp8'; choose one of"),
     (['model.freeze_backbone=true', 'optim.layer_decay=0.75'], 'drop optim.layer_decay'),
+    (['trainer.fsdp=true', 'trainer.ema=true'], 'set trainer.ema=false'),
 ])
 def test_incompatible_settings_fail_before_work(overrides, message):
     cfg = compose_train(*overrides)
