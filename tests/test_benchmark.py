@@ -10,8 +10,9 @@ import torch
 
 import timm
 import conformer  # noqa: F401
-from conformer.benchmark import (MODES, NO_CUDA, SCHEMA, paper_attention_forward,
-                                 paper_fcu_down_forward, peak_memory_bytes, reference_model, run)
+from conformer.benchmark import (MODES, NO_CUDA, SCHEMA, gemm_call, gemm_routes,
+                                 paper_attention_forward, paper_fcu_down_forward,
+                                 peak_memory_bytes, reference_model, run)
 from conformer.layers import Attention, FCUDown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,22 @@ def test_peak_memory_counts_the_largest_live_set():
     assert 4_000_000 <= peak < 4_000_000 + 65_536
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_every_gemm_route_computes_the_same_product(dtype):
+    """The peak is only a yardstick if each route does the full GEMM (a @ b)."""
+    cpu = torch.device('cpu')
+    assert gemm_routes(cpu)[0] == 'matmul'
+    products = []
+    for route in gemm_routes(cpu):
+        torch.manual_seed(0)  # the same a and b for every route
+        a, b = torch.randn(64, 64, dtype=dtype), torch.randn(64, 64, dtype=dtype)
+        torch.manual_seed(0)
+        products.append((route, gemm_call(dtype, 64, cpu, route)(), (a.float() @ b.float())))
+    for route, got, want in products:
+        tol = 1e-4 if dtype == torch.float32 else 0.5
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=2e-2, msg=route)
+
+
 def test_eager_mode_is_required():
     with pytest.raises(ValueError, match="include 'eager'"):
         run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('fp32',))
@@ -82,7 +99,11 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     assert result['schema'] == SCHEMA and result['settings']['keep_freed_memory'] is True
     assert set(result) >= {'machine', 'settings', 'matmul_peak_gflops', 'memory_method',
                            'inference', 'training'}
-    assert all(result['matmul_peak_gflops'][k] > 0 for k in ('float32', 'bfloat16'))
+    for dt in ('float32', 'bfloat16'):  # the peak is the fastest route's rate
+        rates = result['matmul_route_gflops'][dt]
+        assert set(rates) == set(gemm_routes(torch.device('cpu'))), rates
+        assert result['matmul_peak_gflops'][dt] == max(rates.values()) > 0
+        assert rates[result['matmul_peak_route'][dt]] == max(rates.values())
     batches = result['settings']['batch_sizes']
     assert [(r['mode'], r['batch']) for r in result['inference']] == [
         (m, b) for b in batches for m in MODES]
