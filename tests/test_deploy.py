@@ -5,7 +5,9 @@ from torch import nn
 
 import timm
 import conformer  # noqa: F401
-from conformer.deploy import InferenceModel, fold_batchnorm, optimize_for_inference
+from timm.layers import Mlp
+from conformer.deploy import (InferenceModel, OneDNNLinear, fold_batchnorm,
+                              optimize_for_inference, use_onednn_linears)
 
 
 def make_model(num_classes=10):
@@ -53,6 +55,26 @@ def test_fp32_deploy_matches_eager_on_every_method():
         assert [g.shape for g in got] == [w.shape for w in want]
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('approximate, fused', [('none', True), ('tanh', False)])
+def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate, fused):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 40, act_layer=lambda: nn.GELU(approximate=approximate)).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = mlp(x)
+        assert use_onednn_linears(mlp) == 2
+        assert isinstance(mlp.fc1, OneDNNLinear) and isinstance(mlp.fc2, OneDNNLinear)
+        assert mlp.fc1.fuse_gelu is fused and isinstance(mlp.act, nn.Identity) is fused
+        torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
+    assert list(mlp.state_dict()) == ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
+
+
+def test_eager_cpu_deploy_runs_every_linear_through_onednn():
+    deployed = optimize_for_inference(make_model())
+    linears = [m for m in deployed.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
+    assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
 
 
 def test_deploy_leaves_the_original_model_alone_and_forwards_attributes():
