@@ -35,6 +35,7 @@ import copy
 from typing import Any, Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._inductor import config as inductor_config
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -96,7 +97,8 @@ class OneDNNLinear(nn.Module):
     GELU (erf) fused into it.
 
     Keeps the Linear's ``weight`` and ``bias`` parameters, so state_dict keys are unchanged.
-    The input is cast to the weight's dtype (autocast does not reach this op).
+    The input is cast to the weight's dtype (autocast does not reach this op). Moved off the
+    CPU (``.to('cuda')``), it runs ``F.linear`` and ``F.gelu`` instead.
     """
 
     def __init__(self, linear: nn.Linear, fuse_gelu: bool = False):
@@ -105,7 +107,11 @@ class OneDNNLinear(nn.Module):
         self.fuse_gelu = fuse_gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return onednn_linear(x.to(self.weight.dtype), self.weight, self.bias, self.fuse_gelu)
+        x = x.to(self.weight.dtype)
+        if x.device.type == 'cpu':
+            return onednn_linear(x, self.weight, self.bias, self.fuse_gelu)
+        x = F.linear(x, self.weight, self.bias)
+        return F.gelu(x) if self.fuse_gelu else x
 
     def extra_repr(self) -> str:
         return (f'in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, '

@@ -58,7 +58,8 @@ def test_fp32_deploy_matches_eager_on_every_method():
 
 
 @pytest.mark.parametrize('approximate, fused', [('none', True), ('tanh', False)])
-def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate, fused):
+def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate, fused,
+                                                                     monkeypatch):
     torch.manual_seed(0)
     mlp = Mlp(16, 40, act_layer=lambda: nn.GELU(approximate=approximate)).eval()
     x = torch.randn(2, 5, 16)
@@ -69,6 +70,9 @@ def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate
         assert mlp.fc1.fuse_gelu is fused and isinstance(mlp.act, nn.Identity) is fused
         torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
     assert list(mlp.state_dict()) == ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
+    # off the CPU (here: the meta device, shapes only) it runs the plain PyTorch ops
+    monkeypatch.setattr('conformer.deploy.onednn_linear', None)  # calling it would raise
+    assert mlp.to('meta')(x.to('meta')).shape == expected.shape
 
 
 def test_eager_cpu_deploy_runs_every_linear_through_onednn():
