@@ -75,6 +75,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
+def _linear_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      fuse_gelu: bool) -> torch.Tensor:
+    attr, algorithm = ('gelu', 'none') if fuse_gelu else ('none', '')
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
+
 @torch.library.custom_op('conformer::onednn_linear', mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   fuse_gelu: bool) -> torch.Tensor:
@@ -83,8 +89,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     A custom op so torch.compile calls it as is: inductor's own Linear passes would otherwise
     pattern-match ``mkldnn._linear_pointwise`` and expect weights they packed themselves.
     """
-    attr, algorithm = ('gelu', 'none') if fuse_gelu else ('none', '')
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+    return _linear_pointwise(x, weight, bias, fuse_gelu)
 
 
 @onednn_linear.register_fake
@@ -109,7 +114,9 @@ class OneDNNLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.dtype)
         if x.device.type == 'cpu':
-            return onednn_linear(x, self.weight, self.bias, self.fuse_gelu)
+            # eager calls skip the custom op's dispatch (~60 us a call, 2% of batch-1 time)
+            linear = onednn_linear if torch.compiler.is_compiling() else _linear_pointwise
+            return linear(x, self.weight, self.bias, self.fuse_gelu)
         x = F.linear(x, self.weight, self.bias)
         return F.gelu(x) if self.fuse_gelu else x
 

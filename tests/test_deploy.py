@@ -71,7 +71,8 @@ def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate
         torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
     assert list(mlp.state_dict()) == ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
     # off the CPU (here: the meta device, shapes only) it runs the plain PyTorch ops
-    monkeypatch.setattr('conformer.deploy.onednn_linear', None)  # calling it would raise
+    for name in ('onednn_linear', '_linear_pointwise'):  # calling either would raise
+        monkeypatch.setattr(f'conformer.deploy.{name}', None)
     assert mlp.to('meta')(x.to('meta')).shape == expected.shape
 
 
