@@ -76,10 +76,32 @@ def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate
     assert mlp.to('meta')(x.to('meta')).shape == expected.shape
 
 
-def test_eager_cpu_deploy_runs_every_linear_through_onednn():
-    deployed = optimize_for_inference(make_model())
+@pytest.mark.parametrize('dtype, compile, onednn', [
+    (torch.float32, False, True), (torch.bfloat16, False, True),
+    (torch.float32, True, True), (torch.bfloat16, True, False)])  # inductor packs bf16 itself
+def test_cpu_deploy_runs_linears_through_onednn_unless_inductor_packs_them(dtype, compile,
+                                                                             onednn):
+    deployed = optimize_for_inference(make_model(), dtype=dtype, compile=compile)
     linears = [m for m in deployed.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
-    assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
+    assert linears and all(isinstance(m, OneDNNLinear) is onednn for m in linears)
+    assert all(m.weight.dtype == dtype for m in linears)
+
+
+def test_onednn_linear_repacks_a_changed_weight_and_survives_copies():
+    """The packed copy of the weight must follow load_state_dict, and deepcopy/pickle must
+    work after a call has packed it (an opaque oneDNN tensor copies neither way)."""
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    linear, other = nn.Linear(16, 8).eval(), nn.Linear(16, 8).eval()
+    x = torch.randn(3, 16)
+    fast = OneDNNLinear(copy.deepcopy(linear)).requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
+        fast.load_state_dict(other.state_dict())
+        torch.testing.assert_close(fast(x), other(x), atol=1e-5, rtol=1e-5)
+        for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            torch.testing.assert_close(clone(x), other(x), atol=1e-5, rtol=1e-5)
 
 
 def test_deploy_leaves_the_original_model_alone_and_forwards_attributes():
