@@ -1,9 +1,10 @@
 """Export a Conformer to ONNX and to a torch.export program, with dynamic batch and image size.
 
-Both go through ``torch.export`` (ONNX via the dynamo exporter). The batch, height and width
-dims are ``Dim.AUTO``: export works out the range the model supports (for example at least
-8 px for the nano variant, whose small stem halves the map three times) and records it in the
-program. The ONNX file is checked with onnxruntime against PyTorch on a batch of another size
+Both go through ``torch.export`` (ONNX via the dynamo exporter). The batch dim is declared
+from 1 up (left to ``Dim.AUTO``, a batch traced at 2 would be recorded as at least 2, and
+single images are the common serving case); height and width are ``Dim.AUTO``: export works
+out the range the model supports (for example at least 8 px for the nano variant, whose
+small stem halves the map three times) and records it in the program. The ONNX file is checked with onnxruntime against PyTorch on a batch of another size
 and shape than the one traced.
 """
 import argparse
@@ -20,7 +21,7 @@ from conformer.predict import create_model
 
 __all__ = ['export_program', 'export_onnx', 'check_onnx', 'main']
 
-DYNAMIC_IMAGE = {'x': {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}}
+DYNAMIC_IMAGE = {'x': {0: Dim('batch', min=1), 2: Dim.AUTO, 3: Dim.AUTO}}
 MISSING_EXTRA = ("ONNX export needs the packages onnx, onnxscript and onnxruntime; install them "
                  "with `pip install 'conformer-zoo[export]'`")
 
@@ -32,8 +33,8 @@ def _example(model: nn.Module, batch: int, size: Tuple[int, int]) -> torch.Tenso
 def export_program(model: nn.Module, size: Tuple[int, int] = (224, 224),
                    batch: int = 2) -> ExportedProgram:
     """``torch.export`` of the eval-mode model's ``forward`` (summed logits) with dynamic
-    batch, height and width. Traced at ``batch`` x ``size``; batch 2 because a traced size
-    of 1 would be specialised."""
+    batch (from 1), height and width. Traced at ``batch`` x ``size``; batch 2 because a
+    traced size of 1 would be specialised."""
     return torch.export.export(model.eval(), (_example(model, batch, size),),
                                dynamic_shapes=DYNAMIC_IMAGE)
 

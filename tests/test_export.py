@@ -35,7 +35,7 @@ def test_onnx_runs_at_other_batch_and_image_sizes(exported, shape):
     assert check_onnx(str(out / 'nano.onnx'), model, torch.randn(shape)) < 1e-4
 
 
-@pytest.mark.parametrize('shape', [(3, 3, 48, 64), (2, 3, 40, 24)])
+@pytest.mark.parametrize('shape', [(1, 3, 32, 32), (3, 3, 48, 64), (2, 3, 40, 24)])
 def test_torch_export_program_runs_at_other_batch_and_image_sizes(exported, shape):
     _, model, out = exported
     program = torch.export.load(out / 'nano.pt2')
