@@ -369,9 +369,15 @@ def test_kernel_backend_context_and_bad_name():
 
 
 def test_model_table_counts_params_and_macs():
+    from conformer.layers import Attention
     from conformer.models.profile import count_flops, model_table
     linear = torch.nn.Linear(7, 5)
     assert count_flops(linear, torch.zeros(3, 7)) == 2 * 3 * 7 * 5
+    # attention (SDPA on the CPU) counts its two batched products, q @ k^T and p @ v
+    B, N, C, heads = 2, 17, 48, 6
+    attention = Attention(C, heads, qkv_bias=True).eval()
+    projections = 2 * B * N * C * (3 * C + C)
+    assert count_flops(attention, torch.zeros(B, N, C)) == projections + 2 * (2 * B * N * N * C)
     (row,) = model_table(['conformer_nano_patch4'])
     model = timm.create_model('conformer_nano_patch4')
     assert row['params_m'] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 # published ImageNet-1k top-1 of the paper's weights (Peng et al. 2021, Table 1; S/32 from
 # mmpretrain's model zoo, whose weights are the paper's)
@@ -20,9 +20,18 @@ PUBLISHED_TOP1 = {'conformer_tiny_patch16': 81.3, 'conformer_small_patch16': 83.
                   'conformer_small_patch32': 81.96, 'conformer_base_patch16': 84.1}
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter has formulas for the CUDA attention kernels only; on a CPU, fp32 SDPA runs
+# this op, which it would count as zero
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Floating-point operations of one forward pass (2 per multiply-add)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
         model(x)
     return counter.get_total_flops()
 
