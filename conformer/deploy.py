@@ -21,9 +21,10 @@ What it does to a (copy of a) Conformer, and why each step is safe:
   with the convolution and linear weights stored in bf16 up front, so no call re-casts them
   (autocast would otherwise read every fp32 weight and write a bf16 copy on each call).
 
-The returned :class:`InferenceModel` answers ``model(x)``, ``forward_features``, ``forward_head`` and ``forward_intermediates`` like the original, returns
-fp32 tensors in every mode, and forwards every other attribute (``num_classes``,
-``pretrained_cfg``, ``feature_info``...) to the wrapped model.
+The returned :class:`InferenceModel` answers ``model(x)``, ``forward_features``,
+``forward_head`` and ``forward_intermediates`` like the original, returns fp32 tensors in
+every mode, and forwards every other attribute (``num_classes``, ``pretrained_cfg``,
+``feature_info``...) to the wrapped model.
 
 Documented tolerances against the eager fp32 model (tests/test_deploy.py checks them):
 
@@ -258,7 +259,8 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
                 module.to(torch.bfloat16)
     # compiled bf16 is left to inductor, whose freezing packs bf16 linears for oneDNN itself
     # (fp32 ones it gives to MKL, the slow route on AMD CPUs)
-    if next(deployed.parameters()).device.type == 'cpu' and not (compile and dtype == torch.bfloat16):
+    on_cpu = next(deployed.parameters()).device.type == 'cpu'
+    if on_cpu and not (compile and dtype == torch.bfloat16):
         use_onednn_linears(deployed)
     for p in deployed.parameters():
         p.requires_grad_(False)

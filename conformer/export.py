@@ -4,8 +4,9 @@ Both go through ``torch.export`` (ONNX via the dynamo exporter). The batch dim i
 from 1 up (left to ``Dim.AUTO``, a batch traced at 2 would be recorded as at least 2, and
 single images are the common serving case); height and width are ``Dim.AUTO``: export works
 out the range the model supports (for example at least 8 px for the nano variant, whose
-small stem halves the map three times) and records it in the program. The ONNX file is checked with onnxruntime against PyTorch on a batch of another size
-and shape than the one traced.
+small stem halves the map three times) and records it in the program. The ONNX file is
+checked with onnxruntime against PyTorch on a batch of another size and shape than the one
+traced.
 """
 import argparse
 import sys
