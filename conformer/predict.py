@@ -1,8 +1,10 @@
 """Classify image files and folders: top-k labels with probabilities.
 
 Images go through the model's own ``pretrained_cfg`` eval transform (resize, centre crop,
-normalisation) in batches. A file that cannot be read as an image is reported and skipped;
-the rest are still classified.
+normalisation) in batches. The command line runs the model through
+:func:`conformer.deploy.optimize_for_inference` (fp32 logits within 1e-4 of the eager model),
+in a process that keeps freed memory for reuse. A file that cannot be read as an image is
+reported and skipped; the rest are still classified.
 """
 import argparse
 import json
@@ -17,6 +19,8 @@ from torch import nn
 import timm
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 import conformer  # noqa: F401  (registers the variants with timm)
+from conformer import runtime
+from conformer.deploy import optimize_for_inference
 
 __all__ = ['create_model', 'find_images', 'load_labels', 'predict', 'main']
 
@@ -133,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         labels = load_labels(args.labels, model.num_classes)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
+    runtime.keep_freed_memory()  # this process is ours: no page faults on every batch
+    model = optimize_for_inference(model)
     results = []
     for result in predict(model, paths, labels, args.topk, args.batch_size):
         results.append(result)
