@@ -84,3 +84,5 @@ def test_eval_config_composes():
     cfg = compose_train('checkpoint=/x.pth', 'data=fashion_mnist', 'aug=small', name='eval')
     check(cfg)
     assert cfg.checkpoint == '/x.pth' and cfg.data.in_chans == 1
+    with pytest.raises(ValueError, match="amp='bf61'; choose one of"):
+        check(compose_train('amp=bf61', name='eval'))

@@ -1,14 +1,18 @@
 """Checkpoint files and RNG capture: atomic writes, retention, weights_only loading; the CPU
-allocator setting the trainer makes."""
+allocator setting the trainer makes; the autocast it picks for the machine."""
 import random
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conformer.engine import checkpoint as ckpt
+from conformer.engine.evaluate import resolve_amp
+from conformer.runtime import native_bf16
 
 
 def test_manager_keeps_the_newest_files_and_links_last_and_best(tmp_path):
@@ -85,3 +89,28 @@ def test_freed_activation_memory_is_reused_without_page_faults():
     pages = 4 * (40 << 20) // 4096
     assert faults('default') > pages / 2  # glibc hands the pages back and faults them in again
     assert faults('keep') < pages / 100
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_amp_auto_is_bf16_only_where_the_device_has_native_bf16(native, monkeypatch):
+    # (conformer.engine exports a function named evaluate, hiding the module's name)
+    monkeypatch.setattr(sys.modules[resolve_amp.__module__], 'native_bf16', lambda device: native)
+    cpu = torch.device('cpu')
+    assert resolve_amp('auto', cpu) == ('bf16' if native else 'none')
+    assert resolve_amp('none', cpu) == 'none'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert resolve_amp('bf16', cpu, 'trainer.amp') == 'bf16'  # asked for: kept, warned
+    assert [str(w.message) for w in caught if 'set trainer.amp=auto' in str(w.message)] == \
+        ([] if native else [str(caught[0].message)])
+    assert len(caught) == (0 if native else 1)
+    with pytest.raises(ValueError, match='trainer.amp=fp16 needs a GPU'):
+        resolve_amp('fp16', cpu, 'trainer.amp')
+
+
+@pytest.mark.skipif(not Path('/proc/cpuinfo').is_file(), reason='reads the CPU flags on Linux')
+def test_native_bf16_follows_the_cpu_flags():
+    """oneDNN's bf16 path needs the AVX-512 core subsets or AVX-NE-CONVERT."""
+    flags = set(Path('/proc/cpuinfo').read_text().split('\n\n')[0].split())
+    expected = {'avx512bw', 'avx512vl', 'avx512dq'} <= flags or 'avx_ne_convert' in flags
+    assert native_bf16(torch.device('cpu')) is expected

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TrainerConfig:
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests)
     accum_steps: int = 1
-    amp: str = 'bf16'  # 'bf16' | 'fp16' (GPU, with a grad scaler) | 'none'
+    amp: str = 'auto'  # 'auto' (bf16 where native) | 'bf16' | 'fp16' (GPU, grad scaler) | 'none'
     compile: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
@@ -142,7 +142,7 @@ class EvalConfig:
     aug: AugConfig = field(default_factory=AugConfig)
     checkpoint: Optional[str] = None  # weights to evaluate (else model.pretrained)
     use_ema: bool = True  # evaluate the checkpoint's EMA weights when it has them
-    amp: str = 'bf16'
+    amp: str = 'auto'
     device: str = 'auto'
     threads: Optional[int] = None
 
@@ -150,7 +150,8 @@ class EvalConfig:
 CHOICES = {
     'data.name': ('imagefolder', 'fashion_mnist'),
     'aug.train_crop': ('rrc', 'pad'),
-    'trainer.amp': ('bf16', 'fp16', 'none'),
+    'trainer.amp': ('auto', 'bf16', 'fp16', 'none'),
+    'amp': ('auto', 'bf16', 'fp16', 'none'),  # conformer-eval's
     'trainer.device': ('auto', 'cpu', 'cuda'),
 }
 
@@ -161,9 +162,9 @@ def check(cfg) -> None:
         raise ValueError(f'config error: {msg}')
 
     for key, allowed in CHOICES.items():
-        section, name = key.split('.')
-        if section in cfg and cfg[section][name] not in allowed:
-            fail(f'{key}={cfg[section][name]!r}; choose one of {list(allowed)}')
+        value = OmegaConf.select(cfg, key, default=allowed[0])
+        if value not in allowed:
+            fail(f'{key}={value!r}; choose one of {list(allowed)}')
     if len(cfg.data.mean) != cfg.data.in_chans or len(cfg.data.std) != cfg.data.in_chans:
         fail(f'data.mean/data.std need {cfg.data.in_chans} values (data.in_chans), got '
              f'{len(cfg.data.mean)}/{len(cfg.data.std)}')

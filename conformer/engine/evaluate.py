@@ -1,5 +1,7 @@
 """Top-1 of the summed logits (the paper's metric) and of each head, summed over ranks."""
 import contextlib
+import logging
+import warnings
 from typing import Dict
 
 import torch
@@ -7,7 +9,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from conformer.runtime import native_bf16
 from .distributed import all_sum
+
+_logger = logging.getLogger(__name__)
+
+
+def resolve_amp(amp: str, device: torch.device, key: str = 'amp') -> str:
+    """The autocast a run uses for its ``amp`` setting on ``device``: ``'auto'`` is bf16 where
+    the device has native bf16 and fp32 (``'none'``) elsewhere; the others are kept, with a
+    warning for bf16 that the device can only emulate. ``key`` names the setting in messages."""
+    if amp == 'fp16' and device.type != 'cuda':
+        raise ValueError(f'{key}=fp16 needs a GPU (CPUs have no fast fp16 path); use '
+                         f'{key}=auto, or {key}=bf16 on a CPU with native bf16')
+    if amp == 'auto':
+        amp = 'bf16' if native_bf16(device) else 'none'
+        _logger.info('%s=auto: %s', key, 'bf16 autocast' if amp == 'bf16' else
+                     f'fp32, as this {device.type} has no native bf16 (emulated, it is slower)')
+    elif amp == 'bf16' and not native_bf16(device):
+        warnings.warn(f'{key}=bf16 on a {device.type} without native bf16: PyTorch emulates it, '
+                      f'~10x slower than fp32 on CPUs; set {key}=auto (or none) to run in fp32',
+                      stacklevel=2)
+    return amp
 
 
 def autocast(device: torch.device, amp: str):

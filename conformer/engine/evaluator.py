@@ -9,7 +9,7 @@ from .build import build_model, eval_loader
 from .checkpoint import load
 from .config import check
 from .distributed import init_distributed
-from .evaluate import evaluate
+from .evaluate import evaluate, resolve_amp
 
 
 def evaluate_checkpoint(cfg) -> Dict[str, Any]:
@@ -17,6 +17,7 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     env = init_distributed(cfg.device)
+    amp = resolve_amp(cfg.amp, env.device)
     _, eval_set, classes = build_datasets(cfg.data)
     model = build_model(cfg.model, len(classes), cfg.data.in_chans)
     if cfg.checkpoint:
@@ -28,5 +29,5 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
         model.load_state_dict(weights)
     model.to(env.device)
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
-    return dict(evaluate(model, loader, env.device, cfg.amp), checkpoint=cfg.checkpoint,
+    return dict(evaluate(model, loader, env.device, amp), checkpoint=cfg.checkpoint,
                 classes=list(classes))

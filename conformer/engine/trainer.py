@@ -40,7 +40,7 @@ from .build import (build_model, eval_loader, freeze_backbone, model_kwargs, set
                     train_loader)
 from .config import check
 from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
-from .evaluate import autocast, evaluate
+from .evaluate import autocast, evaluate, resolve_amp
 from .logger import RunLogger
 
 _logger = logging.getLogger(__name__)
@@ -71,9 +71,6 @@ def setup_runtime(t, env: DistEnv) -> None:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    if t.amp == 'fp16' and env.device.type != 'cuda':
-        raise ValueError('trainer.amp=fp16 needs a GPU (CPUs have no fast fp16 path); '
-                         'use trainer.amp=bf16 on CPU')
     # every rank starts from the same weights; per-rank streams (dropout, mixup) then differ
     torch.manual_seed(t.seed)
     random.seed(t.seed + env.rank)
@@ -105,6 +102,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     t, run_dir = cfg.trainer, Path(run_dir)
     env = init_distributed(t.device)
     setup_runtime(t, env)
+    amp = resolve_amp(t.amp, env.device, 'trainer.amp')
     if cfg.model.sync_bn and env.device.type != 'cuda':
         raise ValueError('model.sync_bn=true needs GPUs (PyTorch has no CPU SyncBatchNorm); '
                          'set model.sync_bn=false on CPU')
@@ -153,7 +151,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         optimizer, sched=cfg.sched.name, num_epochs=t.epochs, warmup_epochs=cfg.sched.warmup_epochs,
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, step_on_epochs=False,
         updates_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=t.amp == 'fp16')
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == 'fp16')
 
     forward = torch.compile(trained) if t.compile else trained
 
@@ -253,7 +251,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                         images, target = mixup(images, target)
                     sync = micro == t.accum_steps - 1 or not env.enabled or t.fsdp
                     with (contextlib.nullcontext() if sync else trained.no_sync()):
-                        with autocast(env.device, t.amp):
+                        with autocast(env.device, amp):
                             outputs = forward(images)
                         loss = dual_head_loss(outputs, target, criterion)
                         scaler.scale(loss / t.accum_steps).backward()
@@ -318,7 +316,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
             finished_epoch = step_in_epoch + 1 == steps_per_epoch
             next_epoch, start_step = (epoch + 1, 0) if finished_epoch else (epoch, step_in_epoch + 1)
             if finished_epoch and ((epoch + 1) % t.eval_every == 0) or step == total_steps:
-                metrics = run_eval(cfg, env, model, ema, eval_set, epoch, step, logger)
+                metrics = run_eval(cfg, env, amp, model, ema, eval_set, epoch, step, logger)
                 headline = metrics['ema_top1'] if ema is not None else metrics['top1']
                 is_best = headline > best
                 best = max(best, headline)
@@ -343,14 +341,13 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     return result
 
 
-def run_eval(cfg, env: DistEnv, model, ema, eval_set, epoch: int, step: int,
+def run_eval(cfg, env: DistEnv, amp: str, model, ema, eval_set, epoch: int, step: int,
              logger: RunLogger) -> Dict[str, float]:
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
     with unsharded(model):
-        metrics = evaluate(model, loader, env.device, cfg.trainer.amp, cfg.model.channels_last)
+        metrics = evaluate(model, loader, env.device, amp, cfg.model.channels_last)
     if ema is not None:
-        ema_metrics = evaluate(ema.module, loader, env.device, cfg.trainer.amp,
-                               cfg.model.channels_last)
+        ema_metrics = evaluate(ema.module, loader, env.device, amp, cfg.model.channels_last)
         metrics.update({f'ema_{k}': v for k, v in ema_metrics.items() if k != 'count'})
     logger.log('eval', step, epoch=epoch, **metrics)
     return metrics
