@@ -19,7 +19,9 @@ What it does to a (copy of a) Conformer, and why each step is safe:
   folded/cast weights are prepared once and kernels are fused around them);
 - optionally bfloat16 autocast (matmuls and convolutions in bf16, norms and softmax in fp32),
   with the convolution and linear weights stored in bf16 up front, so no call re-casts them
-  (autocast would otherwise read every fp32 weight and write a bf16 copy on each call).
+  (autocast would otherwise read every fp32 weight and write a bf16 copy on each call). On
+  a device without native bf16 (:func:`conformer.runtime.native_bf16`; AVX2-only CPUs such
+  as AMD Zen 3) it still runs, emulated and slower than fp32, with a warning.
 
 The returned :class:`InferenceModel` answers ``model(x)``, ``forward_features``,
 ``forward_head`` and ``forward_intermediates`` like the original, returns fp32 tensors in
@@ -33,6 +35,7 @@ Documented tolerances against the eager fp32 model (tests/test_deploy.py checks 
   (logits themselves differ by bf16 rounding, ~1e-2 relative).
 """
 import copy
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -42,6 +45,8 @@ from torch._inductor import config as inductor_config
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_map
 from timm.layers import Mlp
+
+from conformer.runtime import native_bf16
 
 __all__ = ['InferenceModel', 'OneDNNLinear', 'fold_batchnorm', 'optimize_for_inference',
            'use_onednn_linears']
@@ -146,17 +151,23 @@ class OneDNNLinear(nn.Module):
 def use_onednn_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of an eval-mode CPU model by a :class:`OneDNNLinear`, in
     place, fusing the exact GELU of each timm ``Mlp`` into its ``fc1``. Returns the number of
-    Linears replaced (0 where PyTorch was built without oneDNN)."""
+    Linears replaced: 0 where PyTorch was built without oneDNN, and bf16 Linears are kept on
+    CPUs without native bf16 (oneDNN has no bf16 path there)."""
     if not torch.backends.mkldnn.is_available():
         return 0
+    bf16_ok = native_bf16(torch.device('cpu'))
+
+    def runs(linear: nn.Module) -> bool:
+        return type(linear) is nn.Linear and (linear.weight.dtype != torch.bfloat16 or bf16_ok)
+
     replaced = 0
     for module in list(model.modules()):
-        if isinstance(module, Mlp) and isinstance(module.fc1, nn.Linear) and \
+        if isinstance(module, Mlp) and runs(module.fc1) and \
                 type(module.act) is nn.GELU and module.act.approximate == 'none':
             module.fc1, module.act = OneDNNLinear(module.fc1, fuse_gelu=True), nn.Identity()
             replaced += 1
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if runs(child):
                 setattr(module, name, OneDNNLinear(child))
                 replaced += 1
     return replaced
@@ -250,6 +261,11 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
                          f'float16 has no fast CPU path and is not a deploy target')
     if isinstance(model, InferenceModel):
         raise ValueError('model is already an InferenceModel; pass the original model')
+    device = next(model.parameters()).device
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        warnings.warn(f'bf16 deploy on a {device.type} without native bf16: PyTorch emulates '
+                      f'it, ~10x slower than fp32 on CPUs; deploy with dtype=torch.float32',
+                      stacklevel=2)
     deployed = copy.deepcopy(model).eval()
     fold_batchnorm(deployed)
     deployed = deployed.to(memory_format=torch.channels_last)
@@ -259,8 +275,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
                 module.to(torch.bfloat16)
     # compiled bf16 is left to inductor, whose freezing packs bf16 linears for oneDNN itself
     # (fp32 ones it gives to MKL, the slow route on AMD CPUs)
-    on_cpu = next(deployed.parameters()).device.type == 'cpu'
-    if on_cpu and not (compile and dtype == torch.bfloat16):
+    if device.type == 'cpu' and not (compile and dtype == torch.bfloat16):
         use_onednn_linears(deployed)
     for p in deployed.parameters():
         p.requires_grad_(False)

@@ -8,6 +8,11 @@ import conformer  # noqa: F401
 from timm.layers import Mlp
 from conformer.deploy import (InferenceModel, OneDNNLinear, fold_batchnorm,
                               optimize_for_inference, use_onednn_linears)
+from conformer.runtime import native_bf16
+
+NATIVE_BF16 = native_bf16(torch.device('cpu'))
+# bf16 runs (emulated, slowly) on CPUs without native bf16; that warning is tested once below
+BF16_EMULATED = pytest.mark.filterwarnings('ignore:bf16 deploy on a cpu without native bf16')
 
 
 def make_model(num_classes=10):
@@ -77,8 +82,9 @@ def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate
 
 
 @pytest.mark.parametrize('dtype, compile, onednn', [
-    (torch.float32, False, True), (torch.bfloat16, False, True),
+    (torch.float32, False, True), (torch.bfloat16, False, NATIVE_BF16),
     (torch.float32, True, True), (torch.bfloat16, True, False)])  # inductor packs bf16 itself
+@BF16_EMULATED
 def test_cpu_deploy_runs_linears_through_onednn_unless_inductor_packs_them(dtype, compile,
                                                                              onednn):
     deployed = optimize_for_inference(make_model(), dtype=dtype, compile=compile)
@@ -115,6 +121,7 @@ def test_deploy_leaves_the_original_model_alone_and_forwards_attributes():
     assert deployed(torch.randn(1, 3, 32, 32)).requires_grad is False
 
 
+@BF16_EMULATED
 def test_bf16_deploy_returns_fp32_close_to_eager():
     model = make_model(num_classes=100)
     deployed = optimize_for_inference(model, dtype=torch.bfloat16)
@@ -130,6 +137,20 @@ def test_bf16_deploy_returns_fp32_close_to_eager():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # bf16 keeps 8 bits of mantissa: a few per cent of the logit scale
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_bf16_deploy_without_native_bf16_warns_and_keeps_plain_linears(monkeypatch):
+    """oneDNN refuses bf16 weights on such CPUs: the deploy must not hand them to it."""
+    monkeypatch.setattr('conformer.deploy.native_bf16', lambda device: False)
+    model = make_model()
+    with pytest.warns(UserWarning, match='without native bf16.*dtype=torch.float32'):
+        deployed = optimize_for_inference(model, dtype=torch.bfloat16)
+    linears = [m for m in deployed.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
+    assert linears and all(type(m) is nn.Linear for m in linears)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    assert (deployed(x) - want).abs().max() < 0.05 * want.abs().max()
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.float64])
@@ -168,6 +189,7 @@ def fashion_mnist_tensors(split):
 
 
 @pytest.mark.slow
+@BF16_EMULATED
 def test_bf16_deploy_keeps_top1_on_a_real_evaluation_set():
     """The documented bf16 tolerance: the same top-1 as eager fp32 on >= 99% of real images
     (a small nano Conformer briefly trained on Fashion-MNIST, evaluated on 2000 test images)."""
