@@ -10,6 +10,10 @@ Modes:
   For training: SDPA, channels_last, bf16 autocast for ``bf16``, torch.compile under ``--compile``.
 - ``triton``: the Triton kernels on a CUDA device; reported as skipped without one.
 
+``bf16`` is reported as skipped on a device without native bf16
+(:func:`conformer.runtime.native_bf16`, e.g. AVX2-only CPUs such as AMD Zen 3), where PyTorch
+emulates it at a tenth of the fp32 speed or less: there is nothing to measure but emulation.
+
 Speed-ups are medians of per-round time ratios against ``eager``, with all modes run in turn
 within each round, so drifting machine load hits every mode alike. FLOPs are counted once per
 batch size with ``FlopCounterMode`` (2 per multiply-add) in each mode's own op order; "% of
@@ -49,11 +53,12 @@ from conformer.models.profile import count_flops
 from conformer import runtime
 
 __all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes', 'gemm_routes',
-           'matmul_peak_gflops', 'cpu_description', 'run', 'main']
+           'matmul_peak_gflops', 'cpu_description', 'unavailable', 'run', 'main']
 
 SCHEMA = 'conformer-benchmark/1'
 MODES = ('eager', 'fp32', 'bf16', 'triton')
 NO_CUDA = 'skipped: no CUDA device'
+NO_NATIVE_BF16 = 'skipped: no native bf16 on this device'
 MEMORY_METHOD = (
     'CPU: peak of bytes live in the PyTorch CPU allocator during one call above the level at '
     'its start (torch.profiler allocation records, total_allocated); excludes weights already '
@@ -119,11 +124,12 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return max(a.total_allocated for _, a in allocations) - start
 
 
-def gemm_routes(device: torch.device) -> Tuple[str, ...]:
-    """The ways PyTorch can run a GEMM here: ``matmul`` (``a @ b``: MKL for fp32 on x86, whose
-    fast paths are Intel-only) and, on CPUs with oneDNN, ``onednn`` (its inner product on a
-    pre-packed weight, the op the deploy path uses)."""
-    if device.type == 'cpu' and torch.backends.mkldnn.is_available():
+def gemm_routes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
+    """The ways PyTorch can run a ``dtype`` GEMM here: ``matmul`` (``a @ b``: MKL for fp32 on
+    x86, whose fast paths are Intel-only) and, on CPUs where oneDNN runs the dtype, ``onednn``
+    (its inner product on a pre-packed weight, the op the deploy path uses)."""
+    if device.type == 'cpu' and torch.backends.mkldnn.is_available() and (
+            dtype == torch.float32 or runtime.native_bf16(device)):
         return ('matmul', 'onednn')
     return ('matmul',)
 
@@ -147,7 +153,8 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int, repeats: int,
     """The machine's matmul rate by each of :func:`gemm_routes`, in GFLOP/s: the median over
     ``repeats`` size^3 GEMMs, the routes interleaved. The yardstick for "% of peak" is the
     fastest route."""
-    calls = {route: gemm_call(dtype, size, device, route) for route in gemm_routes(device)}
+    calls = {route: gemm_call(dtype, size, device, route)
+             for route in gemm_routes(device, dtype)}
     times = _interleaved_times(calls, repeats, device)
     return {route: 2 * size ** 3 / statistics.median(t) / 1e9 for route, t in times.items()}
 
@@ -196,14 +203,23 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     return step
 
 
+def unavailable(mode: str, device: torch.device) -> Optional[str]:
+    """Why ``mode`` is not measured on ``device`` (None: it is)."""
+    if mode == 'triton' and device.type != 'cuda':
+        return NO_CUDA
+    if mode == 'bf16' and not runtime.native_bf16(device):
+        return NO_NATIVE_BF16
+    return None
+
+
 def _build_modes(model: nn.Module, modes: Sequence[str], compile: bool, device: torch.device,
-                 training: bool) -> Dict[str, Optional[nn.Module]]:
-    """Each mode's model (None for a mode this machine cannot run)."""
+                 training: bool) -> Dict[str, nn.Module]:
+    """Each mode's model, for the modes this machine runs (see :func:`unavailable`)."""
     built = {}
     for mode in modes:
-        if mode == 'triton' and device.type != 'cuda':
-            built[mode] = None
-        elif mode == 'eager':
+        if unavailable(mode, device):
+            continue
+        if mode == 'eager':
             built[mode] = reference_model(model).to(device)
         elif training:
             m = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
@@ -266,8 +282,6 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
             expected = built['eager'](x)
         calls, compile_s = {}, {}
         for mode, m in built.items():
-            if m is None:
-                continue
             call = (lambda m=m, mode=mode: _with_backend(mode, lambda: m(x)))
             start = time.perf_counter()
             with torch.no_grad():
@@ -280,7 +294,7 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
         for mode in modes:
             row = dict(mode=mode, batch=batch)
             if mode not in calls:
-                rows.append(dict(row, status=NO_CUDA))
+                rows.append(dict(row, status=unavailable(mode, device)))
                 continue
             with torch.no_grad():
                 logits = calls[mode]()
@@ -326,8 +340,6 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
         print(f'training batch {batch}, checkpointing={checkpointing}', file=sys.stderr)
         steps, first_loss, warm_s = {}, {}, {}
         for mode, m in built.items():
-            if m is None:
-                continue
             autocast = torch.bfloat16 if mode == 'bf16' else None
             inputs = x if mode == 'eager' else x.contiguous(memory_format=torch.channels_last)
             step = _train_step_fn(m, inputs, target, autocast)
@@ -341,7 +353,7 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
         for mode in modes:
             row = dict(mode=mode, batch=batch, grad_checkpointing=checkpointing)
             if mode not in steps:
-                rows.append(dict(row, status=NO_CUDA))
+                rows.append(dict(row, status=unavailable(mode, device)))
                 continue
             p50 = statistics.median(times[mode])
             rows.append(dict(
@@ -380,9 +392,12 @@ def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: 
     torch.manual_seed(0)
     model = timm.create_model(variant, **(model_kwargs or {}))
     _calibrate_batchnorm(model, image_size)
+    dtypes = [torch.float32]  # every mode's peak: eager and fp32 run in it
+    if 'bf16' in modes and not unavailable('bf16', device):
+        dtypes.append(torch.bfloat16)
     route_gflops = {str(dt).removeprefix('torch.'): matmul_peak_gflops(dt, gemm_size,
                                                                        max(3, rounds), device)
-                    for dt in (torch.float32, torch.bfloat16)}
+                    for dt in dtypes}
     peak_routes = {dt: max(rates, key=rates.get) for dt, rates in route_gflops.items()}
     result = dict(
         schema=SCHEMA,

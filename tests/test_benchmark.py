@@ -10,9 +10,10 @@ import torch
 
 import timm
 import conformer  # noqa: F401
-from conformer.benchmark import (MODES, NO_CUDA, SCHEMA, gemm_call, gemm_routes,
+from conformer.benchmark import (MODES, NO_CUDA, NO_NATIVE_BF16, SCHEMA, gemm_call, gemm_routes,
                                  paper_attention_forward, paper_fcu_down_forward,
-                                 peak_memory_bytes, reference_model, run)
+                                 peak_memory_bytes, reference_model, run, unavailable)
+from conformer.runtime import native_bf16
 from conformer.layers import Attention, FCUDown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,9 +72,9 @@ def test_peak_memory_counts_the_largest_live_set():
 def test_every_gemm_route_computes_the_same_product(dtype):
     """The peak is only a yardstick if each route does the full GEMM (a @ b)."""
     cpu = torch.device('cpu')
-    assert gemm_routes(cpu)[0] == 'matmul'
+    assert gemm_routes(cpu, dtype)[0] == 'matmul'
     products = []
-    for route in gemm_routes(cpu):
+    for route in gemm_routes(cpu, dtype):
         torch.manual_seed(0)  # the same a and b for every route
         a, b = torch.randn(64, 64, dtype=dtype), torch.randn(64, 64, dtype=dtype)
         torch.manual_seed(0)
@@ -81,6 +82,19 @@ def test_every_gemm_route_computes_the_same_product(dtype):
     for route, got, want in products:
         tol = 1e-4 if dtype == torch.float32 else 0.5
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=2e-2, msg=route)
+
+
+def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monkeypatch):
+    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: False)
+    cpu = torch.device('cpu')
+    assert unavailable('bf16', cpu) == NO_NATIVE_BF16 and unavailable('fp32', cpu) is None
+    assert gemm_routes(cpu, torch.bfloat16) == ('matmul',)  # oneDNN refuses bf16 there
+    result = run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('eager', 'bf16'),
+                 gemm_size=64, skip_training=True, model_kwargs=dict(num_classes=10))
+    assert [r['status'] for r in result['inference']] == ['ok', NO_NATIVE_BF16]
+    assert list(result['matmul_peak_gflops']) == ['float32']
+    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: True)
+    assert unavailable('bf16', cpu) is None
 
 
 def test_eager_mode_is_required():
@@ -95,6 +109,9 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f'| triton | 1 | {NO_CUDA} |' in proc.stdout
+    skipped = {'triton': NO_CUDA} if not torch.cuda.is_available() else {}
+    if not native_bf16(torch.device('cpu')):  # AVX2-only CPUs emulate bf16 at a crawl
+        skipped['bf16'] = NO_NATIVE_BF16
     result = json.loads(out.read_text())
     assert result['schema'] == SCHEMA and result['settings']['keep_freed_memory'] is True
     assert set(result) >= {'machine', 'settings', 'matmul_peak_gflops', 'memory_method',
@@ -102,17 +119,20 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     # figures from different CPUs differ a lot (Zen 5's fp32 peak is twice Zen 4's): the
     # JSON and the table header name the CPU
     assert result['machine']['cpu'] and result['machine']['cpu'] in proc.stdout
-    for dt in ('float32', 'bfloat16'):  # the peak is the fastest route's rate
+    # the peak is the fastest route's rate; bf16 is measured only where it is native
+    dtypes = ['float32'] + ['bfloat16'] * native_bf16(torch.device('cpu'))
+    assert list(result['matmul_route_gflops']) == dtypes
+    for dt in dtypes:
         rates = result['matmul_route_gflops'][dt]
-        assert set(rates) == set(gemm_routes(torch.device('cpu'))), rates
+        assert set(rates) == set(gemm_routes(torch.device('cpu'), getattr(torch, dt))), rates
         assert result['matmul_peak_gflops'][dt] == max(rates.values()) > 0
         assert rates[result['matmul_peak_route'][dt]] == max(rates.values())
     batches = result['settings']['batch_sizes']
     assert [(r['mode'], r['batch']) for r in result['inference']] == [
         (m, b) for b in batches for m in MODES]
     for r in result['inference']:
-        if r['mode'] == 'triton' and not torch.cuda.is_available():
-            assert r['status'] == NO_CUDA
+        if r['mode'] in skipped:
+            assert r['status'] == skipped[r['mode']]
             continue
         assert r['status'] == 'ok'
         for key in ('images_per_s', 'latency_ms_p50', 'latency_ms_p90', 'peak_memory_mb',
@@ -126,7 +146,9 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         assert r['max_abs_logit_diff'] < (1e-4 if r['mode'] != 'bf16' else 1.0)
     training = [r for r in result['training'] if r['status'] == 'ok']
     assert {(r['mode'], r['grad_checkpointing']) for r in training} == {
-        (m, c) for m in ('eager', 'fp32', 'bf16') for c in (False, True)}
+        (m, c) for m in MODES if m not in skipped for c in (False, True)}
+    assert all(r['status'] == skipped[r['mode']] for r in result['training']
+               if r['status'] != 'ok')
     for r in training:
         assert r['step_ms_p50'] > 0 and r['peak_memory_mb'] > 0
         assert ('memory_saved_pct' in r) == r['grad_checkpointing']
