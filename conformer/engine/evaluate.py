@@ -25,7 +25,7 @@ def resolve_amp(amp: str, device: torch.device, key: str = 'amp') -> str:
     if amp == 'auto':
         amp = 'bf16' if native_bf16(device) else 'none'
         _logger.info('%s=auto: %s', key, 'bf16 autocast' if amp == 'bf16' else
-                     f'fp32, as this {device.type} has no native bf16 (emulated, it is slower)')
+                     f'fp32 (this {device.type} has no native bf16; emulated bf16 is slower)')
     elif amp == 'bf16' and not native_bf16(device):
         warnings.warn(f'{key}=bf16 on a {device.type} without native bf16: PyTorch emulates it, '
                       f'~10x slower than fp32 on CPUs; set {key}=auto (or none) to run in fp32',
