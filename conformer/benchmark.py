@@ -12,7 +12,7 @@ Modes:
 
 ``bf16`` is reported as skipped on a device without native bf16
 (:func:`conformer.runtime.native_bf16`, e.g. AVX2-only CPUs such as AMD Zen 3), where PyTorch
-emulates it at a tenth of the fp32 speed or less: there is nothing to measure but emulation.
+emulates it several times slower than fp32: there is nothing to measure but emulation.
 
 Speed-ups are medians of per-round time ratios against ``eager``, with all modes run in turn
 within each round, so drifting machine load hits every mode alike. FLOPs are counted once per
@@ -46,7 +46,7 @@ from torch import nn
 
 import timm
 import conformer  # noqa: F401  (registers the variants with timm)
-from conformer.deploy import optimize_for_inference
+from conformer.deploy import onednn_runs, optimize_for_inference
 from conformer.kernels.fcu import fcu_down_reference
 from conformer.layers import Attention, FCUDown
 from conformer.models.profile import count_flops
@@ -128,8 +128,7 @@ def gemm_routes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
     """The ways PyTorch can run a ``dtype`` GEMM here: ``matmul`` (``a @ b``: MKL for fp32 on
     x86, whose fast paths are Intel-only) and, on CPUs where oneDNN runs the dtype, ``onednn``
     (its inner product on a pre-packed weight, the op the deploy path uses)."""
-    if device.type == 'cpu' and torch.backends.mkldnn.is_available() and (
-            dtype == torch.float32 or runtime.native_bf16(device)):
+    if device.type == 'cpu' and onednn_runs(dtype):
         return ('matmul', 'onednn')
     return ('matmul',)
 

@@ -46,10 +46,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_map
 from timm.layers import Mlp
 
-from conformer.runtime import native_bf16
+from conformer import runtime
 
-__all__ = ['InferenceModel', 'OneDNNLinear', 'fold_batchnorm', 'optimize_for_inference',
-           'use_onednn_linears']
+__all__ = ['InferenceModel', 'OneDNNLinear', 'fold_batchnorm', 'onednn_runs',
+           'optimize_for_inference', 'use_onednn_linears']
 
 # (conv, bn) attribute pairs where the BN is applied straight to the conv's output
 CONV_BN_PAIRS = (
@@ -148,17 +148,19 @@ class OneDNNLinear(nn.Module):
                 f'bias={self.bias is not None}, fuse_gelu={self.fuse_gelu}')
 
 
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's inner product takes ``dtype`` on this CPU: fp32 wherever PyTorch has
+    oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack bf16 weights)."""
+    return torch.backends.mkldnn.is_available() and (
+        dtype != torch.bfloat16 or runtime.native_bf16(torch.device('cpu')))
+
+
 def use_onednn_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of an eval-mode CPU model by a :class:`OneDNNLinear`, in
     place, fusing the exact GELU of each timm ``Mlp`` into its ``fc1``. Returns the number of
-    Linears replaced: 0 where PyTorch was built without oneDNN, and bf16 Linears are kept on
-    CPUs without native bf16 (oneDNN has no bf16 path there)."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    bf16_ok = native_bf16(torch.device('cpu'))
-
+    Linears replaced; those whose dtype oneDNN does not take here (:func:`onednn_runs`) stay."""
     def runs(linear: nn.Module) -> bool:
-        return type(linear) is nn.Linear and (linear.weight.dtype != torch.bfloat16 or bf16_ok)
+        return type(linear) is nn.Linear and onednn_runs(linear.weight.dtype)
 
     replaced = 0
     for module in list(model.modules()):
@@ -262,9 +264,9 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
     if isinstance(model, InferenceModel):
         raise ValueError('model is already an InferenceModel; pass the original model')
     device = next(model.parameters()).device
-    if dtype == torch.bfloat16 and not native_bf16(device):
+    if dtype == torch.bfloat16 and not runtime.native_bf16(device):
         warnings.warn(f'bf16 deploy on a {device.type} without native bf16: PyTorch emulates '
-                      f'it, ~10x slower than fp32 on CPUs; deploy with dtype=torch.float32',
+                      f'it, several times slower than fp32; deploy with dtype=torch.float32',
                       stacklevel=2)
     deployed = copy.deepcopy(model).eval()
     fold_batchnorm(deployed)

@@ -31,8 +31,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls and convolutions in hardware.
 
     CPUs without AVX-512 or AVX-NE-CONVERT (AMD before Zen 4, Intel client chips before Arrow
-    Lake) have no oneDNN bf16 path: PyTorch emulates bf16 there at a tenth of the fp32 speed
-    or less, so bf16 autocast slows training and inference down instead of speeding them up.
+    Lake) have no oneDNN bf16 path: PyTorch emulates bf16 there, several times slower than
+    fp32 (7x per quickstart step on a Zen 3), so bf16 autocast slows work down.
     """
     device = torch.device(device)
     if device.type == 'cuda':

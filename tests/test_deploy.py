@@ -141,7 +141,7 @@ def test_bf16_deploy_returns_fp32_close_to_eager():
 
 def test_bf16_deploy_without_native_bf16_warns_and_keeps_plain_linears(monkeypatch):
     """oneDNN refuses bf16 weights on such CPUs: the deploy must not hand them to it."""
-    monkeypatch.setattr('conformer.deploy.native_bf16', lambda device: False)
+    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: False)
     model = make_model()
     with pytest.warns(UserWarning, match='without native bf16.*dtype=torch.float32'):
         deployed = optimize_for_inference(model, dtype=torch.bfloat16)

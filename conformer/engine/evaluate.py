@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conformer.runtime import native_bf16
+from conformer import runtime
 from .distributed import all_sum
 
 _logger = logging.getLogger(__name__)
@@ -23,12 +23,12 @@ def resolve_amp(amp: str, device: torch.device, key: str = 'amp') -> str:
         raise ValueError(f'{key}=fp16 needs a GPU (CPUs have no fast fp16 path); use '
                          f'{key}=auto, or {key}=bf16 on a CPU with native bf16')
     if amp == 'auto':
-        amp = 'bf16' if native_bf16(device) else 'none'
+        amp = 'bf16' if runtime.native_bf16(device) else 'none'
         _logger.info('%s=auto: %s', key, 'bf16 autocast' if amp == 'bf16' else
                      f'fp32 (this {device.type} has no native bf16; emulated bf16 is slower)')
-    elif amp == 'bf16' and not native_bf16(device):
+    elif amp == 'bf16' and not runtime.native_bf16(device):
         warnings.warn(f'{key}=bf16 on a {device.type} without native bf16: PyTorch emulates it, '
-                      f'~10x slower than fp32 on CPUs; set {key}=auto (or none) to run in fp32',
+                      f'several times slower than fp32; set {key}=auto (or none) to run in fp32',
                       stacklevel=2)
     return amp
 
