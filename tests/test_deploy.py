@@ -6,8 +6,8 @@ from torch import nn
 import timm
 import conformer  # noqa: F401
 from timm.layers import Mlp
-from conformer.deploy import (InferenceModel, OneDNNLinear, fold_batchnorm,
-                              optimize_for_inference, use_onednn_linears)
+from conformer.deploy import (InferenceModel, OneDNNConv2d, OneDNNLinear, fold_batchnorm,
+                              optimize_for_inference, use_onednn_convs, use_onednn_linears)
 from conformer.runtime import native_bf16
 
 NATIVE_BF16 = native_bf16(torch.device('cpu'))
@@ -81,27 +81,66 @@ def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate
     assert mlp.to('meta')(x.to('meta')).shape == expected.shape
 
 
-@pytest.mark.parametrize('dtype, compile, onednn', [
-    (torch.float32, False, True), (torch.bfloat16, False, NATIVE_BF16),
-    (torch.float32, True, True), (torch.bfloat16, True, False)])  # inductor packs bf16 itself
+@pytest.mark.parametrize('dtype, compile, onednn_linears, onednn_convs', [
+    (torch.float32, False, True, True), (torch.bfloat16, False, NATIVE_BF16, False),
+    (torch.float32, True, True, False),  # inductor's freezing packs convolutions itself
+    (torch.bfloat16, True, False, False)])  # and bf16 linears
 @BF16_EMULATED
-def test_cpu_deploy_runs_linears_through_onednn_unless_inductor_packs_them(dtype, compile,
-                                                                             onednn):
+def test_cpu_deploy_runs_layers_through_onednn_unless_inductor_packs_them(
+        dtype, compile, onednn_linears, onednn_convs):
     deployed = optimize_for_inference(make_model(), dtype=dtype, compile=compile)
     linears = [m for m in deployed.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
-    assert linears and all(isinstance(m, OneDNNLinear) is onednn for m in linears)
-    assert all(m.weight.dtype == dtype for m in linears)
+    assert linears and all(isinstance(m, OneDNNLinear) is onednn_linears for m in linears)
+    convs = [m for m in deployed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, OneDNNConv2d) is onednn_convs for m in convs)
+    assert all(m.weight.dtype == dtype for m in linears + convs)
 
 
-def test_onednn_linear_repacks_a_changed_weight_and_survives_copies():
+@pytest.mark.parametrize('conv', [
+    nn.Conv2d(8, 16, 3, stride=2, padding=1),
+    nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4, bias=False),
+    nn.Conv2d(8, 16, 1)], ids=['strided', 'dilated-grouped', 'pointwise'])
+def test_onednn_conv_matches_nn_conv2d_as_the_input_shape_and_layout_change(conv):
+    import copy
+    torch.manual_seed(0)
+    conv.eval()
+    holder = nn.Sequential(copy.deepcopy(conv).requires_grad_(False))
+    assert use_onednn_convs(holder) == 1
+    fast = holder[0]
+    assert isinstance(fast, OneDNNConv2d) and list(fast.state_dict()) == list(conv.state_dict())
+    with torch.no_grad():
+        # each new shape repacks the weight; going back to an old one must repack again
+        for shape in [(2, 8, 9, 11), (1, 8, 16, 16), (2, 8, 9, 11)]:
+            for channels_last in (True, False):
+                x = torch.randn(shape)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-5)
+    # off the CPU (here: the meta device, shapes only) it is a plain Conv2d
+    assert fast.to('meta')(x.to('meta')).shape == conv(x).shape
+
+
+def test_onednn_conv_leaves_convs_it_cannot_run_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding='same'),
+                          nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'),
+                          nn.Conv2d(4, 4, 3).to(torch.bfloat16))
+    assert use_onednn_convs(model) == 0
+    assert all(type(m) is nn.Conv2d for m in model)
+
+
+@pytest.mark.parametrize('make, fast_layer, shape', [
+    (lambda: nn.Linear(16, 8), OneDNNLinear, (3, 16)),
+    (lambda: nn.Conv2d(16, 8, 3, padding=1), OneDNNConv2d, (2, 16, 7, 7))],
+    ids=['linear', 'conv'])
+def test_packed_weight_follows_a_changed_weight_and_survives_copies(make, fast_layer, shape):
     """The packed copy of the weight must follow load_state_dict, and deepcopy/pickle must
     work after a call has packed it (an opaque oneDNN tensor copies neither way)."""
     import copy
     import pickle
     torch.manual_seed(0)
-    linear, other = nn.Linear(16, 8).eval(), nn.Linear(16, 8).eval()
-    x = torch.randn(3, 16)
-    fast = OneDNNLinear(copy.deepcopy(linear)).requires_grad_(False)
+    linear, other = make().eval(), make().eval()
+    x = torch.randn(shape)
+    fast = fast_layer(copy.deepcopy(linear)).requires_grad_(False)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
         fast.load_state_dict(other.state_dict())
