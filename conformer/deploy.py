@@ -191,8 +191,9 @@ class OneDNNConv2d(PackedWeight, nn.Conv2d):
 
 
 def onednn_runs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's inner product takes ``dtype`` on this CPU: fp32 wherever PyTorch has
-    oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack bf16 weights)."""
+    """Whether oneDNN's inner product and convolution take ``dtype`` on this CPU: fp32
+    wherever PyTorch has oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack
+    bf16 weights)."""
     return torch.backends.mkldnn.is_available() and (
         dtype != torch.bfloat16 or runtime.native_bf16(torch.device('cpu')))
 
@@ -226,8 +227,8 @@ def use_onednn_convs(model: nn.Module) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Conv2d and child.weight.dtype == torch.float32 and \
-                    child.padding_mode == 'zeros' and not isinstance(child.padding, str) and \
-                    torch.backends.mkldnn.is_available():
+                    onednn_runs(child.weight.dtype) and child.padding_mode == 'zeros' and \
+                    not isinstance(child.padding, str):
                 setattr(module, name, OneDNNConv2d(child))
                 replaced += 1
     return replaced
