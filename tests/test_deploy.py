@@ -82,7 +82,7 @@ def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate
 
 
 @pytest.mark.parametrize('dtype, compile, onednn_linears, onednn_convs', [
-    (torch.float32, False, True, True), (torch.bfloat16, False, NATIVE_BF16, False),
+    (torch.float32, False, True, True), (torch.bfloat16, False, NATIVE_BF16, NATIVE_BF16),
     (torch.float32, True, True, False),  # inductor's freezing packs convolutions itself
     (torch.bfloat16, True, False, False)])  # and bf16 linears
 @BF16_EMULATED
@@ -96,14 +96,20 @@ def test_cpu_deploy_runs_layers_through_onednn_unless_inductor_packs_them(
     assert all(m.weight.dtype == dtype for m in linears + convs)
 
 
+@pytest.mark.parametrize('dtype, tolerance', [
+    (torch.float32, 1e-5),
+    pytest.param(torch.bfloat16, 1e-2, marks=pytest.mark.skipif(
+        not NATIVE_BF16, reason='oneDNN takes bf16 only on CPUs with native bf16'))],
+    ids=['fp32', 'bf16'])
 @pytest.mark.parametrize('conv', [
     nn.Conv2d(8, 16, 3, stride=2, padding=1),
     nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4, bias=False),
     nn.Conv2d(8, 16, 1)], ids=['strided', 'dilated-grouped', 'pointwise'])
-def test_onednn_conv_matches_nn_conv2d_as_the_input_shape_and_layout_change(conv):
+def test_onednn_conv_matches_nn_conv2d_as_the_input_shape_and_layout_change(
+        conv, dtype, tolerance):
     import copy
     torch.manual_seed(0)
-    conv.eval()
+    conv = copy.deepcopy(conv).eval().to(dtype)
     holder = nn.Sequential(copy.deepcopy(conv).requires_grad_(False))
     assert use_onednn_convs(holder) == 1
     fast = holder[0]
@@ -112,18 +118,19 @@ def test_onednn_conv_matches_nn_conv2d_as_the_input_shape_and_layout_change(conv
         # each new shape repacks the weight; going back to an old one must repack again
         for shape in [(2, 8, 9, 11), (1, 8, 16, 16), (2, 8, 9, 11)]:
             for channels_last in (True, False):
-                x = torch.randn(shape)
+                x = torch.randn(shape, dtype=dtype)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(fast(x), conv(x), atol=tolerance, rtol=tolerance)
     # off the CPU (here: the meta device, shapes only) it is a plain Conv2d
     assert fast.to('meta')(x.to('meta')).shape == conv(x).shape
 
 
-def test_onednn_conv_leaves_convs_it_cannot_run_alone():
+def test_onednn_conv_leaves_convs_it_cannot_run_alone(monkeypatch):
+    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: False)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding='same'),
                           nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'),
-                          nn.Conv2d(4, 4, 3).to(torch.bfloat16))
+                          nn.Conv2d(4, 4, 3).to(torch.bfloat16))  # no native bf16
     assert use_onednn_convs(model) == 0
     assert all(type(m) is nn.Conv2d for m in model)
 
