@@ -16,7 +16,8 @@ What it does to a (copy of a) Conformer, and why each step is safe:
   fp32 GEMM runs at ~210 GFLOP/s and oneDNN's at ~480 (``tools/benchmark.py`` times both
   routes for its "% of peak"). Compiled bf16 models keep plain Linears for inductor to pack;
 - on CPU, eager convolutions run on a weight packed once for the input shape
-  (:class:`OneDNNConv2d`) instead of one PyTorch reorders on every call;
+  (:class:`OneDNNConv2d`) instead of one PyTorch reorders on every call, with the ReLU that
+  follows each and the ConvBlock's residual add done in the same oneDNN call;
 - optionally ``torch.compile`` with inductor freezing (weights become constants, so the
   folded/cast weights are prepared once and kernels are fused around them);
 - optionally bfloat16 autocast (matmuls and convolutions in bf16, norms and softmax in fp32),
@@ -49,14 +50,22 @@ from torch.utils._pytree import tree_map
 from timm.layers import Mlp
 
 from conformer import runtime
+from conformer.layers.blocks import ConvBlock
 
-__all__ = ['InferenceModel', 'OneDNNConv2d', 'OneDNNLinear', 'PackedWeight', 'fold_batchnorm',
-           'onednn_runs', 'optimize_for_inference', 'use_onednn_convs', 'use_onednn_linears']
+__all__ = ['FusedConvBlock', 'InferenceModel', 'OneDNNConv2d', 'OneDNNLinear', 'PackedWeight',
+           'fold_batchnorm', 'fuse_conv_relus', 'onednn_runs', 'optimize_for_inference',
+           'use_onednn_convs', 'use_onednn_linears']
 
 # (conv, bn) attribute pairs where the BN is applied straight to the conv's output
 CONV_BN_PAIRS = (
     ('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'),
     ('residual_conv', 'residual_bn'), ('conv_project', 'bn'),
+)
+# (conv, folded bn, ReLU) attribute triples where the ReLU follows the BN; ConvBlock's
+# conv3/bn3/act3 has its residual add between BN and ReLU (FusedConvBlock fuses both)
+CONV_BN_RELUS = (
+    ('conv1', 'bn1', 'act1'), ('conv2', 'bn2', 'act2'), ('conv3', 'bn3', 'act3'),
+    ('conv_project', 'bn', 'act'),
 )
 DTYPES = (torch.float32, torch.bfloat16)
 # the methods that take images (or features) and are run in the deployed dtype and layout
@@ -162,32 +171,58 @@ class OneDNNLinear(PackedWeight, nn.Module):
 
 class OneDNNConv2d(PackedWeight, nn.Conv2d):
     """An inference-only ``nn.Conv2d`` whose eager CPU calls run oneDNN's convolution on a
-    weight packed for the input's shape (:class:`PackedWeight`; a new shape repacks).
+    weight packed for the input's shape (:class:`PackedWeight`; a new shape repacks), with an
+    optional residual ``add`` and ReLU (``fuse_relu``) done in the same call:
+    ``relu(conv(x) + add)``.
 
     PyTorch's own CPU convolution reorders the plain weight into oneDNN's layout on every
     call; packing once makes the fp32 deploy of Conformer-S 4% faster at batch 1 and 2% at
-    batch 8 on an AVX2 Zen 3, and the bf16 deploy 6% and 5% on an AVX-512 Zen 4. Its output is channels_last whatever the input's layout. Still
-    an ``nn.Conv2d`` (same attributes, parameters and state_dict keys, and ``isinstance``
-    checks hold); under torch.compile, whose freezing packs weights itself, and off the CPU it
-    runs the plain convolution.
+    batch 8 on an AVX2 Zen 3, and the bf16 deploy 6% and 5% on an AVX-512 Zen 4. Its output
+    is channels_last whatever the input's layout. Still an ``nn.Conv2d`` (same attributes,
+    parameters and state_dict keys, and ``isinstance`` checks hold); under torch.compile,
+    whose freezing packs weights itself, and off the CPU it runs the plain PyTorch ops.
     """
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, fuse_relu: bool = False):
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                          device='meta')
         self.weight, self.bias = conv.weight, conv.bias
+        self.fuse_relu = fuse_relu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x.to(self.weight.dtype)
-        if x.device.type != 'cpu' or torch.compiler.is_compiling():
-            return super().forward(x)
+        onednn = x.device.type == 'cpu' and not torch.compiler.is_compiling()
+        # for grouped convs PyTorch does a fused add+ReLU with an op that has no bf16
+        if onednn and (add is None or self.groups == 1):
+            return self._onednn_call(x, add, 'relu' if self.fuse_relu else 'none')
+        y = self._onednn_call(x, None, 'none') if onednn else super().forward(x)
+        y = y if add is None else y + add
+        return F.relu(y) if self.fuse_relu else y
+
+    def _onednn_call(self, x: torch.Tensor, add: Optional[torch.Tensor],
+                     unary: str) -> torch.Tensor:
         geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         weight = self.packed_weight(
             lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape)),
             layout_key=tuple(x.shape))
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *geometry,
-                                                       'none', [], '')
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *geometry,
+                                                           unary, [], '')
+        add = add.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, add, weight, self.bias, *geometry, 'add', 1.0, unary, [], '')
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', fuse_relu={self.fuse_relu}'
+
+
+class FusedConvBlock(ConvBlock):
+    """A deployed :class:`ConvBlock` whose last conv (a :class:`OneDNNConv2d` with the ReLU
+    fused) adds the shortcut in its own call, saving two passes over the block's output."""
+
+    def project(self, x2: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return self.conv3(x2, add=shortcut)
 
 
 def onednn_runs(dtype: torch.dtype) -> bool:
@@ -230,6 +265,27 @@ def use_onednn_convs(model: nn.Module) -> int:
                 setattr(module, name, OneDNNConv2d(child))
                 replaced += 1
     return replaced
+
+
+def fuse_conv_relus(model: nn.Module) -> int:
+    """Fold each ReLU that directly follows a (BN-folded) :class:`OneDNNConv2d` into it, and
+    each :class:`ConvBlock`'s residual add and final ReLU into its last conv, in place.
+
+    Run after :func:`fold_batchnorm` and :func:`use_onednn_convs`. A fused ReLU becomes
+    ``nn.Identity``, so the forward code runs unchanged. Returns the number of ReLUs fused.
+    """
+    fused = 0
+    for module in list(model.modules()):
+        for conv_name, bn_name, act_name in CONV_BN_RELUS:
+            conv, bn, act = (getattr(module, name, None) for name in (conv_name, bn_name, act_name))
+            if isinstance(conv, OneDNNConv2d) and isinstance(bn, nn.Identity) and \
+                    type(act) is nn.ReLU:
+                conv.fuse_relu = True
+                setattr(module, act_name, nn.Identity())
+                fused += 1
+                if conv_name == 'conv3' and type(module) is ConvBlock:
+                    module.__class__ = FusedConvBlock  # act3 follows the add: fuse both
+    return fused
 
 
 class InferenceModel(nn.Module):
@@ -338,6 +394,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
         use_onednn_linears(deployed)
     if device.type == 'cpu' and not compile:  # inductor's freezing packs convolutions itself
         use_onednn_convs(deployed)
+        fuse_conv_relus(deployed)
     for p in deployed.parameters():
         p.requires_grad_(False)
     return InferenceModel(deployed, dtype=dtype, compile=compile,

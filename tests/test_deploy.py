@@ -1,13 +1,16 @@
 """conformer.deploy: BatchNorm folding, the deployed model's API and its documented tolerances."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import timm
 import conformer  # noqa: F401
 from timm.layers import Mlp
-from conformer.deploy import (InferenceModel, OneDNNConv2d, OneDNNLinear, fold_batchnorm,
-                              optimize_for_inference, use_onednn_convs, use_onednn_linears)
+from conformer.deploy import (FusedConvBlock, InferenceModel, OneDNNConv2d, OneDNNLinear,
+                              fold_batchnorm, optimize_for_inference, use_onednn_convs,
+                              use_onednn_linears)
+from conformer.layers import ConvBlock
 from conformer.runtime import native_bf16
 
 NATIVE_BF16 = native_bf16(torch.device('cpu'))
@@ -122,8 +125,30 @@ def test_onednn_conv_matches_nn_conv2d_as_the_input_shape_and_layout_change(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 torch.testing.assert_close(fast(x), conv(x), atol=tolerance, rtol=tolerance)
-    # off the CPU (here: the meta device, shapes only) it is a plain Conv2d
-    assert fast.to('meta')(x.to('meta')).shape == conv(x).shape
+        # the fused residual add and ReLU, with the residual in NCHW
+        fast.fuse_relu = True
+        residual = torch.randn_like(conv(x), memory_format=torch.contiguous_format)
+        torch.testing.assert_close(fast(x, add=residual), F.relu(conv(x) + residual),
+                                   atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(fast(x), F.relu(conv(x)), atol=tolerance, rtol=tolerance)
+        # off the CPU (here: the meta device, shapes only) it runs the plain PyTorch ops
+        fast, x, residual = fast.to('meta'), x.to('meta'), residual.to('meta')
+        assert fast(x, add=residual).shape == residual.shape
+
+
+def test_cpu_deploy_fuses_every_relu_into_its_conv_and_still_copies():
+    import copy
+    import pickle
+    model = make_model()
+    deployed = optimize_for_inference(model)
+    assert not any(type(m) is nn.ReLU for m in deployed.modules())
+    blocks = [m for m in deployed.modules() if isinstance(m, ConvBlock)]
+    assert blocks and all(type(b) is FusedConvBlock and b.conv3.fuse_relu for b in blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        for clone in (deployed, copy.deepcopy(deployed), pickle.loads(pickle.dumps(deployed))):
+            torch.testing.assert_close(clone(x), want, atol=1e-4, rtol=0)
 
 
 def test_onednn_conv_leaves_convs_it_cannot_run_alone(monkeypatch):

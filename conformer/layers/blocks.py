@@ -148,7 +148,11 @@ class ConvBlock(KernelLayer):
                 return self._expand_fused(h, x)
         shortcut = self.residual_bn(self.residual_conv(x))
         x2 = self.act2(self.bn2(self.conv2(h)))
-        return self.act3(self.bn3(self.conv3(x2)) + shortcut), x2
+        return self.project(x2, shortcut), x2
+
+    def project(self, x2: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """The last 1x1 conv, BN, residual add and ReLU; the CPU deploy path makes it one call."""
+        return self.act3(self.bn3(self.conv3(x2)) + shortcut)
 
     @torch.jit.unused
     def _expand_fused(self, h: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
