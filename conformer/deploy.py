@@ -56,16 +56,12 @@ __all__ = ['FusedConvBlock', 'InferenceModel', 'OneDNNConv2d', 'OneDNNLinear', '
            'fold_batchnorm', 'fuse_conv_relus', 'onednn_runs', 'optimize_for_inference',
            'use_onednn_convs', 'use_onednn_linears']
 
-# (conv, bn) attribute pairs where the BN is applied straight to the conv's output
-CONV_BN_PAIRS = (
-    ('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'),
-    ('residual_conv', 'residual_bn'), ('conv_project', 'bn'),
-)
-# (conv, folded bn, ReLU) attribute triples where the ReLU follows the BN; ConvBlock's
-# conv3/bn3/act3 has its residual add between BN and ReLU (FusedConvBlock fuses both)
-CONV_BN_RELUS = (
+# (conv, bn, act) attribute names where the BN is applied straight to the conv's output and
+# the act (None: there is none), when it is a ReLU, to the BN's; ConvBlock's conv3/bn3/act3
+# has its residual add between BN and ReLU (FusedConvBlock fuses both)
+CONV_BN_ACTS = (
     ('conv1', 'bn1', 'act1'), ('conv2', 'bn2', 'act2'), ('conv3', 'bn3', 'act3'),
-    ('conv_project', 'bn', 'act'),
+    ('residual_conv', 'residual_bn', None), ('conv_project', 'bn', 'act'),
 )
 DTYPES = (torch.float32, torch.bfloat16)
 # the methods that take images (or features) and are run in the deployed dtype and layout
@@ -73,7 +69,7 @@ WRAPPED_METHODS = ('forward', 'forward_features', 'forward_head', 'forward_inter
 
 
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold each BatchNorm2d into the Conv2d it follows (see ``CONV_BN_PAIRS``), in place.
+    """Fold each BatchNorm2d into the Conv2d it follows (see ``CONV_BN_ACTS``), in place.
 
     The model must be in eval mode (the fold uses the running statistics). The BN is replaced
     by ``nn.Identity`` so the forward code runs unchanged. Returns the number of folds.
@@ -83,7 +79,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                          'statistics); call model.eval() first')
     folded = 0
     for module in list(model.modules()):
-        for conv_name, bn_name in CONV_BN_PAIRS:
+        for conv_name, bn_name, _ in CONV_BN_ACTS:
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
@@ -276,7 +272,9 @@ def fuse_conv_relus(model: nn.Module) -> int:
     """
     fused = 0
     for module in list(model.modules()):
-        for conv_name, bn_name, act_name in CONV_BN_RELUS:
+        for conv_name, bn_name, act_name in CONV_BN_ACTS:
+            if act_name is None:
+                continue
             conv, bn, act = (getattr(module, name, None) for name in (conv_name, bn_name, act_name))
             if isinstance(conv, OneDNNConv2d) and isinstance(bn, nn.Identity) and \
                     type(act) is nn.ReLU:
