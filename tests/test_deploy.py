@@ -201,13 +201,30 @@ def test_bf16_deploy_returns_fp32_close_to_eager():
         want = model(x)
     got = deployed(x)
     assert got.dtype == torch.float32
-    # weights are cast once at deploy time, norms keep fp32; the original stays fp32
-    assert deployed.model.conv_trans_2.trans_block.attn.qkv.weight.dtype == torch.bfloat16
-    assert deployed.model.conv1.weight.dtype == torch.bfloat16
-    assert deployed.model.trans_norm.weight.dtype == torch.float32
+    # weights are cast once at deploy time; the original stays fp32
+    assert all(p.dtype == torch.bfloat16 for p in deployed.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # bf16 keeps 8 bits of mantissa: a few per cent of the logit scale
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@BF16_EMULATED
+def test_bf16_deploy_runs_every_layer_in_bf16_and_takes_fp32_inputs_on_every_method():
+    """No layer hands fp32 on (norms, residual sums and softmax outputs included), so no call
+    converts activations back and forth; fp32 inputs and features are cast on the way in."""
+    deployed = optimize_for_inference(make_model(num_classes=10), dtype=torch.bfloat16)
+    dtypes = set()
+    for module in deployed.model.modules():
+        module.register_forward_hook(lambda m, args, out: dtypes.update(
+            t.dtype for t in torch.utils._pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()))
+    x = torch.randn(2, 3, 32, 32)
+    features = deployed.forward_features(x)
+    assert dtypes == {torch.bfloat16}, f'layers returned {dtypes}'
+    assert [f.dtype for f in features] == [torch.float32, torch.float32]
+    torch.testing.assert_close(deployed.forward_head(features), deployed(x), rtol=0, atol=0)
+    intermediates = deployed.forward_intermediates(x)
+    assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(intermediates))
 
 
 def test_bf16_deploy_without_native_bf16_warns_and_keeps_plain_linears(monkeypatch):
