@@ -21,6 +21,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 import conformer  # noqa: F401  (registers the variants with timm)
 from conformer import runtime
 from conformer.deploy import optimize_for_inference
+from conformer.models import check_model_name
 
 __all__ = ['create_model', 'find_images', 'load_labels', 'predict', 'main']
 
@@ -32,6 +33,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
                  **kwargs) -> nn.Module:
     """``name`` with downloaded weights (``pretrained``) or a local ``checkpoint`` file in any
     format timm / conformer.weights can read; eval mode."""
+    check_model_name(name)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f'checkpoint {checkpoint} does not exist; pass the path of '

@@ -73,6 +73,7 @@ def test_the_schema_also_guards_yaml_edits():
     (['trainer.amp=fp8'], "trainer.amp='fp8'; choose one of"),
     (['model.freeze_backbone=true', 'optim.layer_decay=0.75'], 'drop optim.layer_decay'),
     (['trainer.fsdp=true', 'trainer.ema=true'], 'set trainer.ema=false'),
+    (['model.name=conformer_small_patch8'], "model.name: unknown model 'conformer_small_patch8'"),
 ])
 def test_incompatible_settings_fail_before_work(overrides, message):
     cfg = compose_train(*overrides)

@@ -51,9 +51,13 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
         export_onnx(model, str(tmp_path / 'x.onnx'), (32, 32))
 
 
-def test_missing_checkpoint_is_a_clear_cli_error(tmp_path, capsys):
+@pytest.mark.parametrize('model, weights, message', [
+    ('conformer_nano_patch4', ['--checkpoint', 'no.pth'], 'does not exist'),
+    ('conformer_nano', ['--pretrained'], "unknown model 'conformer_nano'; choose one of"),
+])
+def test_missing_checkpoint_or_unknown_model_is_a_clear_cli_error(model, weights, message,
+                                                                   tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(['--model', 'conformer_nano_patch4', '--checkpoint', str(tmp_path / 'no.pth'),
-              '--output', str(tmp_path / 'x')])
+        main(['--model', model, *weights, '--output', str(tmp_path / 'x')])
     assert exit_info.value.code == 2
-    assert 'does not exist' in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The Conformer family against the paper's code and the timm model contract."""
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import conformer  # noqa: F401  (registers the variants)
-from conformer.models import Conformer
+from conformer.models import Conformer, check_model_name
 from golden import GOLDEN_CASES, GOLDEN_FILE, fill_state_dict, golden_input
 
 PAPER_VARIANTS = ['conformer_tiny_patch16', 'conformer_small_patch16',
@@ -157,6 +158,25 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
 def test_unknown_variant_is_a_clear_error():
     with pytest.raises(RuntimeError, match='Unknown model'):
         timm.create_model('conformer_small_patch8')
+
+
+@pytest.mark.parametrize('name', ['conformer_small_patch16', 'conformer_small_patch16.in1k',
+                                  'hf-hub:ORG/nano-fmnist', 'local-dir:/weights/nano'])
+def test_model_names_timm_can_build_pass_the_check(name):
+    assert check_model_name(name) == name
+
+
+@pytest.mark.parametrize('name, message', [
+    ('conformer_small_patch8', "unknown model 'conformer_small_patch8'; choose one of "
+                               "conformer_base_patch16, conformer_nano_patch4, "),
+    ('resnet50', "unknown model 'resnet50'; choose one of"),
+    ('conformer_small_patch16.in21k', "no weights tagged 'in21k'; choose one of "
+                                      "conformer_small_patch16.in1k"),
+    ('ORG/nano-fmnist', "Use 'hf-hub:ORG/nano-fmnist'"),
+])
+def test_model_names_timm_cannot_build_name_the_choices(name, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_model_name(name)
 
 
 def test_pretrained_cfg_and_data_config():

@@ -11,6 +11,8 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from conformer.models import check_model_name
+
 
 @dataclass
 class ModelConfig:
@@ -165,6 +167,10 @@ def check(cfg) -> None:
         value = OmegaConf.select(cfg, key, default=allowed[0])
         if value not in allowed:
             fail(f'{key}={value!r}; choose one of {list(allowed)}')
+    try:
+        check_model_name(cfg.model.name)
+    except ValueError as e:
+        fail(f'model.name: {e}')
     if len(cfg.data.mean) != cfg.data.in_chans or len(cfg.data.std) != cfg.data.in_chans:
         fail(f'data.mean/data.std need {cfg.data.in_chans} values (data.in_chans), got '
              f'{len(cfg.data.mean)}/{len(cfg.data.std)}')

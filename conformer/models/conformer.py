@@ -20,13 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import (adapt_input_conv, build_model_with_cfg, clean_state_dict,
-                         generate_default_cfgs, register_model)
+                         generate_default_cfgs, list_models, list_pretrained, parse_model_name,
+                         register_model, split_model_name_tag)
 from timm.models._features import feature_take_indices
 
 from conformer.kernels import BACKENDS
 from conformer.layers import ConvBlock, FCUDown, FCUUp, KernelLayer, TransformerBlock
 
-__all__ = ['Conformer', 'ConvTransBlock']
+__all__ = ['Conformer', 'ConvTransBlock', 'check_model_name']
 
 STEM_STRIDES = {'imagenet': 4, 'pooled': 2, 'small': 1}
 
@@ -426,6 +427,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
                                        if not model.num_classes else
                                        'conv_cls_head and trans_cls_head start from random init'))
     return state_dict
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if ``timm.create_model`` can build it as a Conformer: a registered
+    variant, optionally with a weights tag (``conformer_small_patch16.in1k``), or an
+    ``hf-hub:`` / ``local-dir:`` source (whose files the weights loader checks). Otherwise raise
+    a ValueError that lists what to pass, where timm would raise from deep inside."""
+    source, model_name = parse_model_name(name)  # its ValueError already names the fix
+    if source is not None:
+        return name
+    variant, tag = split_model_name_tag(model_name)
+    variants = list_models('conformer_*')
+    if variant not in variants:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(variants)}")
+    tagged = list_pretrained(f'{variant}.*')
+    if tag and model_name not in tagged:
+        raise ValueError(f"{variant} has no weights tagged {tag!r}; "
+                         f"choose one of {', '.join(tagged) or variant + ' (untagged)'}")
+    return name
 
 
 def _create_conformer(variant: str, pretrained: bool = False, **kwargs) -> Conformer:
