@@ -67,6 +67,18 @@ def test_fashion_mnist_missing_files_name_the_fix(tmp_path):
         FashionMNIST(str(tmp_path), 'val', download=False)
 
 
+def test_fashion_mnist_failed_download_names_the_fix(tmp_path, monkeypatch):
+    def offline(root, train, download):
+        raise RuntimeError('Error downloading train-images-idx3-ubyte.gz:\nTried http://...')
+
+    monkeypatch.setattr('torchvision.datasets.FashionMNIST', offline)
+    with pytest.raises(FileNotFoundError) as error:
+        FashionMNIST(str(tmp_path / 'empty'), 'train', download=True)
+    assert 'downloading them into' in str(error.value)
+    assert '(Error downloading train-images-idx3-ubyte.gz:)' in str(error.value)
+    assert 'apt-get install dataset-fashion-mnist' in str(error.value)
+
+
 @pytest.fixture(scope='module')
 def debian_fashion_mnist():
     if not fashion_mnist.DEBIAN_DIR.is_dir():

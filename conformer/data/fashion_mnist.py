@@ -67,17 +67,22 @@ def locate(root: Optional[str], download: bool) -> Path:
     target = Path(root).expanduser() if root else Path.home() / '.cache' / 'conformer' / 'fashion-mnist'
     if all(_find(target, stem) for pair in FILES.values() for stem in pair):
         return target
+    fixes = (f'Install them with `apt-get install dataset-fashion-mnist` (puts them in '
+             f'{DEBIAN_DIR}) or point data.root at a folder holding {FILES["train"][0]}.gz etc.')
     if not download:
-        raise FileNotFoundError(
-            f'Fashion-MNIST IDX files not found in {candidates[0]}. Install them with '
-            f'`apt-get install dataset-fashion-mnist` (puts them in {DEBIAN_DIR}), point '
-            f'data.root at a folder holding {FILES["train"][0]}.gz etc., or set data.download=true')
+        raise FileNotFoundError(f'Fashion-MNIST IDX files not found in {candidates[0]}. {fixes}, '
+                                f'or set data.download=true')
     _logger.warning('Fashion-MNIST not found in %s; downloading it with torchvision into %s '
                     '(install the Debian package dataset-fashion-mnist to stay offline)',
                     candidates[0], target)
     from torchvision.datasets import FashionMNIST as _TorchvisionFashionMNIST
-    _TorchvisionFashionMNIST(str(target), train=True, download=True)
-    _TorchvisionFashionMNIST(str(target), train=False, download=True)
+    try:
+        _TorchvisionFashionMNIST(str(target), train=True, download=True)
+        _TorchvisionFashionMNIST(str(target), train=False, download=True)
+    except (RuntimeError, OSError) as e:  # torchvision's "Error downloading ..." when offline
+        raise FileNotFoundError(f'Fashion-MNIST IDX files not found in {candidates[0]}, and '
+                                f'downloading them into {target} failed '
+                                f'({str(e).splitlines()[0]}). {fixes}.') from None
     return target
 
 
