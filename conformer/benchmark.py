@@ -1,4 +1,4 @@
-"""Inference and training benchmark of a Conformer variant across execution modes.
+"""Inference and training benchmark of Conformer variants across execution modes.
 
 Modes:
 
@@ -23,6 +23,10 @@ PyTorch has to a GEMM on this machine: on a CPU with oneDNN both ``a @ b`` and o
 inner product are timed at the start, since on AMD CPUs MKL's fp32 ``a @ b`` runs well below
 what the cores can do.
 
+Several variants (``--model conformer_tiny_patch16 conformer_base_patch16``) run one after the
+other in one process, each at its own default input size unless ``--image-size`` is given;
+the printed tables end with a summary of every mode's images/s per variant and batch size.
+
 On CPU, ``--keep-freed-memory`` makes the process keep freed memory for reuse
 (:func:`conformer.runtime.keep_freed_memory`, as the trainer does). Without it every mode
 runs on glibc's defaults, as a user's process would, and the eager reference, which
@@ -38,7 +42,8 @@ import statistics
 import sys
 import time
 import types
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +54,14 @@ import conformer  # noqa: F401  (registers the variants with timm)
 from conformer.deploy import onednn_runs, optimize_for_inference
 from conformer.kernels.fcu import fcu_down_reference
 from conformer.layers import Attention, FCUDown
+from conformer.models import check_model_name
 from conformer.models.profile import count_flops
 from conformer import runtime
 
 __all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes', 'gemm_routes',
            'matmul_peak_gflops', 'cpu_description', 'unavailable', 'run', 'main']
 
-SCHEMA = 'conformer-benchmark/1'
+SCHEMA = 'conformer-benchmark/2'
 MODES = ('eager', 'fp32', 'bf16', 'triton')
 NO_CUDA = 'skipped: no CUDA device'
 NO_NATIVE_BF16 = 'skipped: no native bf16 on this device'
@@ -376,21 +382,24 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
     return rows
 
 
-def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: int,
-        rounds: int, warmup: int, compile: bool, modes: Sequence[str] = MODES,
-        gemm_size: int = 2048, skip_training: bool = False,
+def run(variants: Union[str, Sequence[str]], batch_sizes: Sequence[int], train_batch: int,
+        image_size: Optional[int], rounds: int, warmup: int, compile: bool,
+        modes: Sequence[str] = MODES, gemm_size: int = 2048, skip_training: bool = False,
         model_kwargs: Optional[dict] = None, keep_freed_memory: bool = False) -> dict:
-    """Run the whole benchmark; returns the JSON-ready result."""
+    """Run the whole benchmark for each of ``variants`` (at ``image_size``, or each variant's
+    default input size when None); returns the JSON-ready result."""
     if 'eager' not in modes:
         raise ValueError("modes must include 'eager': every speed-up is measured against it")
     if rounds < 1 or warmup < 1:
         raise ValueError(f'rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}')
+    variants = [variants] if isinstance(variants, str) else list(variants)
+    if not variants:
+        raise ValueError('pass at least one model to benchmark')
+    for name in variants:
+        check_model_name(name)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if keep_freed_memory and device.type == 'cpu':
         runtime.keep_freed_memory()
-    torch.manual_seed(0)
-    model = timm.create_model(variant, **(model_kwargs or {}))
-    _calibrate_batchnorm(model, image_size)
     dtypes = [torch.float32]  # every mode's peak: eager and fp32 run in it
     if 'bf16' in modes and not unavailable('bf16', device):
         dtypes.append(torch.bfloat16)
@@ -404,19 +413,29 @@ def run(variant: str, batch_sizes: Sequence[int], train_batch: int, image_size: 
                      torch=torch.__version__, threads=torch.get_num_threads(),
                      device=str(device), omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
                      load_average_at_start=os.getloadavg()),
-        settings=dict(variant=variant, image_size=image_size, batch_sizes=list(batch_sizes),
-                      train_batch=train_batch, rounds=rounds, warmup=warmup, compile=compile,
-                      modes=list(modes), gemm_size=gemm_size,
+        settings=dict(variants=variants, image_size=image_size,
+                      batch_sizes=list(batch_sizes), train_batch=train_batch, rounds=rounds,
+                      warmup=warmup, compile=compile, modes=list(modes), gemm_size=gemm_size,
                       keep_freed_memory=keep_freed_memory),
         matmul_peak_gflops={dt: route_gflops[dt][route] for dt, route in peak_routes.items()},
         matmul_peak_route=peak_routes,
         matmul_route_gflops=route_gflops,
         memory_method=MEMORY_METHOD,
-        inference=bench_inference(model, modes, batch_sizes, image_size, rounds, warmup,
-                                  compile, device, gemm_size, peak_routes),
-        training=[] if skip_training else bench_training(
-            model, modes, train_batch, image_size, rounds, warmup, compile, device),
+        variants=[],
     )
+    for name in variants:
+        torch.manual_seed(0)
+        model = timm.create_model(name, **(model_kwargs or {}))
+        size = image_size or model.pretrained_cfg['input_size'][-1]
+        _calibrate_batchnorm(model, size)
+        result['variants'].append(dict(
+            variant=name, image_size=size,
+            params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+            inference=bench_inference(model, modes, batch_sizes, size, rounds, warmup,
+                                      compile, device, gemm_size, peak_routes),
+            training=[] if skip_training else bench_training(
+                model, modes, train_batch, size, rounds, warmup, compile, device),
+        ))
     result['machine']['load_average_at_end'] = os.getloadavg()
     return result
 
@@ -436,22 +455,32 @@ def _calibrate_batchnorm(model: nn.Module, image_size: int) -> None:
 
 
 def format_table(result: dict) -> str:
-    """Markdown tables of the inference and training rows."""
+    """Markdown tables: each variant's inference and training rows and, for several variants,
+    a summary with one row per variant and batch size."""
     s = result['settings']
     short = dict(float32='fp32', bfloat16='bf16')
     peaks = ', '.join(
         f"{short[dt]} "
         + ' / '.join(f'{rate:.0f} ({route})' for route, rate in rates.items())
         for dt, rates in result['matmul_route_gflops'].items())
-    lines = [f"{s['variant']} @ {s['image_size']}px on {result['machine']['cpu']}, "
-             f"{result['machine']['threads']} threads, "
+    lines = [f"{result['machine']['cpu']}, {result['machine']['threads']} threads, "
              f"compile={s['compile']}, keep_freed_memory={s['keep_freed_memory']}; "
              f"GEMM GFLOP/s at start {peaks}, the faster route is the peak; speed-up and "
              f"% peak = medians of ratios interleaved in each round"]
-    if result['inference']:
-        lines += ['', '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | '
-                      'speed-up | max abs diff |', '|---|---|---|---|---|---|---|---|---|---|']
-    for r in result['inference']:
+    for v in result['variants']:
+        lines += ['', f"{v['variant']} @ {v['image_size']}px ({v['params_m']:.2f}M parameters)"]
+        lines += _inference_table(v['inference']) + _training_table(v['training'])
+    if len(result['variants']) > 1:
+        lines += ['', *_summary_table(result['variants'])]
+    return '\n'.join(lines)
+
+
+def _inference_table(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    lines = ['', '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | '
+                 'speed-up | max abs diff |', '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
         if r['status'] != 'ok':
             lines.append(f"| {r['mode']} | {r['batch']} | {r['status']} |  |  |  |  |  |  |  |")
             continue
@@ -460,31 +489,57 @@ def format_table(result: dict) -> str:
                      f"{r['peak_memory_mb']:.0f} | {r['achieved_gflops']:.0f} | "
                      f"{r['pct_of_matmul_peak']:.0f}% | {r['speedup_vs_eager']:.2f}x | "
                      f"{r['max_abs_logit_diff']:.1e} |")
-    if result['training']:
-        lines += ['', '| train mode | batch | checkpointing | img/s | step ms | peak MB | '
-                      'memory saved | speed-up | loss diff |', '|---|---|---|---|---|---|---|---|---|']
-        for r in result['training']:
-            if r['status'] != 'ok':
-                lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
-                             f"{r['status']} |  |  |  |  |  |")
-                continue
-            saved = f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else ''
+    return lines
+
+
+def _training_table(rows: List[dict]) -> List[str]:
+    if not rows:
+        return []
+    lines = ['', '| train mode | batch | checkpointing | img/s | step ms | peak MB | '
+                 'memory saved | speed-up | loss diff |', '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        if r['status'] != 'ok':
             lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
-                         f"{r['images_per_s']:.3g} | {r['step_ms_p50']:.0f} | "
-                         f"{r['peak_memory_mb']:.0f} | {saved} | {r['speedup_vs_eager']:.2f}x | "
-                         f"{r['loss_abs_diff_vs_eager']:.1e} |")
-    return '\n'.join(lines)
+                         f"{r['status']} |  |  |  |  |  |")
+            continue
+        saved = f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else ''
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
+                     f"{r['images_per_s']:.3g} | {r['step_ms_p50']:.0f} | "
+                     f"{r['peak_memory_mb']:.0f} | {saved} | {r['speedup_vs_eager']:.2f}x | "
+                     f"{r['loss_abs_diff_vs_eager']:.1e} |")
+    return lines
+
+
+def _summary_table(variants: List[dict]) -> List[str]:
+    """img/s of every measured mode (speed-up over eager in brackets) per variant and batch."""
+    modes = [m for m in MODES if any(r['mode'] == m and r['status'] == 'ok'
+                                     for v in variants for r in v['inference'])]
+    lines = ['| model | params (M) | batch | ' + ' | '.join(f'{m} img/s' for m in modes) + ' |',
+             '|---|---|---|' + '---|' * len(modes)]
+    for v in variants:
+        for batch in dict.fromkeys(r['batch'] for r in v['inference']):
+            cells = []
+            for m in modes:
+                r = next(r for r in v['inference'] if r['mode'] == m and r['batch'] == batch)
+                cells.append('' if r['status'] != 'ok' else f"{r['images_per_s']:.3g}" + (
+                    '' if m == 'eager' else f" ({r['speedup_vs_eager']:.2f}x)"))
+            lines.append(f"| {v['variant']} | {v['params_m']:.2f} | {batch} | "
+                         + ' | '.join(cells) + ' |')
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        description='Benchmark a Conformer variant: eager reference vs deploy modes '
+        description='Benchmark Conformer variants: eager reference vs deploy modes '
                     '(set OMP_WAIT_POLICY=ACTIVE for stable CPU timings).')
-    parser.add_argument('--model', default='conformer_small_patch16')
+    parser.add_argument('--model', nargs='+', default=['conformer_small_patch16'],
+                        help='one or more registered variants, benchmarked in turn')
     parser.add_argument('--batch-sizes', type=int, nargs='*', default=[1, 8, 32],
                         help='inference batch sizes (none: skip inference)')
     parser.add_argument('--train-batch', type=int, default=8)
-    parser.add_argument('--image-size', type=int, default=224)
+    parser.add_argument('--image-size', type=int,
+                        help="input size (default: each model's pretrained_cfg size, 224 px "
+                             "for the paper's variants)")
     parser.add_argument('--rounds', type=int, default=9, help='timed rounds per config')
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls per config')
     parser.add_argument('--compile', action='store_true',
@@ -502,23 +557,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='a seconds-long run on a tiny model (for CI): checks the tool, '
                              'not the speed')
     args = parser.parse_args(argv)
+    for flag, value in (('--threads', args.threads), ('--train-batch', args.train_batch),
+                        ('--image-size', args.image_size),
+                        *(('--batch-sizes', b) for b in args.batch_sizes)):
+        if value is not None and value < 1:
+            parser.error(f'{flag} must be >= 1, got {value}')
+    out = Path(args.json)
+    try:  # find out before a long run, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, 'a'):
+            pass
+    except OSError as e:
+        parser.error(f'cannot write --json {out} ({e.strerror}); pick a writable path')
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error('--threads must be >= 1')
         torch.set_num_threads(args.threads)
-    kwargs = dict(variant=args.model, batch_sizes=args.batch_sizes, train_batch=args.train_batch,
-                  image_size=args.image_size, rounds=args.rounds, warmup=args.warmup,
-                  compile=args.compile, modes=args.modes, skip_training=args.skip_training,
-                  keep_freed_memory=args.keep_freed_memory)
+    kwargs = dict(variants=args.model, batch_sizes=args.batch_sizes,
+                  train_batch=args.train_batch, image_size=args.image_size, rounds=args.rounds,
+                  warmup=args.warmup, compile=args.compile, modes=args.modes,
+                  skip_training=args.skip_training, keep_freed_memory=args.keep_freed_memory)
     if args.smoke:
-        kwargs.update(variant='conformer_nano_patch4', batch_sizes=[1, 2], train_batch=2,
+        kwargs.update(variants=['conformer_nano_patch4'], batch_sizes=[1, 2], train_batch=2,
                       image_size=32, rounds=2, warmup=1, gemm_size=256,
                       model_kwargs=dict(num_classes=10))
-    result = run(**kwargs)
+    try:
+        result = run(**kwargs)
+    except ValueError as e:  # a model name, an image size the model cannot take, ...
+        parser.error(str(e))
     print(format_table(result))
-    with open(args.json, 'w') as f:
-        json.dump(result, f, indent=1)
-    print(f'wrote {args.json}', file=sys.stderr)
+    out.write_text(json.dumps(result, indent=1))
+    print(f'wrote {out}', file=sys.stderr)
     return 0
 
 

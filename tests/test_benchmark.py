@@ -10,9 +10,10 @@ import torch
 
 import timm
 import conformer  # noqa: F401
-from conformer.benchmark import (MODES, NO_CUDA, NO_NATIVE_BF16, SCHEMA, gemm_call, gemm_routes,
-                                 paper_attention_forward, paper_fcu_down_forward,
-                                 peak_memory_bytes, reference_model, run, unavailable)
+from conformer.benchmark import (MODES, NO_CUDA, NO_NATIVE_BF16, SCHEMA, format_table, gemm_call,
+                                 gemm_routes, main, paper_attention_forward,
+                                 paper_fcu_down_forward, peak_memory_bytes, reference_model, run,
+                                 unavailable)
 from conformer.runtime import native_bf16
 from conformer.layers import Attention, FCUDown
 
@@ -91,7 +92,7 @@ def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monke
     assert gemm_routes(cpu, torch.bfloat16) == ('matmul',)  # oneDNN refuses bf16 there
     result = run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('eager', 'bf16'),
                  gemm_size=64, skip_training=True, model_kwargs=dict(num_classes=10))
-    assert [r['status'] for r in result['inference']] == ['ok', NO_NATIVE_BF16]
+    assert [r['status'] for r in result['variants'][0]['inference']] == ['ok', NO_NATIVE_BF16]
     assert list(result['matmul_peak_gflops']) == ['float32']
     monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: True)
     assert unavailable('bf16', cpu) is None
@@ -100,6 +101,43 @@ def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monke
 def test_eager_mode_is_required():
     with pytest.raises(ValueError, match="include 'eager'"):
         run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('fp32',))
+
+
+def test_several_variants_each_at_their_own_input_size_with_a_summary_row_per_batch():
+    result = run(['conformer_nano_patch4', 'conformer_tiny_patch16'], [1, 2], 1, None, 1, 1,
+                 False, modes=('eager', 'fp32'), gemm_size=64, skip_training=True)
+    nano, tiny = result['variants']
+    assert (nano['variant'], nano['image_size'], tiny['variant'], tiny['image_size']) == (
+        'conformer_nano_patch4', 32, 'conformer_tiny_patch16', 224)
+    assert round(tiny['params_m'], 2) == 23.52  # the paper's count, at 1000 classes
+    # each variant's own FLOPs: Conformer-Ti at 224 px is ~5 GMACs an image, nano at 32 px ~0.1
+    flops = {v['variant']: v['inference'][0]['gflop_per_call'] for v in result['variants']}
+    assert 9 < flops['conformer_tiny_patch16'] < 12 and flops['conformer_nano_patch4'] < 0.5
+    table = format_table(result)
+    assert table.count('| mode | batch |') == 2  # one table per variant
+    for v in (nano, tiny):
+        assert f"{v['variant']} @ {v['image_size']}px" in table
+        rows = {(r['mode'], r['batch']): r for r in v['inference']}
+        for batch in (1, 2):
+            eager, fp32 = rows['eager', batch], rows['fp32', batch]
+            assert (f"| {v['variant']} | {v['params_m']:.2f} | {batch} | "
+                    f"{eager['images_per_s']:.3g} | {fp32['images_per_s']:.3g} "
+                    f"({fp32['speedup_vs_eager']:.2f}x) |") in table
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--model', 'conformer_small_patch16', 'resnet50'], "unknown model 'resnet50'; choose one of"),
+    (['--batch-sizes', '1', '0'], '--batch-sizes must be >= 1, got 0'),
+    (['--image-size', '8', '--batch-sizes', '1', '--skip-training'],
+     'smaller than the patch size 16'),
+    (['--json', '/proc/no/such/dir/bench.json'], 'cannot write --json'),
+])
+def test_bad_arguments_stop_with_a_usage_error_before_any_timing(args, message, capsys,
+                                                                  tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --json lands here
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--modes', 'eager', '--rounds', '1', '--warmup', '1', *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_smoke_run_writes_the_documented_json(tmp_path):
@@ -115,7 +153,9 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
     result = json.loads(out.read_text())
     assert result['schema'] == SCHEMA and result['settings']['keep_freed_memory'] is True
     assert set(result) >= {'machine', 'settings', 'matmul_peak_gflops', 'memory_method',
-                           'inference', 'training'}
+                           'variants'}
+    [variant] = result['variants']
+    assert variant['variant'] == 'conformer_nano_patch4' and variant['image_size'] == 32
     # figures from different CPUs differ a lot (Zen 5's fp32 peak is twice Zen 4's): the
     # JSON and the table header name the CPU
     assert result['machine']['cpu'] and result['machine']['cpu'] in proc.stdout
@@ -128,9 +168,9 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         assert result['matmul_peak_gflops'][dt] == max(rates.values()) > 0
         assert rates[result['matmul_peak_route'][dt]] == max(rates.values())
     batches = result['settings']['batch_sizes']
-    assert [(r['mode'], r['batch']) for r in result['inference']] == [
+    assert [(r['mode'], r['batch']) for r in variant['inference']] == [
         (m, b) for b in batches for m in MODES]
-    for r in result['inference']:
+    for r in variant['inference']:
         if r['mode'] in skipped:
             assert r['status'] == skipped[r['mode']]
             continue
@@ -144,10 +184,10 @@ def test_smoke_run_writes_the_documented_json(tmp_path):
         assert 0.2 < r['pct_of_matmul_peak'] / ratio_of_medians < 5, r
         assert r['latency_ms_p90'] >= r['latency_ms_p50']
         assert r['max_abs_logit_diff'] < (1e-4 if r['mode'] != 'bf16' else 1.0)
-    training = [r for r in result['training'] if r['status'] == 'ok']
+    training = [r for r in variant['training'] if r['status'] == 'ok']
     assert {(r['mode'], r['grad_checkpointing']) for r in training} == {
         (m, c) for m in MODES if m not in skipped for c in (False, True)}
-    assert all(r['status'] == skipped[r['mode']] for r in result['training']
+    assert all(r['status'] == skipped[r['mode']] for r in variant['training']
                if r['status'] != 'ok')
     for r in training:
         assert r['step_ms_p50'] > 0 and r['peak_memory_mb'] > 0
