@@ -42,7 +42,6 @@ import statistics
 import sys
 import time
 import types
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -56,6 +55,7 @@ from conformer.kernels.fcu import fcu_down_reference
 from conformer.layers import Attention, FCUDown
 from conformer.models import check_model_name
 from conformer.models.profile import count_flops
+from conformer.outputs import writable_file
 from conformer import runtime
 
 __all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes', 'gemm_routes',
@@ -532,16 +532,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='Benchmark Conformer variants: eager reference vs deploy modes '
                     '(set OMP_WAIT_POLICY=ACTIVE for stable CPU timings).')
-    parser.add_argument('--model', nargs='+', default=['conformer_small_patch16'],
-                        help='one or more registered variants, benchmarked in turn')
-    parser.add_argument('--batch-sizes', type=int, nargs='*', default=[1, 8, 32],
-                        help='inference batch sizes (none: skip inference)')
-    parser.add_argument('--train-batch', type=int, default=8)
+    parser.add_argument('--model', nargs='+',
+                        help='one or more registered variants, benchmarked in turn '
+                             '(default: conformer_small_patch16)')
+    parser.add_argument('--batch-sizes', type=int, nargs='*',
+                        help='inference batch sizes (default: 1 8 32; none: skip inference)')
+    parser.add_argument('--train-batch', type=int, help='training batch size (default: 8)')
     parser.add_argument('--image-size', type=int,
                         help="input size (default: each model's pretrained_cfg size, 224 px "
                              "for the paper's variants)")
-    parser.add_argument('--rounds', type=int, default=9, help='timed rounds per config')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed calls per config')
+    parser.add_argument('--rounds', type=int, help='timed rounds per config (default: 9)')
+    parser.add_argument('--warmup', type=int, help='untimed calls per config (default: 2)')
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the fp32/bf16 modes (inductor freezing for inference)')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
@@ -558,17 +559,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              'not the speed')
     args = parser.parse_args(argv)
     for flag, value in (('--threads', args.threads), ('--train-batch', args.train_batch),
-                        ('--image-size', args.image_size),
-                        *(('--batch-sizes', b) for b in args.batch_sizes)):
+                        ('--image-size', args.image_size), ('--rounds', args.rounds),
+                        ('--warmup', args.warmup),
+                        *(('--batch-sizes', b) for b in args.batch_sizes or ())):
         if value is not None and value < 1:
             parser.error(f'{flag} must be >= 1, got {value}')
-    out = Path(args.json)
-    try:  # find out before a long run, not after it
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, 'a'):
-            pass
-    except OSError as e:
-        parser.error(f'cannot write --json {out} ({e.strerror}); pick a writable path')
+    if args.smoke and (args.model or args.batch_sizes or args.image_size or args.rounds
+                       or args.warmup or args.train_batch):
+        parser.error('--smoke picks its own tiny model, sizes and rounds; drop --model, '
+                     '--batch-sizes, --image-size, --rounds, --warmup and --train-batch')
+    defaults = dict(model=['conformer_small_patch16'], batch_sizes=[1, 8, 32], rounds=9,
+                    warmup=2, train_batch=8)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.batch_sizes and args.skip_training:
+        parser.error('nothing to measure: --batch-sizes is empty and --skip-training is set')
+    try:
+        out = writable_file(args.json, '--json')
+    except ValueError as e:
+        parser.error(str(e))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kwargs = dict(variants=args.model, batch_sizes=args.batch_sizes,

@@ -131,6 +131,8 @@ def test_several_variants_each_at_their_own_input_size_with_a_summary_row_per_ba
     (['--image-size', '8', '--batch-sizes', '1', '--skip-training'],
      'smaller than the patch size 16'),
     (['--json', '/proc/no/such/dir/bench.json'], 'cannot write --json'),
+    (['--smoke', '--model', 'conformer_base_patch16'], '--smoke picks its own tiny model'),
+    (['--batch-sizes', '--skip-training'], 'nothing to measure'),
 ])
 def test_bad_arguments_stop_with_a_usage_error_before_any_timing(args, message, capsys,
                                                                   tmp_path, monkeypatch):

@@ -410,3 +410,11 @@ def test_builds_on_the_meta_device():
         model = timm.create_model('conformer_base_patch16')
     assert model.conv1.weight.is_meta
     assert sum(p.numel() for p in model.parameters()) == 83289136
+
+
+def test_model_table_refuses_an_output_folder_before_counting(tmp_path, capsys):
+    from conformer.models.profile import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--out', str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f'--out {tmp_path} is a folder' in capsys.readouterr().err

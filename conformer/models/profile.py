@@ -14,6 +14,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from conformer.outputs import writable_file
+
 # published ImageNet-1k top-1 of the paper's weights (Peng et al. 2021, Table 1; S/32 from
 # mmpretrain's model zoo, whose weights are the paper's)
 PUBLISHED_TOP1 = {'conformer_tiny_patch16': 81.3, 'conformer_small_patch16': 83.4,
@@ -53,6 +55,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='Parameters and MACs of every Conformer variant.')
     parser.add_argument('--out', help='also write the rows as JSON to this path')
     args = parser.parse_args(argv)
+    if args.out:
+        try:
+            writable_file(args.out, '--out')
+        except ValueError as e:
+            parser.error(str(e))
     rows = model_table()
     print('| model | input | params (M) | MACs (G) | ImageNet top-1 (published) |')
     print('|---|---|---|---|---|')
