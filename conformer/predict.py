@@ -10,20 +10,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 import timm
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 import conformer  # noqa: F401  (registers the variants with timm)
 from conformer import runtime
+from conformer.data.folder import to_mode
 from conformer.deploy import optimize_for_inference
 from conformer.models import check_model_name
 
-__all__ = ['create_model', 'find_images', 'load_labels', 'predict', 'main']
+__all__ = ['READ_ERRORS', 'create_model', 'find_images', 'load_labels', 'predict',
+           'read_image', 'main']
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
                   '.pgm'}
@@ -80,9 +82,16 @@ def load_labels(spec: str, num_classes: int) -> List[str]:
     return labels
 
 
-def _read(path: Path, transform) -> torch.Tensor:
+# what a damaged, unsupported or oversized (PIL's decompression-bomb guard) file raises
+READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(path: Union[str, Path], in_chans: int) -> Image.Image:
+    """An image file in the model's input mode, converted as the training data is
+    (:func:`conformer.data.folder.to_mode`: 16-bit scaled to 8 bits, transparency on white)."""
     with Image.open(path) as img:
-        return transform(img.convert('RGB'))
+        img.load()
+        return to_mode(img, in_chans)
 
 
 def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk: int = 5,
@@ -95,9 +104,9 @@ def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk
         chunk, tensors = [], []
         for path in paths[start:start + batch_size]:
             try:
-                tensors.append(_read(path, transform))
+                tensors.append(transform(read_image(path, model.in_chans)))
                 chunk.append(dict(path=str(path)))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
+            except READ_ERRORS as e:
                 chunk.append(dict(path=str(path), error=f'{type(e).__name__}: {e}'))
         if tensors:
             with torch.no_grad():

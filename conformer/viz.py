@@ -95,7 +95,8 @@ def _normalise(m: torch.Tensor, size) -> torch.Tensor:
 
 def plot_maps(image, activations: Dict[str, torch.Tensor], cams: Dict[str, torch.Tensor],
               class_name: str, block: int, path: str) -> None:
-    """Save a one-row PNG: the image, both branches' activations, both heads' CAMs."""
+    """Save a one-row figure: the image (RGB, or 2-D grayscale), both branches' activations,
+    both heads' CAMs."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -110,7 +111,7 @@ def plot_maps(image, activations: Dict[str, torch.Tensor], cams: Dict[str, torch
               (f'transformer head CAM: {class_name}', cams['transformer'][0])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3))
     for ax, (title, m) in zip(axes, panels):
-        ax.imshow(picture)
+        ax.imshow(picture, cmap='gray' if picture.ndim == 2 else None)
         if m is not None:
             ax.imshow(_normalise(m, size).numpy(), cmap='jet', alpha=0.5)
         ax.set_title(title, fontsize=8)
@@ -120,16 +121,36 @@ def plot_maps(image, activations: Dict[str, torch.Tensor], cams: Dict[str, torch
     plt.close(fig)
 
 
+def figure_path(output: str, image: str) -> Path:
+    """The file ``--output`` names: '.png' added when it has no suffix, a format matplotlib
+    can write, not the input image, and writable (checked before the model runs)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    from conformer.outputs import writable_file
+
+    path = Path(output)
+    if not path.suffix:
+        path = path.with_name(path.name + '.png')
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f'--output {output}: matplotlib cannot write {path.suffix!r} files; '
+                         f'use one of {", ".join("." + f for f in sorted(formats))}')
+    if path.exists() and path.resolve() == Path(image).resolve():
+        raise ValueError(f'--output {output} is the input image; pick another path so the '
+                         f'image is not overwritten')
+    return writable_file(path, '--output')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform, resolve_data_config
-    from conformer.predict import create_model, load_labels
+    from conformer.predict import READ_ERRORS, create_model, load_labels, read_image
 
     parser = argparse.ArgumentParser(
         description="CNN- and transformer-branch activation maps (the paper's Figure 2) and "
                     "both heads' class activation maps for one image, as a PNG.")
     parser.add_argument('image')
-    parser.add_argument('--output', required=True, help='PNG path')
+    parser.add_argument('--output', required=True,
+                        help="figure path ('.png' is added without a suffix; .pdf, .svg, ... "
+                             "also work)")
     parser.add_argument('--model', default='conformer_small_patch16')
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument('--pretrained', action='store_true')
@@ -142,18 +163,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     try:
+        output = figure_path(args.output, args.image)
         model = create_model(args.model, args.pretrained, args.checkpoint, **kwargs)
         labels = load_labels(args.labels, model.num_classes)
-        with Image.open(args.image) as img:
-            image = img.convert('RGB')
-    except (FileNotFoundError, ValueError, UnidentifiedImageError, OSError) as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
+    try:
+        image = read_image(args.image, model.in_chans)
+    except READ_ERRORS as e:
+        parser.error(f'cannot read {args.image}: {e}')
     transform = create_transform(**resolve_data_config(model=model))
     x = transform(image)[None]
     # show the picture the model saw (after resize and centre crop), not the raw file
-    shown = create_transform(**dict(resolve_data_config(model=model), mean=(0, 0, 0),
-                                    std=(1, 1, 1)))(image)
-    shown = (shown.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()
+    shown = create_transform(**dict(resolve_data_config(model=model), mean=(0,) * model.in_chans,
+                                    std=(1,) * model.in_chans))(image)
+    shown = (shown.permute(1, 2, 0).clamp(0, 1) * 255).byte().squeeze(-1).numpy()
     blocks = _blocks(model)
     block = max(blocks) if args.block is None else args.block
     try:
@@ -162,8 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     class_name = labels[cams['class_index'][0]].split(',')[0]
-    plot_maps(shown, activations, cams, class_name, block, args.output)
-    print(f'wrote {args.output} (class: {class_name})')
+    plot_maps(shown, activations, cams, class_name, block, str(output))
+    print(f'wrote {output} (class: {class_name})')
     return 0
 
 

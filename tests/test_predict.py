@@ -1,7 +1,9 @@
 """conformer.predict: top-5 from files and folders against a direct model call, and
 unreadable files reported without stopping the run."""
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -9,7 +11,7 @@ from PIL import Image
 import timm
 from timm.data import create_transform, resolve_data_config
 import conformer  # noqa: F401
-from conformer.predict import load_labels, main
+from conformer.predict import load_labels, main, read_image
 
 LABELS = [f'class_{i}' for i in range(10)]
 
@@ -85,3 +87,28 @@ def test_no_weights_is_an_error(setup, capsys):
     with pytest.raises(SystemExit):
         main([str(images), '--model', 'conformer_nano_patch4'])
     assert '--pretrained or --checkpoint' in capsys.readouterr().err
+
+
+def test_images_are_read_as_the_training_data_is(tmp_path):
+    """16-bit grayscale is scaled to 8 bits (not clipped to white) and transparent pixels
+    come out white (not black), in the model's channel count."""
+    Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)).save(tmp_path / 'deep.png')
+    rgba = Image.new('RGBA', (4, 4), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    rgba.save(tmp_path / 'clear.png')
+    deep = read_image(tmp_path / 'deep.png', in_chans=1)
+    assert deep.mode == 'L' and deep.getpixel((1, 1)) == 128
+    clear = read_image(tmp_path / 'clear.png', in_chans=3)
+    assert clear.mode == 'RGB'
+    assert clear.getpixel((1, 1)) == (255, 255, 255) and clear.getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_an_oversized_image_is_reported_and_the_rest_still_run(setup, capsys, monkeypatch):
+    _, tmp_path, images = setup
+    Image.new('RGB', (80, 80)).save(images / 'huge.png')  # 6400 px: over 2x the limit below
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 3000)
+    assert run(tmp_path, images) == 1
+    results = {Path(r['path']).name: r for r in json.loads((tmp_path / 'out.json').read_text())}
+    assert 'DecompressionBombError' in results['huge.png']['error']
+    assert all('top' in results[name] for name in ('a.png', 'b.jpg', 'c.bmp'))
+    assert 'huge.png: cannot read' in capsys.readouterr().err

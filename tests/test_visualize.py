@@ -75,3 +75,31 @@ def test_cli_reports_an_unreadable_image(model, tmp_path, capsys):
               'conformer_nano_patch4', '--checkpoint', str(tmp_path / 'nano.pth'),
               '--num-classes', '10', '--labels', 'none'])
     assert 'bad.jpg' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('output, message', [
+    ('fig.xyz', "matplotlib cannot write '.xyz' files"),
+    ('red.png', 'is the input image; pick another path'),
+])
+def test_bad_output_paths_are_refused_before_the_model_runs(model, tmp_path, capsys, output,
+                                                           message):
+    torch.save(model.state_dict(), tmp_path / 'nano.pth')
+    Image.new('RGB', (50, 40), (200, 30, 30)).save(tmp_path / 'red.png')
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / 'red.png'), '--output', str(tmp_path / output), '--model',
+              'conformer_nano_patch4', '--checkpoint', str(tmp_path / 'nano.pth'),
+              '--num-classes', '10', '--labels', 'none'])
+    assert message in capsys.readouterr().err
+    with Image.open(tmp_path / 'red.png') as img:  # the input is untouched
+        assert img.size == (50, 40) and img.getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_output_without_a_suffix_gets_png(model, tmp_path, capsys):
+    torch.save(model.state_dict(), tmp_path / 'nano.pth')
+    Image.new('RGB', (50, 40), (200, 30, 30)).save(tmp_path / 'red.png')
+    assert main([str(tmp_path / 'red.png'), '--output', str(tmp_path / 'figs' / 'fig'),
+                 '--model', 'conformer_nano_patch4', '--checkpoint', str(tmp_path / 'nano.pth'),
+                 '--num-classes', '10', '--labels', 'none']) == 0
+    assert f"wrote {tmp_path / 'figs' / 'fig.png'}" in capsys.readouterr().out
+    with Image.open(tmp_path / 'figs' / 'fig.png') as png:
+        assert png.format == 'PNG'
