@@ -18,9 +18,10 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 import conformer  # noqa: F401  (registers the variants with timm)
+from conformer.outputs import writable_file
 from conformer.predict import create_model
 
-__all__ = ['export_program', 'export_onnx', 'check_onnx', 'main']
+__all__ = ['export_program', 'check_program', 'export_onnx', 'check_onnx', 'main']
 
 DYNAMIC_IMAGE = {'x': {0: Dim('batch', min=1), 2: Dim.AUTO, 3: Dim.AUTO}}
 MISSING_EXTRA = ("ONNX export needs the packages onnx, onnxscript and onnxruntime; install them "
@@ -40,17 +41,45 @@ def export_program(model: nn.Module, size: Tuple[int, int] = (224, 224),
                                dynamic_shapes=DYNAMIC_IMAGE)
 
 
-def export_onnx(model: nn.Module, path: str, size: Tuple[int, int] = (224, 224),
-                batch: int = 2, opset: Optional[int] = None) -> None:
-    """Write ``model`` to the ONNX file ``path`` (input ``images``: N x C x H x W, output
-    ``logits``) with dynamic batch, height and width."""
+def check_program(program: ExportedProgram, model: nn.Module,
+                  size: Tuple[int, int]) -> None:
+    """Refuse a program traced at an image size too small to generalise: export derives the
+    sizes it takes from the traced one, and a trace at a few pixels can yield a program for
+    only those (e.g. 5-8 px). It must take the model's own input size."""
+    default = tuple(model.pretrained_cfg['input_size'][1:])
     try:
+        with torch.no_grad():
+            program.module()(_example(model, 1, default))
+    except Exception as e:  # torch.export guard failures have no common public type
+        raise ValueError(f'traced at {size[0]}x{size[1]}, the exported program does not take '
+                         f"the model's {default[0]}x{default[1]} input "
+                         f'({str(e).splitlines()[0][:160]}); trace at a larger --image-size '
+                         f'(default: {default[0]} {default[1]})') from None
+
+
+def export_onnx(model: nn.Module, path: str, size: Tuple[int, int] = (224, 224),
+                batch: int = 2, opset: Optional[int] = None,
+                program: Optional[ExportedProgram] = None) -> None:
+    """Write ``model`` to the ONNX file ``path`` (input ``images``: N x C x H x W, output
+    ``logits``) with dynamic batch, height and width, from ``program`` if it was already
+    exported. An opset the exporter cannot convert to is an error, not a silent fallback."""
+    try:
+        import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
     except ImportError as e:
         raise ImportError(MISSING_EXTRA) from e
-    program = export_program(model, size, batch)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not 1 <= opset <= newest:
+        raise ValueError(f'--opset {opset}: the installed onnx package knows opsets up to '
+                         f'{newest}; pick one in that range or leave --opset out')
+    program = program or export_program(model, size, batch)
     onnx_program = torch.onnx.export(program, input_names=['images'], output_names=['logits'],
                                      opset_version=opset, dynamo=True, verbose=False)
+    written = next(o.version for o in onnx_program.model_proto.opset_import if o.domain == '')
+    if opset is not None and written != opset:
+        raise ValueError(f'--opset {opset}: the exporter could not convert the model to that '
+                         f'opset (it produced opset {written}); use --opset {written} or '
+                         f'leave --opset out')
     onnx_program.save(path)
 
 
@@ -79,33 +108,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--num-classes', type=int)
     parser.add_argument('--format', choices=['onnx', 'pt2', 'both'], default='both')
     parser.add_argument('--output', required=True,
-                        help='output path without suffix; .onnx / .pt2 are added')
+                        help='output path; .onnx / .pt2 are appended to it')
     parser.add_argument('--image-size', type=int, nargs=2, metavar=('H', 'W'),
                         help="size to trace at (default: the model's pretrained_cfg input size)")
     parser.add_argument('--opset', type=int, help='ONNX opset (default: the exporter\'s)')
     parser.add_argument('--atol', type=float, default=1e-3,
                         help='max abs logit difference onnxruntime may show (default 1e-3)')
     args = parser.parse_args(argv)
+    if args.image_size and min(args.image_size) < 1:
+        parser.error(f'--image-size must be positive, got {" ".join(map(str, args.image_size))}')
+    formats = ('pt2', 'onnx') if args.format == 'both' else (args.format,)
+    # '--output out/model.v2' keeps its '.v2'; an '.onnx' or '.pt2' given with it is dropped
+    stem = Path(args.output)
+    if not stem.name or stem.is_dir():
+        parser.error(f'--output {args.output} is a folder; name the files, e.g. '
+                     f'{Path(args.output) / "model"}')
+    stem = stem.with_suffix('') if stem.suffix in ('.onnx', '.pt2') else stem
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     try:
+        paths = {f: writable_file(stem.with_name(f'{stem.name}.{f}'), '--output')
+                 for f in formats}
         model = create_model(args.model, args.pretrained, args.checkpoint, **kwargs)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
-    size = tuple(args.image_size or model.pretrained_cfg['input_size'][1:])
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.format in ('pt2', 'both'):
+        size = tuple(args.image_size or model.pretrained_cfg['input_size'][1:])
         program = export_program(model, size)
-        torch.export.save(program, out.with_suffix('.pt2'))
-        print(f'wrote {out.with_suffix(".pt2")}; dynamic ranges: {program.range_constraints}')
-    if args.format in ('onnx', 'both'):
-        path = str(out.with_suffix('.onnx'))
-        export_onnx(model, path, size, opset=args.opset)
+        check_program(program, model, size)
+    except (FileNotFoundError, ValueError) as e:  # also the model's own input-size errors
+        parser.error(str(e))
+    if not (args.pretrained or args.checkpoint):
+        print('warning: no --pretrained or --checkpoint: exporting randomly initialised '
+              'weights', file=sys.stderr)
+    if 'pt2' in paths:
+        torch.export.save(program, paths['pt2'])
+        print(f'wrote {paths["pt2"]}; dynamic ranges: {program.range_constraints}')
+    if 'onnx' in paths:
+        try:
+            export_onnx(model, str(paths['onnx']), size, opset=args.opset, program=program)
+        except ValueError as e:
+            parser.error(str(e))
         # check at another batch size and image shape than the traced ones
         check_size = (size[0] + model.patch_size, size[1] + 2 * model.patch_size)
-        diff = check_onnx(path, model, _example(model, 3, check_size))
-        print(f'wrote {path}; onnxruntime vs PyTorch at 3x{check_size[0]}x{check_size[1]}: '
-              f'max abs logit difference {diff:.2e}')
+        diff = check_onnx(str(paths['onnx']), model, _example(model, 3, check_size))
+        print(f'wrote {paths["onnx"]}; onnxruntime vs PyTorch at 3x{check_size[0]}x'
+              f'{check_size[1]}: max abs logit difference {diff:.2e}')
         if diff > args.atol:
             print(f'error: the ONNX model differs from PyTorch by {diff:.2e} > --atol '
                   f'{args.atol}', file=sys.stderr)

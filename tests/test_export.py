@@ -51,13 +51,31 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
         export_onnx(model, str(tmp_path / 'x.onnx'), (32, 32))
 
 
-@pytest.mark.parametrize('model, weights, message', [
-    ('conformer_nano_patch4', ['--checkpoint', 'no.pth'], 'does not exist'),
-    ('conformer_nano', ['--pretrained'], "unknown model 'conformer_nano'; choose one of"),
+@pytest.mark.parametrize('args, message', [
+    (['--checkpoint', 'no.pth'], 'does not exist'),
+    (['--model', 'conformer_nano', '--pretrained'], "unknown model 'conformer_nano'; choose one of"),
+    (['--image-size', '0', '32'], '--image-size must be positive, got 0 32'),
+    # traced at 7x7 the program would take only 5-8 px images
+    (['--image-size', '7', '7', '--format', 'pt2'],
+     "traced at 7x7, the exported program does not take the model's 32x32 input"),
+    (['--format', 'onnx', '--opset', '99'], '--opset 99: the installed onnx package knows'),
+    (['--format', 'onnx', '--opset', '5'], 'could not convert the model to that opset'),
 ])
-def test_missing_checkpoint_or_unknown_model_is_a_clear_cli_error(model, weights, message,
-                                                                   tmp_path, capsys):
+def test_bad_arguments_are_clear_cli_errors_and_write_nothing(args, message, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(['--model', model, *weights, '--output', str(tmp_path / 'x')])
+        main(['--model', 'conformer_nano_patch4', *args, '--output', 'out/x'])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not list(tmp_path.rglob('x.*'))
+
+
+def test_output_keeps_its_dots_and_a_folder_is_refused(tmp_path, capsys):
+    assert main(['--model', 'conformer_nano_patch4', '--format', 'pt2',
+                 '--output', str(tmp_path / 'model.v2')]) == 0
+    assert (tmp_path / 'model.v2.pt2').is_file()
+    assert 'exporting randomly initialised weights' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['--model', 'conformer_nano_patch4', '--output', str(tmp_path)])
+    assert 'is a folder; name the files' in capsys.readouterr().err
