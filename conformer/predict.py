@@ -23,6 +23,7 @@ from conformer import runtime
 from conformer.data.folder import to_mode
 from conformer.deploy import optimize_for_inference
 from conformer.models import check_model_name
+from conformer.outputs import writable_file
 
 __all__ = ['READ_ERRORS', 'create_model', 'find_images', 'load_labels', 'predict',
            'read_image', 'main']
@@ -137,8 +138,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not (args.pretrained or args.checkpoint):
         parser.error('pass --pretrained or --checkpoint FILE: random weights predict nothing')
-    if args.topk < 1 or args.batch_size < 1:
-        parser.error('--topk and --batch-size must be >= 1')
+    if min(args.topk, args.batch_size, 1 if args.num_classes is None else args.num_classes) < 1:
+        parser.error('--topk, --batch-size and --num-classes must be >= 1')
+    if args.json:
+        try:
+            writable_file(args.json, '--json')
+        except ValueError as e:
+            parser.error(str(e))
     paths = find_images(args.inputs)
     if not paths:
         parser.error(f'no image files found in {" ".join(args.inputs)}')

@@ -82,11 +82,16 @@ def test_labels_errors_name_the_fix(tmp_path):
         load_labels(str(tmp_path / 'three.txt'), 10)
 
 
-def test_no_weights_is_an_error(setup, capsys):
+@pytest.mark.parametrize('args, message', [
+    ([], '--pretrained or --checkpoint'),
+    (['--pretrained', '--num-classes', '0'], '--num-classes must be >= 1'),
+    (['--pretrained', '--json', '/proc/conformer-zoo/out.json'], 'cannot write --json'),
+])
+def test_cli_errors_name_the_fix(setup, capsys, args, message):
     _, tmp_path, images = setup
-    with pytest.raises(SystemExit):
-        main([str(images), '--model', 'conformer_nano_patch4'])
-    assert '--pretrained or --checkpoint' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(images), '--model', 'conformer_nano_patch4', *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_images_are_read_as_the_training_data_is(tmp_path):
