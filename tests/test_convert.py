@@ -1,5 +1,6 @@
 """conformer-convert: every input layout -> a Hub folder that timm loads back exactly."""
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -7,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import conformer  # noqa: F401
-from conformer.weights import sha256_file
-from conformer.weights.convert import convert, known_release, main
-from test_weights import NANO, by_hand, layouts, nano, reference, to_mmpretrain  # noqa: F401 (fixtures)
+from conformer.weights import known_release, sha256_file
+from conformer.weights.convert import convert, main
+from test_weights import (CLASSES, NANO, QUICKSTART, by_hand, layouts,  # noqa: F401 (fixtures)
+                          nano, quickstart, reference, to_mmpretrain)
 
 
 def assert_same_model(model, expected, x):
@@ -38,12 +40,12 @@ def test_round_trip_through_local_dir(layout, layouts, tmp_path):
 
 
 def test_training_checkpoint_keeps_its_classes_and_channels(tmp_path):
-    trained = nano(num_classes=10, in_chans=1)
+    trained = nano(num_classes=10, in_chans=1, mlp_ratio=2.0)
     ema = {k: v + 1e-3 if v.is_floating_point() else v for k, v in trained.state_dict().items()}
     classes = ['T-shirt', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
                'Sneaker', 'Bag', 'Ankle boot']
     meta = {'variant': NANO, 'num_classes': 10, 'in_chans': 1, 'classes': classes,
-            'model_kwargs': {'drop_path_rate': 0.1}, 'input_size': 28, 'mean': [0.286],
+            'model_kwargs': {'mlp_ratio': 2.0}, 'input_size': 28, 'mean': [0.286],
             'std': [0.353], 'epoch': 9, 'metrics': {'top1': 92.8, 'ema_top1': 93.1}}
     torch.save({'model': trained.state_dict(), 'ema': ema, 'epoch': 9, 'meta': meta},
                tmp_path / 'last.pth')
@@ -51,7 +53,7 @@ def test_training_checkpoint_keeps_its_classes_and_channels(tmp_path):
                   repo_id='me/conformer-nano-fmnist')
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == NANO and config['num_classes'] == 10
-    assert config['model_args'] == {'num_classes': 10, 'in_chans': 1, 'drop_path_rate': 0.1}
+    assert config['model_args'] == {'num_classes': 10, 'in_chans': 1, 'mlp_ratio': 2.0}
     assert config['label_names'] == classes
     cfg = config['pretrained_cfg']
     assert cfg['input_size'] == [1, 28, 28] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
@@ -67,6 +69,63 @@ def test_training_checkpoint_keeps_its_classes_and_channels(tmp_path):
            'epoch 9' in card
     assert sha256_file(tmp_path / 'last.pth') in card and "weights from the 'ema' entry" in card
     assert "timm.create_model('hf-hub:me/conformer-nano-fmnist', pretrained=True)" in card
+
+
+def test_converted_folder_converts_again_with_its_architecture(quickstart, tmp_path):
+    """config.json's model_args (a pooled stem, patch 8) rebuild the variant, not the
+    registered defaults; class names and preprocessing survive the second conversion."""
+    path, trained = quickstart
+    first = convert(path, tmp_path / 'first')
+    again = convert(f'local-dir:{first}', tmp_path / 'again')
+    config = json.loads((again / 'config.json').read_text())
+    assert config['model_args'] == dict(QUICKSTART, in_chans=1, num_classes=10)
+    assert config['label_names'] == CLASSES
+    cfg = config['pretrained_cfg']
+    assert cfg['input_size'] == [1, 28, 28] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
+    model = timm.create_model(f'local-dir:{again}', pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+
+
+def test_existing_files_are_kept_unless_overwrite(layouts, tmp_path, capsys):
+    path, expected = layouts['ours']
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    (repo / 'README.md').write_text('# my project\n')
+    (repo / 'config.json').write_text('{}')
+    (repo / 'train.py').write_text('')
+    with pytest.raises(SystemExit) as e:
+        main([str(path), str(repo)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    assert err == (f'conformer-convert: error: {repo} already holds config.json, README.md; '
+                   f'pass --overwrite (overwrite=True) to replace them, or name another folder\n')
+    assert (repo / 'README.md').read_text() == '# my project\n'
+    assert not (repo / 'model.safetensors').exists()
+
+    main([str(path), str(repo), '--overwrite'])
+    assert (repo / 'README.md').read_text().startswith('---\ntags:')
+    assert load_file(repo / 'model.safetensors').keys() == expected.keys()
+    assert (repo / 'train.py').exists()
+
+
+@pytest.mark.parametrize('case', ['file', 'under_a_file', 'not_writable'])
+def test_unusable_out_dir_is_a_usage_error_before_any_work(case, tmp_path, capsys):
+    (tmp_path / 'afile').write_text('')
+    out_dir = {'file': tmp_path / 'afile', 'under_a_file': tmp_path / 'afile' / 'out',
+               'not_writable': Path('/sys/conformer-convert-test')}[case]
+    if case == 'not_writable' and not Path('/sys').is_dir():
+        pytest.skip('needs Linux /sys, where nobody (not even root) can create a folder')
+    with pytest.raises(SystemExit) as e:  # the weights do not exist: never read
+        main([str(tmp_path / 'missing.pth'), str(out_dir)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'Traceback' not in err
+    assert err.startswith('conformer-convert: error: ') and 'missing.pth' not in err
+    assert {'file': f'{out_dir} exists and is not a folder',
+            'under_a_file': f'cannot create {out_dir}: {tmp_path / "afile"} is a file',
+            'not_writable': f'cannot write to {out_dir} (',  # errno text varies
+            }[case] in err
 
 
 def test_no_ema_takes_the_raw_weights(layouts, tmp_path):

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import struct
+import zipfile
 
 import pytest
 import timm
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.models.conformer import checkpoint_filter_fn
 from conformer.weights import (CheckpointError, find_weights_file, load_weights,
-                               read_checkpoint)
+                               model_from_weights, read_checkpoint)
 
 NANO = 'conformer_nano_patch4'
 
@@ -204,8 +205,26 @@ def test_weights_of_another_variant_list_the_mismatched_shapes(layouts):
     msg = str(e.value)
     assert str(path) in msg and 'another Conformer variant' in msg
     assert 'cls_token: file (1, 1, 128), model (1, 1, 64)' in msg
-    assert 'file:  stem_type=small, patch_size=4, base_channel=32, channel_ratio=1, ' \
-           'embed_dim=128, depth=6' in msg
+    assert 'file:  stem_type=small with patch_size=4 or pooled with patch_size=8, ' \
+           'base_channel=32, channel_ratio=1, embed_dim=128, depth=6' in msg
+    assert 'model: stem_type=small, patch_size=4, base_channel=32, channel_ratio=1, ' \
+           'embed_dim=64, depth=6' in msg
+
+
+def test_mismatch_describes_the_files_own_stem_and_heads(tmp_path):
+    """A pooled-stem, grey, 10-class run (conformer-train's quickstart) loaded into the plain
+    variant: the filter adapts the stem to 3 channels and the error must not describe that."""
+    trained = nano(stem_type='pooled', patch_size=8, channel_ratio=2, in_chans=1, num_classes=10)
+    torch.save({'model': {'module.' + k: v for k, v in trained.state_dict().items()}},
+               tmp_path / 'best.pth')
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model(NANO, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'best.pth')))
+    assert 'file:  stem_type=small with patch_size=4 or pooled with patch_size=8, ' \
+           'base_channel=32, channel_ratio=2, embed_dim=128, depth=6, in_chans=1, ' \
+           'num_classes=10\n' in str(e.value)
+    assert 'model: stem_type=small, patch_size=4, base_channel=32, channel_ratio=1, ' \
+           'embed_dim=128, depth=6, in_chans=3, num_classes=1000\n' in str(e.value)
 
 
 def test_file_without_conformer_weights(tmp_path):
@@ -221,8 +240,34 @@ def _truncate(src, dst, keep=0.5):
     return dst
 
 
+def _damage_pickle(src, dst):
+    """`src` rewritten entry by entry with three bytes of its pickle zeroed: every CRC-32 is
+    right, so only unpickling finds the damage."""
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, 'w') as new:
+        for entry in old.infolist():
+            data = old.read(entry)
+            if entry.filename.endswith('/data.pkl'):
+                data = data[:1000] + bytes(3) + data[1003:]
+            new.writestr(entry.filename, data)
+    return dst
+
+
+def _rot_a_tensor(src, dst):
+    """`src` with one byte of a tensor's stored data flipped in place."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as archive:
+        entry = max(archive.infolist(), key=lambda e: e.file_size)  # a weight tensor
+    name_len, extra_len = struct.unpack('<HH', data[entry.header_offset + 26:
+                                                    entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_len + extra_len + 5] ^= 0x40
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 @pytest.mark.parametrize('case, problem', [
     ('zip', 'truncated PyTorch checkpoint'),
+    ('zip_pickle', 'corrupt or truncated PyTorch checkpoint'),
+    ('zip_bitrot', "damaged PyTorch checkpoint (Bad CRC-32 for file 'paper/data/"),
     ('legacy', 'corrupt or truncated PyTorch checkpoint'),
     ('safetensors', 'truncated safetensors file'),
     ('safetensors_body', 'corrupt safetensors file'),
@@ -233,6 +278,10 @@ def test_damaged_files_name_the_file_and_the_problem(case, problem, layouts, tmp
     bad = tmp_path / f'{case}.bin'
     if case == 'zip':
         _truncate(layouts['paper'][0], bad)
+    elif case == 'zip_pickle':
+        _damage_pickle(layouts['paper'][0], bad)
+    elif case == 'zip_bitrot':
+        _rot_a_tensor(layouts['paper'][0], bad)
     elif case == 'legacy':
         _truncate(layouts['mmpretrain'][0], bad)
     elif case == 'safetensors':
@@ -249,6 +298,40 @@ def test_damaged_files_name_the_file_and_the_problem(case, problem, layouts, tmp
     with pytest.raises(CheckpointError) as e:
         timm.create_model(NANO, pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)))
     assert str(bad) in str(e.value) and problem in str(e.value)
+
+
+def test_zip_written_without_checksums_still_loads(reference, tmp_path):
+    """torch.serialization.set_crc32_options(False) writes 0 for every CRC-32."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(reference.state_dict(), tmp_path / 'fast.pth')
+    finally:
+        torch.serialization.set_crc32_options(before)
+    with zipfile.ZipFile(tmp_path / 'fast.pth') as archive:
+        assert {e.CRC for e in archive.infolist()} == {0}
+    loaded = read_checkpoint(tmp_path / 'fast.pth').state_dict
+    assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+
+
+@pytest.mark.parametrize('bad_value, file_format', [(float('nan'), 'torch'),
+                                                    (float('-inf'), 'safetensors')])
+def test_weights_holding_nan_or_inf_are_refused(bad_value, file_format, reference, tmp_path):
+    """A diverged run saves NaN weights with valid checksums; they would predict 'nan%'."""
+    state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
+    state_dict['conv_trans_3.trans_block.attn.qkv.weight'][5, 7] = bad_value
+    state_dict['conv_trans_4.trans_block.attn.qkv.weight'][0, 0] = bad_value
+    if file_format == 'torch':
+        path = tmp_path / 'last.pth'
+        torch.save({'model': state_dict, 'meta': {'variant': NANO}}, path)
+    else:
+        path = tmp_path / 'model.safetensors'
+        save_file(state_dict, path)
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model(NANO, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert str(e.value).startswith(
+        f"{path}: 'conv_trans_3.trans_block.attn.qkv.weight' holds NaN or infinite values "
+        f"(1 of {state_dict['conv_trans_3.trans_block.attn.qkv.weight'].numel()})")
 
 
 def test_missing_file_is_named(tmp_path):
@@ -315,3 +398,78 @@ def test_other_timm_models_keep_timms_own_loader(tmp_path, caplog):
     assert 'timm.models._builder' in loggers
     assert not any(name.startswith('conformer') for name in loggers)
     assert torch.equal(model.state_dict()['conv1.0.weight'], source.state_dict()['conv1.0.weight'])
+
+
+QUICKSTART = dict(stem_type='pooled', patch_size=8, channel_ratio=2, mlp_ratio=2.0)
+CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+           'Bag', 'Ankle boot']
+
+
+@pytest.fixture(scope='module')
+def quickstart(tmp_path_factory):
+    """A conformer-train checkpoint as `experiment=quickstart` writes it: pooled stem, grey
+    28x28 inputs, 10 named classes, architecture overrides in meta['model_kwargs']."""
+    torch.manual_seed(0)
+    trained = nano(**QUICKSTART, in_chans=1, num_classes=10)
+    meta = {'variant': NANO, 'num_classes': 10, 'in_chans': 1, 'classes': CLASSES,
+            'model_kwargs': QUICKSTART, 'input_size': 28, 'mean': [0.286], 'std': [0.353],
+            'interpolation': 'bilinear', 'crop_pct': 1.0}
+    path = tmp_path_factory.mktemp('run') / 'best.pth'
+    torch.save({'model': trained.state_dict(), 'meta': meta, 'epoch': 3}, path)
+    return path, trained
+
+
+def test_model_from_weights_rebuilds_the_trained_model(quickstart):
+    path, trained = quickstart
+    model, checkpoint = model_from_weights(path)
+    assert not model.training and checkpoint.path == path and checkpoint.weights_key == 'model'
+    assert (model.num_classes, model.in_chans, model.patch_size) == (10, 1, 8)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+    cfg = model.pretrained_cfg
+    assert cfg['input_size'] == (1, 28, 28) and cfg['mean'] == (0.286,) and cfg['std'] == (0.353,)
+    assert list(cfg['label_names']) == CLASSES and cfg['num_classes'] == 10
+    assert 'tag' not in cfg and 'notes' not in cfg
+    data_config = timm.data.resolve_data_config({}, model=model)
+    assert data_config['input_size'] == (1, 28, 28) and data_config['mean'] == (0.286,)
+    # nano's default cfg says bicubic and 1.0: the record's bilinear must win
+    assert data_config['interpolation'] == 'bilinear' and data_config['crop_pct'] == 1.0
+
+
+def test_model_from_weights_refuses_another_class_count(quickstart, tmp_path):
+    """A 10-class checkpoint built as a 1000-class model would get random heads."""
+    path, trained = quickstart
+    with pytest.raises(CheckpointError) as e:
+        model_from_weights(path, num_classes=1000)
+    assert str(e.value).startswith(f'{path}: the weights were trained for 10 classes, so a '
+                                   f'model with 1000 classes would predict with untrained heads')
+    assert 'omit num_classes (or pass 10)' in str(e.value)
+    assert model_from_weights(path, num_classes=10)[0].num_classes == 10
+    features, _ = model_from_weights(path, num_classes=0)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(features(x), trained.forward_head(trained.forward_features(x),
+                                                             pre_logits=True))
+    assert 'label_names' not in features.pretrained_cfg
+
+    headless = {k: v for k, v in trained.state_dict().items() if 'cls_head' not in k}
+    save_file(headless, tmp_path / 'backbone.safetensors')
+    with pytest.raises(CheckpointError, match='the weights have no classifier heads, so a '
+                                              'model with 10 classes'):
+        model_from_weights(tmp_path / 'backbone.safetensors', NANO, num_classes=10)
+
+
+def test_model_from_weights_without_a_record(tmp_path):
+    """Bare weights: the variant from model_name, the stem's channels from the weights, the
+    input size from the variant."""
+    grey = nano(in_chans=1)
+    save_file(grey.state_dict(), tmp_path / 'model.safetensors')
+    with pytest.raises(CheckpointError, match='cannot tell which Conformer variant .* pass '
+                                              '--model'):
+        model_from_weights(tmp_path)
+    model, checkpoint = model_from_weights(f'local-dir:{tmp_path}', NANO)
+    assert checkpoint.file_format == 'safetensors' and model.in_chans == 1
+    assert model.pretrained_cfg['input_size'] == (1, *grey.pretrained_cfg['input_size'][1:])
+    assert 'label_names' not in model.pretrained_cfg
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in grey.state_dict().items())

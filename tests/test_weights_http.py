@@ -14,7 +14,7 @@ import torch
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.weights import DownloadError
 from conformer.weights.convert import convert
-from test_weights import NANO, nano, to_mmpretrain
+from test_weights import NANO, nano, quickstart, to_mmpretrain  # noqa: F401 (fixture)
 
 COMMIT = 'a' * 40
 
@@ -158,10 +158,11 @@ def test_damaged_cached_file_is_reported_not_deleted(weights, torch_home):
 # huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME at import: run in a subprocess
 CHILD = r'''
 import sys, torch, timm, conformer
-from conformer.weights import DownloadError
+from conformer.weights import DownloadError, model_from_weights
 out = {}
 calls = {
     'hub': lambda: timm.create_model('hf-hub:org/nano', pretrained=True),
+    'hub_from_weights': lambda: model_from_weights('hf-hub:org/quick')[0],
     'hub_bin': lambda: timm.create_model('hf-hub:org/nano_bin', pretrained=True),
     'hub_overlay_empty_cache': lambda: timm.create_model(
         'conformer_nano_patch4', pretrained=True, cache_dir=sys.argv[2],
@@ -193,11 +194,15 @@ def run_child(tmp_path, env, url, *calls):
     return torch.load(tmp_path / 'out.pt')
 
 
-def test_hub_endpoint_then_offline(server, weights, tmp_path):
+def test_hub_endpoint_then_offline(server, weights, quickstart, tmp_path):
     reference, data, name, path = weights
     repo = convert(path, tmp_path / 'repo', model_name=NANO)
     for f in repo.iterdir():
         server.routes[f'/org/nano/resolve/main/{f.name}'] = f.read_bytes()
+    # a pooled-stem, grey model: only its config.json tells model_from_weights how to build it
+    quick_path, quick = quickstart
+    for f in convert(quick_path, tmp_path / 'quick').iterdir():
+        server.routes[f'/org/quick/resolve/main/{f.name}'] = f.read_bytes()
     # a repo with only the pickle timm falls back to
     server.routes['/org/nano_bin/resolve/main/config.json'] = (repo / 'config.json').read_bytes()
     torch.save(reference.state_dict(), tmp_path / 'pytorch_model.bin')
@@ -213,15 +218,20 @@ def test_hub_endpoint_then_offline(server, weights, tmp_path):
         return loaded.keys() == expected.keys() and all(
             torch.equal(loaded[k], v) for k, v in expected.items())
 
-    online = run_child(tmp_path, env, f'{server.url}/{name}', 'hub', 'hub_bin', 'url')
+    online = run_child(tmp_path, env, f'{server.url}/{name}', 'hub', 'hub_bin', 'url',
+                       'hub_from_weights')
     assert all(same(online[call]) for call in ('hub', 'hub_bin', 'url'))
+    quick_state = quick.state_dict()
+    assert all(torch.equal(online['hub_from_weights'][k], v) for k, v in quick_state.items())
     assert (torch_cache / name).is_file()
 
     served = len(server.gets)
     offline = run_child(tmp_path, {**env, 'HF_HUB_OFFLINE': '1'}, f'{server.url}/{name}',
-                        'hub', 'url', 'hub_overlay_empty_cache', 'url_empty_cache', 'in1k')
+                        'hub', 'url', 'hub_overlay_empty_cache', 'url_empty_cache', 'in1k',
+                        'hub_from_weights')
     assert len(server.gets) == served  # offline means no request at all
     assert same(offline['hub']) and same(offline['url'])
+    assert all(torch.equal(offline['hub_from_weights'][k], v) for k, v in quick_state.items())
     msg = offline['hub_overlay_empty_cache']
     assert 'hf-hub:org/nano' in msg and 'HF_HUB_OFFLINE' in msg and 'hf download org/nano' in msg
     msg = offline['url_empty_cache']

@@ -6,38 +6,33 @@ the model) and ``README.md``, a model card with the source file and its sha256, 
 license. Publish it with ``hf upload ORG/NAME FOLDER``. Command line: ``conformer-convert``
 (``tools/convert.py``).
 
-The variant is taken from ``--model``, else recognised from the file: one of the hosted
-``.in1k`` releases by name, the model name a training run recorded (``meta['variant']`` in
-conformer-train checkpoints, ``args.model`` in DeiT-style ones, timm's ``arch``), a converted
-folder's ``config.json``, or a variant name inside the file name (the paper's
-``Conformer_small_patch16.pth``). num_classes and in_chans come from the weights themselves.
-From conformer-train checkpoints the card and config also take ``meta['model_kwargs']``, the
-class names, the input size, mean and std, and the eval top-1 recorded with the weights.
+The model is rebuilt as it was trained by `rebuild.model_from_weights`: the variant from
+``--model``, else recognised from the file (a hosted ``.in1k`` release by name, the model name
+a training run recorded, a converted folder's ``config.json``, a variant name inside the file
+name such as the paper's ``Conformer_small_patch16.pth``); num_classes and in_chans from the
+weights; architecture overrides, class names, input size, mean and std from conformer-train's
+``meta`` or the ``config.json``. The card also takes the eval top-1 recorded with the weights.
+A folder already holding any of the three files is refused unless ``--overwrite`` is given.
 """
 import argparse
-import json
 import logging
-import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
-import timm
 import torch
 from timm.models import get_pretrained_cfg, save_for_hf
 
-from conformer.models.conformer import checkpoint_filter_fn
-
-from .checkpoint import EMA_KEYS, Checkpoint, CheckpointError, read_checkpoint
+from .checkpoint import EMA_KEYS, Checkpoint
 from .download import DownloadError, sha256_file
-from .loading import describe_architecture, load_state_dict_checked, weights_file
+from .rebuild import model_from_weights
 
-__all__ = ['convert', 'known_release', 'main']
+__all__ = ['convert', 'main']
 
 _logger = logging.getLogger(__name__)
 
-# wrappers around the paper's key names: DDP, torch.compile, mmpretrain
-_KEY_PREFIXES = ('module.', '_orig_mod.', 'backbone.', 'head.')
+OUT_FILES = ('model.safetensors', 'config.json', 'README.md')
 
 PAPER = ('Conformer: Local Features Coupling Global Representations for Visual Recognition '
          '(Peng et al., ICCV 2021, arXiv:2105.03889)')
@@ -49,88 +44,50 @@ CITATION = """@inproceedings{peng2021conformer,
 }"""
 
 
-def known_release(filename: str) -> Optional[str]:
-    """The pretrained tag ('conformer_tiny_patch16.in1k') whose hosted file is `filename`."""
-    for name in timm.list_pretrained('conformer*'):
-        url = get_pretrained_cfg(name).url
-        if url and os.path.basename(url) == filename:
-            return name
-    return None
-
-
 def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Optional[str] = None,
             use_ema: bool = True, top1: Optional[float] = None, dataset: Optional[str] = None,
             license: Optional[str] = None, repo_id: Optional[str] = None,
-            cache_dir: Optional[Union[str, Path]] = None) -> Path:
+            cache_dir: Optional[Union[str, Path]] = None, overwrite: bool = False) -> Path:
     """Write `out_dir` (model.safetensors, config.json, README.md) from the weights at `source`
-    (a file, folder, URL, ``hf-hub:`` or ``local-dir:`` name) and return it."""
-    checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
-    release = known_release(checkpoint.path.name)
-    name = model_name or release or _recorded_architecture(checkpoint)
-    if name.split('.')[0] not in timm.list_models('conformer*'):
-        raise ValueError(f"unknown model {name!r}; pass one of {timm.list_models('conformer*')}")
-    if release and name.split('.')[0] != release.split('.')[0]:
-        release = None
-    num_classes, in_chans = _trained_heads_and_stem(checkpoint.state_dict)
-    meta = checkpoint.meta
-    model_args = dict(meta.get('model_kwargs') or {}, num_classes=num_classes, in_chans=in_chans)
-    model = timm.create_model(name, **model_args)
-    load_state_dict_checked(model, checkpoint_filter_fn(checkpoint.state_dict, model),
-                            str(checkpoint.path))
-    if release is None:
-        # the variant's default cfg describes other weights: drop its tag, results and origin
-        model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items()
-                                if k not in ('tag', 'notes', 'description')}
-    if license:
-        model.pretrained_cfg['license'] = license
+    (a file, folder, URL, ``hf-hub:`` or ``local-dir:`` name) and return it.
 
+    Files of those names already in `out_dir` are only replaced with `overwrite`.
+    """
     out_dir = Path(out_dir)
-    # conformer-train records the class names and the preprocessing it trained with
-    if 'input_size' in meta:
-        size = meta['input_size']
-        model.pretrained_cfg['input_size'] = (in_chans, *((size, size) if isinstance(size, int)
-                                                          else tuple(size)[-2:]))
-    model.pretrained_cfg.update({k: tuple(meta[k]) for k in ('mean', 'std') if k in meta})
-    save_for_hf(model, out_dir, model_args=model_args, safe_serialization=True,
-                model_config=dict(label_names=meta['classes']) if meta.get('classes') else None)
+    _check_out_dir(out_dir, overwrite)
+    model, checkpoint = model_from_weights(source, model_name, use_ema=use_ema,
+                                           cache_dir=cache_dir)
+    cfg = model.pretrained_cfg
+    release = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get('tag') else None
+    if license:
+        cfg['license'] = license
+    save_for_hf(model, out_dir, safe_serialization=True,
+                model_config=dict(label_names=cfg['label_names']) if 'label_names' in cfg
+                else None)
     card = model_card(model, checkpoint, release, top1=top1, dataset=dataset,
                       repo_id=repo_id or f'ORG/{out_dir.resolve().name}')
     (out_dir / 'README.md').write_text(card, encoding='utf-8')
-    _logger.info(f'Wrote {out_dir}/ (model.safetensors, config.json, README.md); publish with: '
+    _logger.info(f'Wrote {out_dir}/ ({", ".join(OUT_FILES)}); publish with: '
                  f'hf upload {repo_id or "ORG/NAME"} {out_dir}')
     return out_dir
 
 
-def _recorded_architecture(checkpoint: Checkpoint) -> str:
-    """The variant a checkpoint names: its training record, the config.json of its folder
-    (a converted model), or its file name."""
-    conformers = timm.list_models('conformer*')
-    config = checkpoint.path.parent / 'config.json'
-    folder_arch = json.loads(config.read_text()).get('architecture') if config.is_file() else None
-    for recorded in (checkpoint.architecture, folder_arch):
-        if recorded and recorded.lower().split('.')[0] in conformers:
-            return recorded.lower().split('.')[0]
-    in_name = [n for n in conformers if n in checkpoint.path.name.lower()]
-    if len(in_name) == 1:
-        return in_name[0]
-    plain = {_strip_prefixes(k): v for k, v in checkpoint.state_dict.items()}
-    raise CheckpointError(
-        f'{checkpoint.path}: cannot tell which Conformer variant these weights are '
-        f'({describe_architecture(plain)}); pass --model, one of {conformers}')
-
-
-def _strip_prefixes(key: str) -> str:
-    while key.startswith(_KEY_PREFIXES):
-        key = key.split('.', 1)[1]
-    return key
-
-
-def _trained_heads_and_stem(state_dict: Dict[str, torch.Tensor]) -> Tuple[int, int]:
-    """num_classes (0 without heads) and in_chans the weights were trained with."""
-    plain = {_strip_prefixes(k): v for k, v in state_dict.items()}
-    head = plain.get('conv_cls_head.weight')
-    stem = plain.get('conv1.weight')
-    return (head.shape[0] if head is not None else 0), (stem.shape[1] if stem is not None else 3)
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a folder that cannot be written or whose files would be lost."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f'{out_dir} exists and is not a folder; name a folder to write')
+    existing = [name for name in OUT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(f'{out_dir} already holds {", ".join(existing)}; pass --overwrite '
+                         f'(overwrite=True) to replace them, or name another folder')
+    nearest = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise ValueError(f'cannot create {out_dir}: {nearest} is a file; name another folder')
+    try:  # os.access cannot tell (root, read-only or virtual file systems): try it
+        tempfile.TemporaryDirectory(dir=nearest, prefix='.conformer-convert-').cleanup()
+    except OSError as e:
+        raise ValueError(f'cannot write to {out_dir} ({e.strerror}: {nearest}); name a folder '
+                         f'you can write to') from e
 
 
 def model_card(model: torch.nn.Module, checkpoint: Checkpoint, release: Optional[str],
@@ -200,12 +157,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--dataset', help='dataset the weights were trained on, for the card')
     parser.add_argument('--license', help="license of the weights (default: the variant's)")
     parser.add_argument('--repo-id', help='ORG/NAME the folder will be published as')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace model.safetensors, config.json and README.md if out_dir '
+                             'already holds them (default: refuse, so a README is never lost)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         convert(args.source, args.out_dir, model_name=args.model, use_ema=args.use_ema,
                 top1=args.top1, dataset=args.dataset, license=args.license,
-                repo_id=args.repo_id)
+                repo_id=args.repo_id, overwrite=args.overwrite)
     except (ValueError, DownloadError) as e:  # CheckpointError is a ValueError
         parser.exit(2, f'conformer-convert: error: {e}\n')
 

@@ -18,7 +18,7 @@ from timm.models import _builder
 from timm.models._builder import _resolve_pretrained_source
 
 from conformer.models import Conformer
-from conformer.models.conformer import checkpoint_filter_fn
+from conformer.models.conformer import STEM_STRIDES, checkpoint_filter_fn
 
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .download import fetch_hf, fetch_url, find_weights_file
@@ -30,6 +30,9 @@ _logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
 FilterFn = Callable[[StateDict, torch.nn.Module], StateDict]
+
+# wrappers around the paper's key names: DDP, torch.compile, mmpretrain
+_KEY_PREFIXES = ('module.', '_orig_mod.', 'backbone.', 'head.')
 
 
 def weights_file(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
@@ -60,8 +63,7 @@ def load_weights(model: Conformer, source: Union[str, Path], use_ema: bool = Tru
     Returns what was read (file, format, wrapper key used, recorded meta).
     """
     checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
-    load_state_dict_checked(model, checkpoint_filter_fn(checkpoint.state_dict, model),
-                            str(checkpoint.path), strict=strict)
+    load_state_dict_checked(model, checkpoint.state_dict, str(checkpoint.path), strict=strict)
     return checkpoint
 
 
@@ -82,16 +84,21 @@ def load_pretrained_cfg(model: Conformer, pretrained_cfg: Optional[Dict[str, Any
             f"{cfg.get('architecture')} has no pretrained weights; use pretrained=False, a tag "
             f"with weights (timm.list_pretrained('conformer*')), or your own file with "
             f"pretrained_cfg_overlay=dict(file=PATH)")
-    state_dict = (filter_fn or checkpoint_filter_fn)(state_dict, model)
-    load_state_dict_checked(model, state_dict, origin, strict=strict)
+    load_state_dict_checked(model, state_dict, origin, strict=strict,
+                            filter_fn=filter_fn or checkpoint_filter_fn)
 
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origin: str,
-                            strict: bool = True) -> None:
-    """`model.load_state_dict` with errors that say which weights do not fit and why.
+                            strict: bool = True,
+                            filter_fn: FilterFn = checkpoint_filter_fn) -> None:
+    """Map a file's `state_dict` (any key layout) onto `model` with `filter_fn`, then
+    `model.load_state_dict` with errors that say which weights do not fit and why.
 
-    BatchNorm's `num_batches_tracked` counters may be absent (some converters drop them).
+    The errors describe the file's own weights, not the mapped ones (whose stem and heads
+    the filter may have fitted to the model). BatchNorm's `num_batches_tracked` counters may
+    be absent (some converters drop them).
     """
+    file_state_dict, state_dict = state_dict, filter_fn(state_dict, model)
     own = model.state_dict()
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
@@ -101,15 +108,16 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
         raise CheckpointError(
             f'{origin}: the weights are for another Conformer variant; {len(mismatched)} '
             f'tensors differ in shape:\n{lines}{more}\n'
-            f'file:  {describe_architecture(state_dict)}\nmodel: {describe_architecture(own)}\n'
+            f'file:  {describe_architecture(file_state_dict)}\n'
+            f'model: {describe_architecture(model)}\n'
             f'Create the variant the weights were trained for.')
     missing = [k for k in own if k not in state_dict and not k.endswith('num_batches_tracked')]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
         if not set(state_dict) & set(own):
             raise CheckpointError(
-                f'{origin}: holds no Conformer weights (none of its {len(state_dict)} keys, '
-                f'e.g. {sorted(state_dict)[:3]}, is a Conformer parameter)')
+                f'{origin}: holds no Conformer weights (none of its {len(file_state_dict)} '
+                f'keys, e.g. {sorted(file_state_dict)[:3]}, is a Conformer parameter)')
         detail = (f'{len(missing)} model keys missing from the file {missing[:5]}, '
                   f'{len(unexpected)} file keys unknown to the model {unexpected[:5]}')
         if strict:
@@ -119,21 +127,46 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
     model.load_state_dict(state_dict, strict=False)
 
 
-def describe_architecture(state_dict: StateDict) -> str:
-    """The Conformer hyper-parameters a state_dict's shapes imply (num_heads cannot be seen)."""
+def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
+    """The Conformer hyper-parameters a model's or a state_dict's shapes imply (paper,
+    mmpretrain or DDP keys).
+
+    num_heads cannot be seen, nor in a state_dict the stem's max pool: 'small' and 'pooled'
+    stems have the same parameters, so both readings are given.
+    """
+    state_dict = plain_keys(weights.state_dict() if isinstance(weights, torch.nn.Module)
+                            else weights)
     try:
         stem, patch = state_dict['conv1.weight'], state_dict['trans_patch_conv.weight']
         first = state_dict['conv_1.conv3.weight']
     except KeyError:
         return 'not in the Conformer layout'
-    stem_stride = 4 if stem.shape[-1] == 7 else 1
+    token_stride = patch.shape[-1]  # of the patch embedding, on the stem's output
+    if isinstance(weights, Conformer):  # a model knows its stem
+        stem_types = {stride: name for name, stride in STEM_STRIDES.items()}
+        stem_and_patch = (f'stem_type={stem_types[weights.patch_size // token_stride]}, '
+                          f'patch_size={weights.patch_size}')
+    elif stem.shape[-1] == 7:
+        stem_and_patch = f'stem_type=imagenet, patch_size={4 * token_stride}'
+    else:
+        stem_and_patch = (f'stem_type=small with patch_size={token_stride} or pooled with '
+                          f'patch_size={2 * token_stride}')
     depth = 1 + len({k.split('.')[0] for k in state_dict if k.startswith('conv_trans_')})
     head = state_dict.get('conv_cls_head.weight')
-    return (f"stem_type={'imagenet' if stem_stride == 4 else 'small'}, "
-            f'patch_size={patch.shape[-1] * stem_stride}, base_channel={stem.shape[0]}, '
+    return (f'{stem_and_patch}, base_channel={stem.shape[0]}, '
             f'channel_ratio={first.shape[0] // stem.shape[0]}, embed_dim={patch.shape[0]}, '
             f'depth={depth}, in_chans={stem.shape[1]}, '
             f'num_classes={head.shape[0] if head is not None else 0}')
+
+
+def plain_keys(state_dict: StateDict) -> StateDict:
+    """`state_dict` without DDP / torch.compile / mmpretrain key prefixes (enough to read
+    shapes; `checkpoint_filter_fn` does the full mapping)."""
+    def strip(key: str) -> str:
+        while key.startswith(_KEY_PREFIXES):
+            key = key.split('.', 1)[1]
+        return key
+    return {strip(k): v for k, v in state_dict.items()}
 
 
 def install_timm_loader() -> None:
