@@ -1,4 +1,5 @@
 """The Hydra tree composes, and the schema rejects typos and wrong types by key name."""
+import re
 from pathlib import Path
 
 import pytest
@@ -74,11 +75,56 @@ def test_the_schema_also_guards_yaml_edits():
     (['model.freeze_backbone=true', 'optim.layer_decay=0.75'], 'drop optim.layer_decay'),
     (['trainer.fsdp=true', 'trainer.ema=true'], 'set trainer.ema=false'),
     (['model.name=conformer_small_patch8'], "model.name: unknown model 'conformer_small_patch8'"),
+    # would fail only at the first evaluation, an epoch in, with nothing saved
+    (['data.eval_batch_size=0'], 'data.eval_batch_size must be >= 1, got 0'),
+    (['trainer.eval_every=0'], 'trainer.eval_every must be >= 1, got 0'),
+    # would train on something else than asked, or fail deep inside
+    (['data.samples_per_class=-1'], 'data.samples_per_class must be >= 1, got -1'),
+    (['data.samples_per_class=0'], 'data.samples_per_class must be >= 1, got 0'),
+    (['data.classes=[]'], 'data.classes=[]: list each class index once'),
+    (['data.classes=[1,1]'], 'data.classes=[1, 1]: list each class index once'),
+    (['optim.clip_grad=-1'], 'optim.clip_grad must be > 0, got -1.0'),
+    (['optim.layer_decay=0'], 'optim.layer_decay must be in (0, 1], got 0.0'),
+    (['optim.layer_decay=1.5'], 'optim.layer_decay must be in (0, 1], got 1.5'),
+    (['optim.lr=0'], 'optim.lr must be > 0, got 0.0'),
+    (['optim.name=adamx'], "optim.name='adamx' is not one of its"),
+    (['sched.name=plateau'], "sched.name='plateau'; choose one of ['cosine'"),
+    (['trainer.ema_decay=1'], 'trainer.ema_decay must be in [0, 1), got 1.0'),
+    (['aug.hflip=1.5'], 'aug.hflip must be in [0, 1], got 1.5'),
+    (['aug.re_prob=-0.1'], 'aug.re_prob must be in [0, 1], got -0.1'),
+    (['aug.mixup_prob=2'], 'aug.mixup_prob must be in [0, 1], got 2.0'),
+    (['aug.mixup=-1'], 'aug.mixup must be >= 0, got -1.0'),
+    (['aug.cutmix=-1'], 'aug.cutmix must be >= 0, got -1.0'),
+    (['aug.label_smoothing=1'], 'aug.label_smoothing must be in [0, 1), got 1.0'),
+    (['trainer.max_steps=0'], 'trainer.max_steps must be >= 1, got 0'),
+    (['trainer.ckpt_every_steps=0'], 'trainer.ckpt_every_steps must be >= 1, got 0'),
+    (['trainer.threads=0'], 'trainer.threads must be >= 1, got 0'),
+    (['logging.every_steps=0'], 'logging.every_steps must be >= 1, got 0'),
+    (['data.num_workers=-1'], 'data.num_workers must be >= 0, got -1'),
+    (['data.input_size=0'], 'data.input_size must be >= 1, got 0'),
+    (['experiment=quickstart', 'data.input_size=7'],
+     'data.input_size=7 is smaller than the patch size 8 of conformer_nano_patch4'),
+    (['experiment=quickstart', 'model.patch_size=12'], 'model.* settings: Conformer: patch_size'),
+    (['data.interpolation=foo'], "data.interpolation='foo'; choose one of ['bicubic'"),
+    (['data.crop_pct=0'], 'data.crop_pct must be in (0, 1], got 0.0'),
+    (['aug.scale=[0.5]'], 'aug.scale=[0.5] must be [min, max]'),
+    (['aug.scale=[0.9,0.1]'], 'aug.scale=[0.9, 0.1] must be [min, max]'),
+    (['aug.auto_augment=foo'], "aug.auto_augment='foo' with aug.train_crop=rrc: start it with"),
+    (['aug=small', 'aug.auto_augment=augmix'], "train_crop=pad: start it with one of ['rand']"),
+    (['data.std=[0.2,0,0.2]'], 'data.std=[0.2, 0.0, 0.2]: images are divided by it'),
 ])
 def test_incompatible_settings_fail_before_work(overrides, message):
     cfg = compose_train(*overrides)
-    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
+    with pytest.raises(ValueError, match=re.escape(message)):
         check(cfg)
+
+
+@pytest.mark.parametrize('override', [
+    'optim.name=lookahead_adamw', 'sched.name=step', 'optim.layer_decay=1.0', 'aug.hflip=1.0',
+    'trainer.ema_decay=0', 'data.crop_pct=1.0', 'aug.auto_augment=augmix-m5-w4-d2',
+    'aug.auto_augment=original', 'data.interpolation=bilinear', 'trainer.max_steps=1'])
+def test_values_at_the_edge_of_their_range_pass(override):
+    check(compose_train(override))
 
 
 def test_eval_config_composes():
@@ -86,4 +132,13 @@ def test_eval_config_composes():
     check(cfg)
     assert cfg.checkpoint == '/x.pth' and cfg.data.in_chans == 1
     with pytest.raises(ValueError, match="amp='bf61'; choose one of"):
-        check(compose_train('amp=bf61', name='eval'))
+        check(compose_train('amp=bf61', 'checkpoint=/x.pth', name='eval'))
+    with pytest.raises(ValueError, match='threads must be >= 1'):
+        check(compose_train('threads=0', 'checkpoint=/x.pth', name='eval'))
+
+
+def test_eval_without_weights_is_refused_rather_than_scoring_random_ones():
+    with pytest.raises(ValueError, match='no weights to evaluate.*checkpoint=.*model.pretrained'):
+        check(compose_train(name='eval'))
+    check(compose_train('model.pretrained=true', name='eval'))
+    check(compose_train('model.checkpoint=/x.pth', name='eval'))

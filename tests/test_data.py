@@ -42,6 +42,13 @@ def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
     (tmp_path / 'png').write_bytes(b'\x89PNG\r\n\x1a\n')
     with pytest.raises(ValueError, match='not an IDX file'):
         read_idx(tmp_path / 'png')
+    write_idx(tmp_path / 'full.gz', np.zeros((40, 50), np.uint8))
+    (tmp_path / 'cut.gz').write_bytes((tmp_path / 'full.gz').read_bytes()[:-10])
+    (tmp_path / 'plain.gz').write_bytes((tmp_path / 'full').read_bytes())  # named .gz, not gzip
+    for name in ('cut.gz', 'plain.gz'):
+        with pytest.raises(ValueError, match=f'{name} is not a complete gzip file .*'
+                                             f'apt-get install --reinstall dataset-fashion-mnist'):
+            read_idx(tmp_path / name)
 
 
 def fake_fashion_root(root, n=6):

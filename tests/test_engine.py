@@ -43,13 +43,23 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch)
     assert ckpt.load(path) == {'v': 1}
 
 
-def test_truncated_or_missing_checkpoints_name_the_fix(tmp_path):
+@pytest.mark.parametrize('key', ['trainer.resume', 'checkpoint'])
+def test_unreadable_checkpoints_name_the_callers_setting_and_the_fix(tmp_path, key):
     ckpt.atomic_save({'w': torch.zeros(1000)}, tmp_path / 'a.pth')
     (tmp_path / 'b.pth').write_bytes((tmp_path / 'a.pth').read_bytes()[:500])
-    with pytest.raises(RuntimeError, match='older step-'):
-        ckpt.load(tmp_path / 'b.pth')
-    with pytest.raises(FileNotFoundError, match='trainer.resume'):
-        ckpt.load(tmp_path / 'none.pth')
+    (tmp_path / 'c.txt').write_text('hello')
+    other = 'checkpoint=' if key == 'trainer.resume' else 'trainer.resume'
+    for name, error, message in (('b.pth', RuntimeError, 'older step-'),
+                                 ('c.txt', RuntimeError, 'not a .pth file'),
+                                 ('none.pth', FileNotFoundError, 'does not exist'),
+                                 ('.', IsADirectoryError, 'is a folder; pass a .pth file')):
+        with pytest.raises(error, match=message) as err:
+            ckpt.load(tmp_path / name, key)
+        assert f'{key}={tmp_path / name}' in str(err.value)
+        assert other not in str(err.value)
+    with pytest.raises(ValueError, match=f'not a checkpoint written by conformer-train.*'
+                                         f"lacks 'model'.*model.checkpoint="):
+        ckpt.load(tmp_path / 'a.pth', key, required=('model', 'step'))
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

@@ -3,6 +3,7 @@ SIGKILL, clean SIGTERM exit, NaN stop, transfer modes, Hydra multirun, DDP and F
 gloo."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from PIL import Image
 
 from conformer.engine.cli import config_dir
 from conformer.engine.trainer import train
+from conformer.weights import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ['model=conformer_nano_patch4',
@@ -92,6 +94,15 @@ def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path)
             *[o for o in TINY if o.split('=')[0].split('.')[0] in ('model', 'data', 'aug')],
             f'data.root={folder}', f'checkpoint={ckpts / "last.pth"}', 'use_ema=false'])
     assert evaluate_checkpoint(eval_cfg)['top1'] == pytest.approx(result['top1'])
+    # predict, export and visualize rebuild the model from the file alone, with the eval
+    # split's preprocessing
+    from conformer.data.transforms import build_transform
+    from conformer.predict import create_model, read_image
+    from timm.data import create_transform, resolve_data_config
+    rebuilt = create_model(checkpoint=str(ckpts / 'last.pth'))
+    image = read_image(folder / 'val' / 'class1' / '0.png', rebuilt.in_chans)
+    torch.testing.assert_close(create_transform(**resolve_data_config(model=rebuilt))(image),
+                               build_transform(cfg.aug, cfg.data, is_training=False)(image))
 
 
 def test_the_eval_tool_reports_the_same_accuracy_as_training(folder, tmp_path):
@@ -106,6 +117,80 @@ def test_the_eval_tool_reports_the_same_accuracy_as_training(folder, tmp_path):
     result = json.loads((tmp_path / 'eval' / 'eval.json').read_text())
     assert result['top1'] == pytest.approx(trained['ema_top1'])  # EMA weights by default
     assert f"top-1 {result['top1']:.2f}%" in out.stdout
+
+
+@pytest.fixture(scope='module')
+def short_run(folder, tmp_path_factory):
+    """A run stopped at step 2 of its first epoch's 4, and its weights alone in weights.pth."""
+    run_dir = tmp_path_factory.mktemp('short')
+    train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.max_steps=2'), run_dir)
+    torch.save(load(run_dir / 'checkpoints' / 'last.pth')['model'], run_dir / 'weights.pth')
+    return run_dir
+
+
+def compose_eval(*overrides):
+    with initialize_config_dir(config_dir(), version_base='1.3'):
+        return compose('eval', overrides=[
+            *[o for o in TINY if o.split('=')[0].split('.')[0] in ('model', 'data', 'aug')],
+            *overrides])
+
+
+def test_a_new_run_never_overwrites_an_earlier_one_and_resume_continues_it(folder, short_run,
+                                                                         tmp_path):
+    shutil.copytree(short_run, tmp_path / 'run')
+    listing = sorted((tmp_path / 'run').rglob('*'))
+    files = {p: p.read_bytes() for p in listing if p.is_file()}
+    with pytest.raises(FileExistsError, match='already holds the checkpoints of an earlier run.*'
+                                              'pass trainer.resume=auto'):
+        train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.max_steps=3'), tmp_path / 'run')
+    assert sorted((tmp_path / 'run').rglob('*')) == listing
+    assert {p: p.read_bytes() for p in files} == files
+    result = train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.max_steps=3',
+                               'trainer.resume=auto'), tmp_path / 'run')
+    assert result['step'] == 3 and result['status'] == 'finished'
+
+
+@pytest.mark.parametrize('resume, overrides, error, message', [
+    ('checkpoints/last.pth', ['data.batch_size=12'], ValueError,
+     'saved with data.batch_size=8, but this run has data.batch_size=12.*resume with '
+     'data.batch_size=8'),
+    ('checkpoints/last.pth', ['data.batch_size=24'], ValueError, 'resume with data.batch_size=8'),
+    ('checkpoints/last.pth', ['trainer.seed=1'], ValueError, 'resume with trainer.seed=0'),
+    ('checkpoints/last.pth', ['model.embed_dim=32'], CheckpointError,
+     r'trainer.resume=.*last.pth: the weights are for another Conformer variant.*\n.*cls_token'),
+    ('checkpoints/last.pth', ['data.classes=[0,1]'], ValueError,
+     'trainer.resume=.*last.pth was trained with num_classes=3, the configured data has 2'),
+    ('weights.pth', [], ValueError, 'trainer.resume=.*weights.pth is not a checkpoint written by '
+     "conformer-train \\(it lacks 'model', 'optimizer'.*use model.checkpoint=.*weights.pth "
+     'instead'),
+])
+def test_a_resume_that_cannot_continue_the_run_fails_before_training(folder, short_run, tmp_path,
+                                                                     resume, overrides, error,
+                                                                     message):
+    cfg = compose_cfg(*TINY, f'data.root={folder}', f'trainer.resume={short_run / resume}',
+                      *overrides)
+    with pytest.raises(error, match=message):
+        train(cfg, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('checkpoint, overrides, error, message', [
+    ('missing.pth', [], FileNotFoundError, r'checkpoint=.*missing.pth does not exist; pass '
+                                           r'checkpoint=<path'),
+    ('checkpoints', [], IsADirectoryError, 'checkpoint=.*checkpoints is a folder'),
+    ('weights.pth', [], ValueError, 'use model.checkpoint=.*weights.pth instead'),
+    ('checkpoints/last.pth', ['model.embed_dim=32'], CheckpointError,
+     'checkpoint=.*last.pth: the weights are for another Conformer variant'),
+    ('checkpoints/last.pth', ['data.classes=[0,1]'], ValueError,
+     'checkpoint=.*last.pth was trained with num_classes=3, the configured data has 2'),
+])
+def test_eval_checkpoint_errors_name_evals_own_setting(folder, short_run, checkpoint, overrides,
+                                                       error, message):
+    from conformer.engine.evaluator import evaluate_checkpoint
+    cfg = compose_eval(f'data.root={folder}', f'checkpoint={short_run / checkpoint}', *overrides)
+    with pytest.raises(error, match=message) as err:
+        evaluate_checkpoint(cfg)
+    assert 'trainer.resume' not in str(err.value)
 
 
 def test_the_loss_is_the_mean_of_both_heads_cross_entropies():

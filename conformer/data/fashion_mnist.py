@@ -8,6 +8,7 @@ import gzip
 import logging
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -26,6 +27,8 @@ FILES = {
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
            'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 MEAN, STD = (0.2860,), (0.3530,)
+REFETCH = ('delete it and let the loader fetch it again (data.download=true), or if it came with '
+           'the Debian package: apt-get install --reinstall dataset-fashion-mnist')
 # IDX type codes (the third byte of the magic number) -> numpy dtype, big-endian
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
@@ -34,11 +37,14 @@ def read_idx(path: os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped or not) into an array shaped by its header."""
     path = Path(path)
     opener = gzip.open if path.suffix == '.gz' else open
-    with opener(path, 'rb') as f:
-        data = f.read()
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip at all
+        raise ValueError(f'{path} is not a complete gzip file ({e}); {REFETCH}') from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f'{path} is not an IDX file (bad magic number {data[:4].hex()}); '
-                         f'delete it and let the loader fetch it again')
+                         f'{REFETCH}')
     ndim = data[3]
     shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
@@ -46,7 +52,7 @@ def read_idx(path: os.PathLike) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(body) != expected:
         raise ValueError(f'{path} is truncated: header says shape {shape} ({expected} bytes), '
-                         f'file holds {len(body)}; delete it and fetch it again')
+                         f'file holds {len(body)}; {REFETCH}')
     return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 

@@ -10,12 +10,15 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 LAST, BEST = 'last.pth', 'best.pth'
+# what a run resumes from (trainer.train writes them all)
+TRAIN_STATE = ('model', 'optimizer', 'scheduler', 'scaler', 'step', 'epoch', 'step_in_epoch',
+               'sampler', 'rng', 'world_size', 'meta')
 
 
 def atomic_save(obj: Dict[str, Any], path: Path) -> None:
@@ -60,16 +63,40 @@ class CheckpointManager:
         return path if path.is_file() else None
 
 
-def load(path: str) -> Dict[str, Any]:
+def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a checkpoint that `key` points at (train and eval name theirs) holding the entries
+    `required`; the errors name the setting and what to pass instead."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f'{key}={path} is a folder; pass a .pth file, e.g. a run\'s '
+                                f'checkpoints/last.pth or checkpoints/best.pth')
     if not path.is_file():
-        raise FileNotFoundError(f'checkpoint {path} does not exist; pass trainer.resume=<path to '
-                                f'a .pth written by conformer-train> or trainer.resume=auto')
+        raise FileNotFoundError(f'{key}={path} does not exist; pass {key}=<path to a .pth '
+                                f'written by conformer-train>')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise RuntimeError(f'cannot read checkpoint {path} ({e}); it may be incomplete: '
-                           f'resume from an older step-*.pth in the same folder') from e
+        raise RuntimeError(f'cannot read {key}={path} ({type(e).__name__}: {e}); it is not a .pth '
+                           f'file, or was cut short: pass another, e.g. an older step-*.pth '
+                           f'from the same checkpoints/ folder') from e
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f'{key}={path} is not a checkpoint written by conformer-train (it lacks '
+                         f'{", ".join(map(repr, missing[:3]))}); for a plain weights file use '
+                         f'model.checkpoint={path} instead (it loads weights of any format)')
+    return state
+
+
+def check_data(state: Dict[str, Any], origin: str, num_classes: int, in_chans: int) -> None:
+    """A training checkpoint's heads and stem fit the data it was trained on; refuse other
+    data here, where a weights loader would quietly start new heads or adapt the stem."""
+    meta = state.get('meta', {})
+    for name, value, keys in (('num_classes', num_classes, 'data.root / data.classes'),
+                              ('in_chans', in_chans, 'data.in_chans')):
+        if name in meta and meta[name] != value:
+            raise ValueError(f'{origin} was trained with {name}={meta[name]}, the configured '
+                             f'data has {value}: set {keys} as in its training run (to train '
+                             f'on this data from its weights, pass the file as model.checkpoint)')
 
 
 def capture_rng() -> Dict[str, torch.Tensor]:

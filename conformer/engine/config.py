@@ -3,15 +3,22 @@
 `configs/train.yaml` lists `train_schema` first in its defaults, so Hydra merges each
 group file and command-line override into these dataclasses: an unknown key or a value of
 the wrong type fails at composition, naming the key. `check()` then catches what types
-cannot (incompatible settings) before any data is read or model is built.
+cannot (values out of range, incompatible settings) before any data is read or any weights
+are allocated.
 """
+import difflib
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import timm
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from timm.models import parse_model_name
+from timm.optim import list_optimizers
 
 from conformer.models import check_model_name
+from .build import model_kwargs
 
 
 @dataclass
@@ -149,41 +156,126 @@ class EvalConfig:
     threads: Optional[int] = None
 
 
+_OPTIMIZERS = tuple(list_optimizers())
 CHOICES = {
     'data.name': ('imagefolder', 'fashion_mnist'),
+    'data.interpolation': ('bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos'),
     'aug.train_crop': ('rrc', 'pad'),
+    'optim.name': _OPTIMIZERS + tuple(f'lookahead_{name}' for name in _OPTIMIZERS),
+    # what timm.scheduler.create_scheduler_v2 builds for a per-step schedule ('plateau' steps
+    # per epoch, 'none' builds nothing; wsd, rsqrt and constant need a recent timm)
+    'sched.name': ('cosine', 'tanh', 'step', 'multistep', 'poly', 'constant', 'wsd', 'rsqrt'),
     'trainer.amp': ('auto', 'bf16', 'fp16', 'none'),
     'amp': ('auto', 'bf16', 'fp16', 'none'),  # conformer-eval's
     'trainer.device': ('auto', 'cpu', 'cuda'),
 }
+# The range of every number, as an interval; optional settings left unset (null) are skipped.
+BOUNDS = {
+    'data.in_chans': '[1, inf)',
+    'data.input_size': '[1, inf)',
+    'data.crop_pct': '(0, 1]',
+    'data.samples_per_class': '[1, inf)',
+    'data.batch_size': '[1, inf)',
+    'data.eval_batch_size': '[1, inf)',
+    'data.num_workers': '[0, inf)',
+    'aug.pad': '[0, inf)',
+    'aug.hflip': '[0, 1]',
+    'aug.color_jitter': '[0, inf)',
+    'aug.re_prob': '[0, 1]',
+    'aug.re_count': '[1, inf)',
+    'aug.mixup': '[0, inf)',
+    'aug.cutmix': '[0, inf)',
+    'aug.mixup_prob': '[0, 1]',
+    'aug.mixup_switch_prob': '[0, 1]',
+    'aug.label_smoothing': '[0, 1)',
+    'aug.repeated_aug': '[1, inf)',
+    'optim.lr': '(0, inf)',
+    'optim.lr_base_batch': '[1, inf)',
+    'optim.weight_decay': '[0, inf)',
+    'optim.momentum': '[0, 1)',
+    'optim.layer_decay': '(0, 1]',
+    'optim.clip_grad': '(0, inf)',
+    'sched.warmup_epochs': '[0, inf)',
+    'sched.warmup_lr': '[0, inf)',
+    'sched.min_lr': '[0, inf)',
+    'trainer.epochs': '[1, inf)',
+    'trainer.max_steps': '[1, inf)',
+    'trainer.accum_steps': '[1, inf)',
+    'trainer.ema_decay': '[0, 1)',
+    'trainer.threads': '[1, inf)',
+    'threads': '[1, inf)',  # conformer-eval's
+    'trainer.eval_every': '[1, inf)',
+    'trainer.ckpt_every_steps': '[1, inf)',
+    'trainer.keep_last': '[1, inf)',
+    'logging.every_steps': '[1, inf)',
+}
+# timm's auto-augment policies, by the name before the first '-' (rand-m9-mstd0.5-inc1)
+AUTO_AUGMENT = {'rrc': ('rand', 'augmix', 'original', 'originalr', 'v0', 'v0r', '3a'),
+                'pad': ('rand',)}  # the pad-crop pipeline applies RandAugment only
+
+
+def in_interval(value: float, interval: str) -> bool:
+    low, high = (float(v) for v in interval[1:-1].split(','))
+    return ((low <= value) if interval[0] == '[' else (low < value)) and (
+        (value <= high) if interval[-1] == ']' else (value < high))
+
+
+def describe_interval(interval: str) -> str:
+    """'[1, inf)' -> '>= 1'; bounded intervals stay as they are."""
+    low, high = interval[1:-1].split(', ')
+    if high == 'inf':
+        return f"{'>=' if interval[0] == '[' else '>'} {low}"
+    return f'in {interval}'
 
 
 def check(cfg) -> None:
-    """Reject settings that are well-typed but cannot work together, naming key and fix."""
+    """Reject settings that would fail, or silently do something else, once work has started:
+    each error names the key, what it takes and the fix."""
     def fail(msg: str):
         raise ValueError(f'config error: {msg}')
 
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=allowed[0])
         if value not in allowed:
-            fail(f'{key}={value!r}; choose one of {list(allowed)}')
+            if len(allowed) <= 10:
+                fail(f'{key}={value!r}; choose one of {list(allowed)}')
+            fail(f'{key}={value!r} is not one of its {len(allowed)} choices; closest: '
+                 f'{difflib.get_close_matches(str(value), allowed, n=5, cutoff=0.4)}')
+    for key, interval in BOUNDS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not in_interval(value, interval):
+            fail(f'{key} must be {describe_interval(interval)}, got {value}')
     try:
         check_model_name(cfg.model.name)
     except ValueError as e:
         fail(f'model.name: {e}')
-    if len(cfg.data.mean) != cfg.data.in_chans or len(cfg.data.std) != cfg.data.in_chans:
-        fail(f'data.mean/data.std need {cfg.data.in_chans} values (data.in_chans), got '
-             f'{len(cfg.data.mean)}/{len(cfg.data.std)}')
+    data, aug = cfg.data, cfg.aug
+    if len(data.mean) != data.in_chans or len(data.std) != data.in_chans:
+        fail(f'data.mean/data.std need {data.in_chans} values (data.in_chans), got '
+             f'{len(data.mean)}/{len(data.std)}')
+    if min(data.std) <= 0:
+        fail(f'data.std={list(data.std)}: images are divided by it, every value must be > 0')
+    classes = data.classes
+    if classes is not None and (not classes or len(set(classes)) < len(classes)):
+        fail(f'data.classes={list(classes)}: list each class index once, or leave it '
+             f'unset (null) to keep every class')
+    if len(aug.scale) != 2 or not 0 < aug.scale[0] <= aug.scale[1] <= 1:
+        fail(f'aug.scale={list(aug.scale)} must be [min, max] image-area fractions with '
+             f'0 < min <= max <= 1, e.g. [0.08, 1.0]')
+    if aug.auto_augment and aug.auto_augment.split('-')[0] not in AUTO_AUGMENT[aug.train_crop]:
+        fail(f'aug.auto_augment={aug.auto_augment!r} with aug.train_crop={aug.train_crop}: start '
+             f'it with one of {list(AUTO_AUGMENT[aug.train_crop])} (e.g. rand-m9-mstd0.5-inc1), '
+             f'or set it to null')
+    check_architecture(cfg, fail)
+    if 'checkpoint' in cfg and not (cfg.checkpoint or cfg.model.pretrained or cfg.model.checkpoint):
+        fail('no weights to evaluate (they would be random): pass checkpoint=<a .pth written by '
+             'conformer-train>, or model.pretrained=true for the published weights of model.name '
+             '(model.checkpoint=<file> for weights from elsewhere)')
     if 'trainer' not in cfg:
         return
     t = cfg.trainer
-    for key, value in (('data.batch_size', cfg.data.batch_size), ('trainer.epochs', t.epochs),
-                       ('trainer.accum_steps', t.accum_steps), ('aug.repeated_aug', cfg.aug.repeated_aug),
-                       ('trainer.keep_last', t.keep_last)):
-        if value < 1:
-            fail(f'{key} must be >= 1, got {value}')
-    if cfg.data.batch_size % t.accum_steps:
-        fail(f'data.batch_size={cfg.data.batch_size} (global) is not divisible by '
+    if data.batch_size % t.accum_steps:
+        fail(f'data.batch_size={data.batch_size} (global) is not divisible by '
              f'trainer.accum_steps={t.accum_steps}')
     if cfg.model.freeze_backbone and cfg.optim.layer_decay is not None:
         fail('model.freeze_backbone (linear probe) trains only the heads; '
@@ -191,6 +283,25 @@ def check(cfg) -> None:
     if t.fsdp and t.ema:
         fail('trainer.fsdp=true with trainer.ema=true is not supported (the EMA copy would '
              'need sharding too); set trainer.ema=false')
+
+
+def check_architecture(cfg, fail) -> None:
+    """Build the model on the meta device (no memory, ~0.1 s), so that bad model.* settings
+    and images smaller than a patch fail now rather than at the first training step."""
+    if parse_model_name(cfg.model.name)[0] is not None:  # hf-hub: / local-dir: read files
+        return
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(cfg.model.name, in_chans=cfg.data.in_chans,
+                                      drop_rate=cfg.model.drop_rate,
+                                      drop_path_rate=cfg.model.drop_path_rate,
+                                      **model_kwargs(cfg.model))
+    except ValueError as e:
+        fail(f'model.* settings: {e}')
+    if cfg.data.input_size < model.patch_size:
+        fail(f'data.input_size={cfg.data.input_size} is smaller than the patch size '
+             f'{model.patch_size} of {cfg.model.name}; raise data.input_size or lower '
+             f'model.patch_size')
 
 
 def register() -> None:

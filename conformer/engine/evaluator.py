@@ -5,8 +5,9 @@ from typing import Any, Dict
 import torch
 
 from conformer.data import build_datasets
+from conformer.weights import load_state_dict_checked
 from .build import build_model, eval_loader
-from .checkpoint import load
+from .checkpoint import check_data, load
 from .config import check
 from .distributed import init_distributed
 from .evaluate import evaluate, resolve_amp
@@ -18,15 +19,14 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     env = init_distributed(cfg.device)
     amp = resolve_amp(cfg.amp, env.device)
+    state = load(cfg.checkpoint, 'checkpoint', required=('model',)) if cfg.checkpoint else None
     _, eval_set, classes = build_datasets(cfg.data)
     model = build_model(cfg.model, len(classes), cfg.data.in_chans)
-    if cfg.checkpoint:
-        state = load(cfg.checkpoint)
-        if 'model' not in state:
-            raise ValueError(f'{cfg.checkpoint} is not a conformer-train checkpoint (no "model" '
-                             f'key); pass it as model.pretrained=true model.checkpoint=<path>')
+    if state is not None:
+        origin = f'checkpoint={cfg.checkpoint}'
+        check_data(state, origin, len(classes), cfg.data.in_chans)
         weights = state['ema'] if cfg.use_ema and 'ema' in state else state['model']
-        model.load_state_dict(weights)
+        load_state_dict_checked(model, weights, origin)
     model.to(env.device)
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
     return dict(evaluate(model, loader, env.device, amp), checkpoint=cfg.checkpoint,

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,13 +28,13 @@ from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
-                                                     set_model_state_dict,
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
 from conformer.data import GlobalBatchSampler, build_datasets
 from conformer.models import ConvTransBlock
 from conformer.runtime import keep_freed_memory
+from conformer.weights import load_state_dict_checked
 from . import checkpoint as ckpt
 from .build import (build_model, eval_loader, freeze_backbone, model_kwargs, set_train_mode,
                     train_loader)
@@ -96,10 +96,37 @@ def dual_head_loss(outputs, target, criterion) -> torch.Tensor:
     return (criterion(conv.float(), target) + criterion(trans.float(), target)) / 2
 
 
+def resume_state(cfg, directory: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(path, state) of the checkpoint trainer.resume names, or (None, None) for a new run;
+    read and checked before any work, and a new run never overwrites an earlier one's files."""
+    resume = cfg.trainer.resume
+    if resume == 'auto':
+        resume = str(directory / ckpt.LAST) if (directory / ckpt.LAST).is_file() else None
+    elif not resume and any(directory.glob('*.pth')):
+        raise FileExistsError(
+            f'{directory} already holds the checkpoints of an earlier run, which a new run '
+            f'would overwrite; pass trainer.resume=auto to continue that run, or choose another '
+            f'run folder (hydra.run.dir=...) to start a new one')
+    if not resume:
+        return None, None
+    state = ckpt.load(resume, 'trainer.resume', ckpt.TRAIN_STATE)
+    # the data position (epoch, step in epoch) only means the same images under the same order
+    saved = state['sampler']
+    for name, key, value in (('global_batch', 'data.batch_size', cfg.data.batch_size),
+                             ('repeats', 'aug.repeated_aug', cfg.aug.repeated_aug),
+                             ('seed', 'trainer.seed', cfg.trainer.seed)):
+        if saved[name] != value:
+            raise ValueError(f'trainer.resume={resume} was saved with {key}={saved[name]}, but '
+                             f'this run has {key}={value}: its data position would point at '
+                             f'other images; resume with {key}={saved[name]}')
+    return resume, state
+
+
 def train(cfg, run_dir: Path) -> Dict[str, Any]:
     """Train as configured; returns the final metrics (also written to run_dir/metrics.json)."""
     check(cfg)
     t, run_dir = cfg.trainer, Path(run_dir)
+    resume, state = resume_state(cfg, run_dir / 'checkpoints')
     env = init_distributed(t.device)
     setup_runtime(t, env)
     amp = resolve_amp(t.amp, env.device, 'trainer.amp')
@@ -118,6 +145,9 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     steps_per_epoch = sampler.steps_per_epoch
 
     model = build_model(cfg.model, len(classes), cfg.data.in_chans)
+    if state is not None:  # into the plain module (before wrapping), with a shape check
+        ckpt.check_data(state, f'trainer.resume={resume}', len(classes), cfg.data.in_chans)
+        load_state_dict_checked(model, state['model'], f'trainer.resume={resume}')
     model.set_dual_head_training(True)  # train-mode calls return (conv_logits, trans_logits)
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
@@ -168,16 +198,13 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     logger = RunLogger(run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.plot)
     meta = dict(variant=cfg.model.name, num_classes=len(classes), in_chans=cfg.data.in_chans,
                 classes=list(classes), model_kwargs=model_kwargs(cfg.model),
-                input_size=cfg.data.input_size, mean=list(cfg.data.mean), std=list(cfg.data.std))
+                input_size=cfg.data.input_size, mean=list(cfg.data.mean), std=list(cfg.data.std),
+                interpolation=cfg.data.interpolation,
+                # the eval transform: resize + centre crop, or for pad-crop a plain centre crop
+                crop_pct=cfg.data.crop_pct if cfg.aug.train_crop == 'rrc' else 1.0)
     step, epoch, start_step, best = 0, 0, 0, -1.0
 
-    resume = t.resume
-    if resume == 'auto':
-        found = manager.latest()
-        resume = str(found) if found else None
-    if resume:
-        state = ckpt.load(resume)
-        set_model_state_dict(trained, state['model'], options=StateDictOptions(full_state_dict=True))
+    if state is not None:
         set_optimizer_state_dict(trained, optimizer, state['optimizer'],
                                  options=StateDictOptions(full_state_dict=True))
         if ema is not None and 'ema' in state:
