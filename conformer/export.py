@@ -19,7 +19,7 @@ from torch.export import Dim, ExportedProgram
 
 import conformer  # noqa: F401  (registers the variants with timm)
 from conformer.outputs import writable_file
-from conformer.predict import create_model
+from conformer.predict import MODEL_ERRORS, add_model_arguments, model_from_args
 
 __all__ = ['export_program', 'check_program', 'export_onnx', 'check_onnx', 'main']
 
@@ -101,11 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description='Export a Conformer to ONNX (checked with onnxruntime) and/or a '
                     'torch.export program (.pt2), with dynamic batch and image size.')
-    parser.add_argument('--model', default='conformer_small_patch16')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true')
-    weights.add_argument('--checkpoint', help='a local weights file')
-    parser.add_argument('--num-classes', type=int)
+    add_model_arguments(parser, labels=False)
     parser.add_argument('--format', choices=['onnx', 'pt2', 'both'], default='both')
     parser.add_argument('--output', required=True,
                         help='output path; .onnx / .pt2 are appended to it')
@@ -124,15 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f'--output {args.output} is a folder; name the files, e.g. '
                      f'{Path(args.output) / "model"}')
     stem = stem.with_suffix('') if stem.suffix in ('.onnx', '.pt2') else stem
-    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     try:
         paths = {f: writable_file(stem.with_name(f'{stem.name}.{f}'), '--output')
                  for f in formats}
-        model = create_model(args.model, args.pretrained, args.checkpoint, **kwargs)
+        model = model_from_args(args)
         size = tuple(args.image_size or model.pretrained_cfg['input_size'][1:])
         program = export_program(model, size)
         check_program(program, model, size)
-    except (FileNotFoundError, ValueError) as e:  # also the model's own input-size errors
+    except MODEL_ERRORS as e:  # also the model's own input-size errors (ValueError)
         parser.error(str(e))
     if not (args.pretrained or args.checkpoint):
         print('warning: no --pretrained or --checkpoint: exporting randomly initialised '

@@ -24,28 +24,63 @@ from conformer.data.folder import to_mode
 from conformer.deploy import optimize_for_inference
 from conformer.models import check_model_name
 from conformer.outputs import writable_file
+from conformer.weights import DownloadError, model_from_weights
 
-__all__ = ['READ_ERRORS', 'create_model', 'find_images', 'load_labels', 'predict',
-           'read_image', 'main']
+__all__ = ['MODEL_ERRORS', 'READ_ERRORS', 'add_model_arguments', 'create_model', 'find_images',
+           'load_labels', 'model_from_args', 'predict', 'read_image', 'main']
 
+DEFAULT_MODEL = 'conformer_small_patch16'
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
                   '.pgm'}
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
-                 **kwargs) -> nn.Module:
-    """``name`` with downloaded weights (``pretrained``) or a local ``checkpoint`` file in any
-    format timm / conformer.weights can read; eval mode."""
-    check_model_name(name)
+def create_model(name: Optional[str] = None, pretrained: bool = False,
+                 checkpoint: Optional[str] = None,
+                 num_classes: Optional[int] = None) -> nn.Module:
+    """The model to run, in eval mode.
+
+    With ``checkpoint`` (a file in any supported format, a model folder, a URL or
+    ``hf-hub:ORG/NAME``), the model those weights were trained as, with the preprocessing and
+    class names they record (:func:`conformer.weights.model_from_weights`); ``name`` and
+    ``num_classes`` are then checked against the file. Otherwise timm's ``name`` (default
+    ``conformer_small_patch16``), with its released weights if ``pretrained``.
+    """
+    if name is not None:
+        check_model_name(name)
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f'checkpoint {checkpoint} does not exist; pass the path of '
-                                    f'a weights file (.pth, .safetensors, ...)')
-        model = timm.create_model(name, pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(checkpoint)), **kwargs)
-    else:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    return model.eval()
+        return model_from_weights(checkpoint, model_name=name, num_classes=num_classes)[0]
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    return timm.create_model(name or DEFAULT_MODEL, pretrained=pretrained, **kwargs).eval()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:
+    """The options predict, export and visualize choose their model (and labels) with."""
+    parser.add_argument('--model', help=f'a registered variant (default: {DEFAULT_MODEL}, or '
+                                        f'with --checkpoint the one the weights record)')
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument('--pretrained', action='store_true',
+                         help="the variant's released ImageNet weights (downloaded once)")
+    weights.add_argument('--checkpoint',
+                         help='weights to run: a file (conformer-train, the paper, mmpretrain, '
+                              'safetensors), a model folder, a URL or hf-hub:ORG/NAME; the '
+                              'classes and preprocessing they were trained with come along')
+    parser.add_argument('--num-classes', type=int,
+                        help="the class count (default: the weights'; with --checkpoint it is "
+                             "only checked against the file)")
+    if labels:
+        parser.add_argument('--labels', default='auto',
+                            help="'auto' (the class names recorded with the weights, else "
+                                 "ImageNet's for 1000 classes, else class indices), 'imagenet', "
+                                 "'none' (class indices) or a text file with one label per line")
+
+
+# what create_model raises for a bad name, weights file or source (the message says which)
+MODEL_ERRORS = (ValueError, OSError, DownloadError)
+
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    """:func:`create_model` for the options of :func:`add_model_arguments`."""
+    return create_model(args.model, args.pretrained, args.checkpoint, args.num_classes)
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:
@@ -61,9 +96,16 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     return found
 
 
-def load_labels(spec: str, num_classes: int) -> List[str]:
-    """'imagenet' (timm's ImageNet-1k descriptions), 'none' (class indices) or a text file
-    with one label per line."""
+def load_labels(spec: str, model: nn.Module) -> List[str]:
+    """One label per class of ``model``: 'auto' (the class names recorded with its weights,
+    else ImageNet's for 1000 classes, else class indices), 'imagenet' (timm's ImageNet-1k
+    descriptions), 'none' (class indices) or a text file with one label per line."""
+    num_classes = model.num_classes
+    recorded = model.pretrained_cfg.get('label_names')
+    if spec == 'auto':
+        if recorded and len(recorded) == num_classes:
+            return list(recorded)
+        spec = 'imagenet' if num_classes == 1000 else 'none'
     if spec == 'imagenet':
         if num_classes != 1000:
             raise ValueError(f'--labels imagenet names 1000 classes but the model has '
@@ -74,8 +116,8 @@ def load_labels(spec: str, num_classes: int) -> List[str]:
         return [str(i) for i in range(num_classes)]
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f'labels file {spec} does not exist; pass imagenet, none or a '
-                                f'text file with one label per line')
+        raise FileNotFoundError(f'labels file {spec} does not exist; pass auto, imagenet, none '
+                                f'or a text file with one label per line')
     labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(labels) != num_classes:
         raise ValueError(f'labels file {spec} has {len(labels)} labels but the model has '
@@ -124,14 +166,7 @@ def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='Top-k ImageNet (or custom) labels for images.')
     parser.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
-    parser.add_argument('--model', default='conformer_small_patch16')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true', help='download the released weights')
-    weights.add_argument('--checkpoint', help='a local weights file')
-    parser.add_argument('--num-classes', type=int, help="the checkpoint's class count "
-                                                         "(default: the model's, 1000)")
-    parser.add_argument('--labels', default='imagenet',
-                        help="'imagenet', 'none' or a text file with one label per line")
+    add_model_arguments(parser)
     parser.add_argument('--topk', type=int, default=5)
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--json', help='also write the results to this file')
@@ -148,11 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = find_images(args.inputs)
     if not paths:
         parser.error(f'no image files found in {" ".join(args.inputs)}')
-    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     try:
-        model = create_model(args.model, args.pretrained, args.checkpoint, **kwargs)
-        labels = load_labels(args.labels, model.num_classes)
-    except (FileNotFoundError, ValueError) as e:
+        model = model_from_args(args)
+        labels = load_labels(args.labels, model)
+    except MODEL_ERRORS as e:
         parser.error(str(e))
     runtime.keep_freed_memory()  # this process is ours: no page faults on every batch
     model = optimize_for_inference(model)

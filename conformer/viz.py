@@ -142,7 +142,8 @@ def figure_path(output: str, image: str) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from timm.data import create_transform, resolve_data_config
-    from conformer.predict import READ_ERRORS, create_model, load_labels, read_image
+    from conformer.predict import (MODEL_ERRORS, READ_ERRORS, add_model_arguments, load_labels,
+                                   model_from_args, read_image)
 
     parser = argparse.ArgumentParser(
         description="CNN- and transformer-branch activation maps (the paper's Figure 2) and "
@@ -151,22 +152,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--output', required=True,
                         help="figure path ('.png' is added without a suffix; .pdf, .svg, ... "
                              "also work)")
-    parser.add_argument('--model', default='conformer_small_patch16')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true')
-    weights.add_argument('--checkpoint', help='a local weights file')
-    parser.add_argument('--num-classes', type=int)
-    parser.add_argument('--labels', default='imagenet',
-                        help="'imagenet', 'none' or a text file with one label per line")
+    add_model_arguments(parser)
     parser.add_argument('--block', type=int, help='ConvTransBlock to show (default: the last)')
     parser.add_argument('--class-index', type=int, help='class for the CAMs (default: top-1)')
     args = parser.parse_args(argv)
-    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     try:
         output = figure_path(args.output, args.image)
-        model = create_model(args.model, args.pretrained, args.checkpoint, **kwargs)
-        labels = load_labels(args.labels, model.num_classes)
-    except (FileNotFoundError, ValueError) as e:
+        model = model_from_args(args)
+        labels = load_labels(args.labels, model)
+    except MODEL_ERRORS as e:
         parser.error(str(e))
     try:
         image = read_image(args.image, model.in_chans)

@@ -2,6 +2,7 @@
 unreadable files reported without stopping the run."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,12 +75,46 @@ def test_missing_input_is_reported_not_fatal(setup, capsys):
 
 
 def test_labels_errors_name_the_fix(tmp_path):
-    assert load_labels('imagenet', 1000)[0].startswith('tench')
+    imagenet, ten = (SimpleNamespace(num_classes=n, pretrained_cfg={}) for n in (1000, 10))
+    assert load_labels('imagenet', imagenet)[0].startswith('tench')
+    assert load_labels('auto', imagenet) == load_labels('imagenet', imagenet)
+    assert load_labels('auto', ten) == [str(i) for i in range(10)]
     with pytest.raises(ValueError, match='--labels FILE'):
-        load_labels('imagenet', 10)
+        load_labels('imagenet', ten)
     (tmp_path / 'three.txt').write_text('a\nb\nc\n')
     with pytest.raises(ValueError, match='3 labels but the model has 10'):
-        load_labels(str(tmp_path / 'three.txt'), 10)
+        load_labels(str(tmp_path / 'three.txt'), ten)
+
+
+def test_a_training_checkpoint_brings_its_model_preprocessing_and_class_names(tmp_path, capsys):
+    """conformer-train records the variant's overrides, input size, mean/std and class names:
+    predict needs only --checkpoint and classifies as the eval split was."""
+    torch.manual_seed(0)
+    kwargs = dict(stem_type='pooled', patch_size=8, in_chans=1, num_classes=3)
+    model = timm.create_model('conformer_nano_patch4', **kwargs).eval()
+    meta = dict(variant='conformer_nano_patch4', classes=['cat', 'dog', 'eel'], input_size=28,
+                model_kwargs=dict(stem_type='pooled', patch_size=8), mean=[0.5], std=[0.25])
+    torch.save(dict(model=model.state_dict(), meta=meta), tmp_path / 'best.pth')
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'img.png')
+    assert main([str(tmp_path / 'img.png'), '--checkpoint', str(tmp_path / 'best.pth'),
+                 '--json', str(tmp_path / 'out.json')]) == 0
+    (result,) = json.loads((tmp_path / 'out.json').read_text())
+    x = (torch.from_numpy(pixels).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        probs = model(x[None, None]).softmax(-1)[0]
+    p, i = probs.topk(3)
+    assert [label for label, _ in result['top']] == [meta['classes'][c] for c in i]
+    assert [prob for _, prob in result['top']] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_a_class_count_other_than_the_checkpoints_is_refused(setup, capsys):
+    _, tmp_path, images = setup  # nano.pth has 10 classes
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(images), '--checkpoint', str(tmp_path / 'nano.pth'),
+              '--model', 'conformer_nano_patch4', '--num-classes', '1000'])
+    assert exit_info.value.code == 2
+    assert 'trained for 10 classes' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('args, message', [

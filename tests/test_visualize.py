@@ -103,3 +103,19 @@ def test_output_without_a_suffix_gets_png(model, tmp_path, capsys):
     assert f"wrote {tmp_path / 'figs' / 'fig.png'}" in capsys.readouterr().out
     with Image.open(tmp_path / 'figs' / 'fig.png') as png:
         assert png.format == 'PNG'
+
+
+def test_a_grayscale_checkpoint_is_shown_in_gray(tmp_path, capsys):
+    """A 1-channel model (Fashion-MNIST) reads the image as grayscale, and its class names
+    come from the checkpoint's record."""
+    torch.manual_seed(0)
+    gray = timm.create_model('conformer_nano_patch4', in_chans=1, num_classes=2).eval()
+    meta = dict(variant='conformer_nano_patch4', classes=['shirt', 'shoe'], input_size=32,
+                mean=[0.3], std=[0.35])
+    torch.save(dict(model=gray.state_dict(), meta=meta), tmp_path / 'gray.pth')
+    Image.new('RGB', (50, 40), (200, 30, 30)).save(tmp_path / 'red.png')
+    assert main([str(tmp_path / 'red.png'), '--output', str(tmp_path / 'fig.png'),
+                 '--checkpoint', str(tmp_path / 'gray.pth'), '--class-index', '1']) == 0
+    assert '(class: shoe)' in capsys.readouterr().out
+    with Image.open(tmp_path / 'fig.png') as png:
+        assert png.format == 'PNG'
