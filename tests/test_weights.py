@@ -13,7 +13,9 @@ import zipfile
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.models.conformer import checkpoint_filter_fn
@@ -473,3 +475,9 @@ def test_model_from_weights_without_a_record(tmp_path):
     assert model.pretrained_cfg['input_size'] == (1, *grey.pretrained_cfg['input_size'][1:])
     assert 'label_names' not in model.pretrained_cfg
     assert all(torch.equal(model.state_dict()[k], v) for k, v in grey.state_dict().items())
+    # ImageNet's RGB mean and std, averaged into one grey channel the transforms can apply
+    data_config = timm.data.resolve_data_config({}, model=model)
+    assert data_config['mean'] == pytest.approx((sum(IMAGENET_DEFAULT_MEAN) / 3,))
+    assert data_config['std'] == pytest.approx((sum(IMAGENET_DEFAULT_STD) / 3,))
+    transform = timm.data.create_transform(**data_config)
+    assert transform(Image.new('L', (40, 40), 128)).shape == (1, 32, 32)

@@ -76,6 +76,9 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
     size = record.get('input_size') or cfg['input_size']
     cfg['input_size'] = (in_chans, *((size, size) if isinstance(size, int) else tuple(size)[-2:]))
     cfg.update({k: tuple(record[k]) for k in ('mean', 'std') if record.get(k)})
+    for key in ('mean', 'std'):  # unrecorded: the variant's RGB values, averaged for grey
+        if len(cfg[key]) != in_chans:
+            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * in_chans
     cfg.update({k: record[k] for k in ('interpolation', 'crop_pct') if record.get(k)})
     cfg['num_classes'] = model.num_classes
     classes = record.get('classes')
