@@ -156,6 +156,8 @@ def test_a_new_run_never_overwrites_an_earlier_one_and_resume_continues_it(folde
      'data.batch_size=8'),
     ('checkpoints/last.pth', ['data.batch_size=24'], ValueError, 'resume with data.batch_size=8'),
     ('checkpoints/last.pth', ['trainer.seed=1'], ValueError, 'resume with trainer.seed=0'),
+    ('checkpoints/last.pth', ['data.samples_per_class=9'], ValueError,
+     'saved training on 36 images, this run has 27: resume with the same data.root'),
     ('checkpoints/last.pth', ['model.embed_dim=32'], CheckpointError,
      r'trainer.resume=.*last.pth: the weights are for another Conformer variant.*\n.*cls_token'),
     ('checkpoints/last.pth', ['data.classes=[0,1]'], ValueError,

@@ -147,6 +147,11 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     model = build_model(cfg.model, len(classes), cfg.data.in_chans)
     if state is not None:  # into the plain module (before wrapping), with a shape check
         ckpt.check_data(state, f'trainer.resume={resume}', len(classes), cfg.data.in_chans)
+        recorded = state['sampler'].get('num_samples', len(train_set))
+        if recorded != len(train_set):  # the saved data position would mean other images
+            raise ValueError(f'trainer.resume={resume} was saved training on {recorded} '
+                             f'images, this run has {len(train_set)}: resume with the same '
+                             f'data.root, data.classes and data.samples_per_class')
         load_state_dict_checked(model, state['model'], f'trainer.resume={resume}')
     model.set_dual_head_training(True)  # train-mode calls return (conv_logits, trans_logits)
     if cfg.model.freeze_backbone:
@@ -238,7 +243,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                 optimizer=optim_state, scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                 step=step, epoch=next_epoch, step_in_epoch=next_step_in_epoch,
                 sampler=dict(seed=t.seed, global_batch=cfg.data.batch_size,
-                             repeats=cfg.aug.repeated_aug),
+                             repeats=cfg.aug.repeated_aug, num_samples=len(train_set)),
                 rng=rng, world_size=env.world_size, config=OmegaConf.to_container(cfg))
             if ema is not None:
                 state['ema'] = ema.module.state_dict()
