@@ -115,6 +115,9 @@ def load_labels(spec: str, model: nn.Module) -> List[str]:
     if spec == 'none':
         return [str(i) for i in range(num_classes)]
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f'--labels {spec} is a folder; pass a text file with one label per '
+                         f'line (or auto, imagenet, none)')
     if not path.is_file():
         raise FileNotFoundError(f'labels file {spec} does not exist; pass auto, imagenet, none '
                                 f'or a text file with one label per line')

@@ -84,6 +84,8 @@ def test_labels_errors_name_the_fix(tmp_path):
     (tmp_path / 'three.txt').write_text('a\nb\nc\n')
     with pytest.raises(ValueError, match='3 labels but the model has 10'):
         load_labels(str(tmp_path / 'three.txt'), ten)
+    with pytest.raises(ValueError, match='is a folder; pass a text file'):
+        load_labels(str(tmp_path), ten)
 
 
 def test_a_training_checkpoint_brings_its_model_preprocessing_and_class_names(tmp_path, capsys):
