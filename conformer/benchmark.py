@@ -471,61 +471,63 @@ def format_table(result: dict) -> str:
         lines += ['', f"{v['variant']} @ {v['image_size']}px ({v['params_m']:.2f}M parameters)"]
         lines += _inference_table(v['inference']) + _training_table(v['training'])
     if len(result['variants']) > 1:
-        lines += ['', *_summary_table(result['variants'])]
+        lines += _summary_table(result['variants'])
     return '\n'.join(lines)
 
 
-def _inference_table(rows: List[dict]) -> List[str]:
+def _markdown(header: Sequence[str], rows: List[dict], keys: Sequence[str],
+              cells: Callable[[dict], List[str]]) -> List[str]:
+    """A table: each row's ``keys`` values, then ``cells(row)``, or its status if skipped."""
     if not rows:
         return []
-    lines = ['', '| mode | batch | img/s | p50 ms | p90 ms | peak MB | GFLOP/s | % peak | '
-                 'speed-up | max abs diff |', '|---|---|---|---|---|---|---|---|---|---|']
+    lines = ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in rows:
-        if r['status'] != 'ok':
-            lines.append(f"| {r['mode']} | {r['batch']} | {r['status']} |  |  |  |  |  |  |  |")
-            continue
-        lines.append(f"| {r['mode']} | {r['batch']} | {r['images_per_s']:.3g} | "
-                     f"{r['latency_ms_p50']:.0f} | {r['latency_ms_p90']:.0f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['achieved_gflops']:.0f} | "
-                     f"{r['pct_of_matmul_peak']:.0f}% | {r['speedup_vs_eager']:.2f}x | "
-                     f"{r['max_abs_logit_diff']:.1e} |")
+        row = [str(r[k]) for k in keys]
+        row += cells(r) if r['status'] == 'ok' else [r['status']] + [''] * (
+            len(header) - len(keys) - 1)
+        lines.append('| ' + ' | '.join(row) + ' |')
     return lines
+
+
+def _inference_table(rows: List[dict]) -> List[str]:
+    return _markdown(
+        ('mode', 'batch', 'img/s', 'p50 ms', 'p90 ms', 'peak MB', 'GFLOP/s', '% peak',
+         'speed-up', 'max abs diff'), rows, ('mode', 'batch'),
+        lambda r: [f"{r['images_per_s']:.3g}", f"{r['latency_ms_p50']:.0f}",
+                   f"{r['latency_ms_p90']:.0f}", f"{r['peak_memory_mb']:.0f}",
+                   f"{r['achieved_gflops']:.0f}", f"{r['pct_of_matmul_peak']:.0f}%",
+                   f"{r['speedup_vs_eager']:.2f}x", f"{r['max_abs_logit_diff']:.1e}"])
 
 
 def _training_table(rows: List[dict]) -> List[str]:
-    if not rows:
-        return []
-    lines = ['', '| train mode | batch | checkpointing | img/s | step ms | peak MB | '
-                 'memory saved | speed-up | loss diff |', '|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        if r['status'] != 'ok':
-            lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
-                         f"{r['status']} |  |  |  |  |  |")
-            continue
-        saved = f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else ''
-        lines.append(f"| {r['mode']} | {r['batch']} | {r['grad_checkpointing']} | "
-                     f"{r['images_per_s']:.3g} | {r['step_ms_p50']:.0f} | "
-                     f"{r['peak_memory_mb']:.0f} | {saved} | {r['speedup_vs_eager']:.2f}x | "
-                     f"{r['loss_abs_diff_vs_eager']:.1e} |")
-    return lines
+    return _markdown(
+        ('train mode', 'batch', 'checkpointing', 'img/s', 'step ms', 'peak MB', 'memory saved',
+         'speed-up', 'loss diff'), rows, ('mode', 'batch', 'grad_checkpointing'),
+        lambda r: [f"{r['images_per_s']:.3g}", f"{r['step_ms_p50']:.0f}",
+                   f"{r['peak_memory_mb']:.0f}",
+                   f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else '',
+                   f"{r['speedup_vs_eager']:.2f}x", f"{r['loss_abs_diff_vs_eager']:.1e}"])
 
 
 def _summary_table(variants: List[dict]) -> List[str]:
     """img/s of every measured mode (speed-up over eager in brackets) per variant and batch."""
     modes = [m for m in MODES if any(r['mode'] == m and r['status'] == 'ok'
                                      for v in variants for r in v['inference'])]
-    lines = ['| model | params (M) | batch | ' + ' | '.join(f'{m} img/s' for m in modes) + ' |',
-             '|---|---|---|' + '---|' * len(modes)]
+    rows = []
     for v in variants:
         for batch in dict.fromkeys(r['batch'] for r in v['inference']):
-            cells = []
-            for m in modes:
-                r = next(r for r in v['inference'] if r['mode'] == m and r['batch'] == batch)
-                cells.append('' if r['status'] != 'ok' else f"{r['images_per_s']:.3g}" + (
-                    '' if m == 'eager' else f" ({r['speedup_vs_eager']:.2f}x)"))
-            lines.append(f"| {v['variant']} | {v['params_m']:.2f} | {batch} | "
-                         + ' | '.join(cells) + ' |')
-    return lines
+            runs = {r['mode']: r for r in v['inference'] if r['batch'] == batch}
+            rows.append(dict(model=v['variant'], params=f"{v['params_m']:.2f}", batch=batch,
+                             status='ok', runs=[runs[m] for m in modes]))
+
+    def rate(r: dict) -> str:
+        if r['status'] != 'ok':
+            return ''
+        return f"{r['images_per_s']:.3g}" + (
+            '' if r['mode'] == 'eager' else f" ({r['speedup_vs_eager']:.2f}x)")
+
+    return _markdown(('model', 'params (M)', 'batch', *(f'{m} img/s' for m in modes)), rows,
+                     ('model', 'params', 'batch'), lambda row: [rate(r) for r in row['runs']])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
