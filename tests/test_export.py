@@ -53,7 +53,8 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--checkpoint', 'no.pth'], 'no.pth: no such file'),
-    (['--model', 'conformer_nano', '--pretrained'], "unknown model 'conformer_nano'; choose one of"),
+    (['--model', 'conformer_nano', '--pretrained'],
+     "unknown model 'conformer_nano'; choose one of"),
     (['--image-size', '0', '32'], '--image-size must be positive, got 0 32'),
     # traced at 7x7 the program would take only 5-8 px images
     (['--image-size', '7', '7', '--format', 'pt2'],
