@@ -4,5 +4,4 @@ from .detection import (ConformerFPN, conformer_faster_rcnn, conformer_fpn_backb
                         conformer_mask_rcnn)
 
 __all__ = ['Conformer', 'ConvTransBlock', 'check_model_name', 'ConformerFPN',
-           'conformer_faster_rcnn',
-           'conformer_fpn_backbone', 'conformer_mask_rcnn']
+           'conformer_faster_rcnn', 'conformer_fpn_backbone', 'conformer_mask_rcnn']
