@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 import types
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -382,7 +382,7 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
     return rows
 
 
-def run(variants: Union[str, Sequence[str]], batch_sizes: Sequence[int], train_batch: int,
+def run(variants: Sequence[str], batch_sizes: Sequence[int], train_batch: int,
         image_size: Optional[int], rounds: int, warmup: int, compile: bool,
         modes: Sequence[str] = MODES, gemm_size: int = 2048, skip_training: bool = False,
         model_kwargs: Optional[dict] = None, keep_freed_memory: bool = False) -> dict:
@@ -392,7 +392,6 @@ def run(variants: Union[str, Sequence[str]], batch_sizes: Sequence[int], train_b
         raise ValueError("modes must include 'eager': every speed-up is measured against it")
     if rounds < 1 or warmup < 1:
         raise ValueError(f'rounds and warmup must be >= 1, got rounds={rounds}, warmup={warmup}')
-    variants = [variants] if isinstance(variants, str) else list(variants)
     if not variants:
         raise ValueError('pass at least one model to benchmark')
     for name in variants:
@@ -413,7 +412,7 @@ def run(variants: Union[str, Sequence[str]], batch_sizes: Sequence[int], train_b
                      torch=torch.__version__, threads=torch.get_num_threads(),
                      device=str(device), omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
                      load_average_at_start=os.getloadavg()),
-        settings=dict(variants=variants, image_size=image_size,
+        settings=dict(variants=list(variants), image_size=image_size,
                       batch_sizes=list(batch_sizes), train_batch=train_batch, rounds=rounds,
                       warmup=warmup, compile=compile, modes=list(modes), gemm_size=gemm_size,
                       keep_freed_memory=keep_freed_memory),

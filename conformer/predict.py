@@ -45,12 +45,11 @@ def create_model(name: Optional[str] = None, pretrained: bool = False,
     ``num_classes`` are then checked against the file. Otherwise timm's ``name`` (default
     ``conformer_small_patch16``), with its released weights if ``pretrained``.
     """
-    if name is not None:
-        check_model_name(name)
-    if checkpoint is not None:
+    if checkpoint is not None:  # model_from_weights checks the name itself
         return model_from_weights(checkpoint, model_name=name, num_classes=num_classes)[0]
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    return timm.create_model(name or DEFAULT_MODEL, pretrained=pretrained, **kwargs).eval()
+    return timm.create_model(check_model_name(name or DEFAULT_MODEL), pretrained=pretrained,
+                             **kwargs).eval()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:

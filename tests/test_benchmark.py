@@ -90,7 +90,7 @@ def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monke
     cpu = torch.device('cpu')
     assert unavailable('bf16', cpu) == NO_NATIVE_BF16 and unavailable('fp32', cpu) is None
     assert gemm_routes(cpu, torch.bfloat16) == ('matmul',)  # oneDNN refuses bf16 there
-    result = run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('eager', 'bf16'),
+    result = run(['conformer_nano_patch4'], [1], 1, 32, 1, 1, False, modes=('eager', 'bf16'),
                  gemm_size=64, skip_training=True, model_kwargs=dict(num_classes=10))
     assert [r['status'] for r in result['variants'][0]['inference']] == ['ok', NO_NATIVE_BF16]
     assert list(result['matmul_peak_gflops']) == ['float32']
@@ -100,7 +100,7 @@ def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monke
 
 def test_eager_mode_is_required():
     with pytest.raises(ValueError, match="include 'eager'"):
-        run('conformer_nano_patch4', [1], 1, 32, 1, 1, False, modes=('fp32',))
+        run(['conformer_nano_patch4'], [1], 1, 32, 1, 1, False, modes=('fp32',))
 
 
 def test_several_variants_each_at_their_own_input_size_with_a_summary_row_per_batch():

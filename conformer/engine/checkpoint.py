@@ -59,8 +59,13 @@ class CheckpointManager:
         return path
 
     def latest(self) -> Optional[Path]:
-        path = self.dir / LAST
-        return path if path.is_file() else None
+        return latest(self.dir)
+
+
+def latest(directory: Path) -> Optional[Path]:
+    """The newest checkpoint a run wrote into `directory`, if any (what resume=auto takes)."""
+    path = Path(directory) / LAST
+    return path if path.is_file() else None
 
 
 def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Dict[str, Any]:

@@ -101,7 +101,8 @@ def resume_state(cfg, directory: Path) -> Tuple[Optional[str], Optional[Dict[str
     read and checked before any work, and a new run never overwrites an earlier one's files."""
     resume = cfg.trainer.resume
     if resume == 'auto':
-        resume = str(directory / ckpt.LAST) if (directory / ckpt.LAST).is_file() else None
+        found = ckpt.latest(directory)
+        resume = str(found) if found else None
     elif not resume and any(directory.glob('*.pth')):
         raise FileExistsError(
             f'{directory} already holds the checkpoints of an earlier run, which a new run '
