@@ -35,10 +35,17 @@ def attention_reference(q, k, v, scale=None, dropout_p=0.0):
 
 
 @jit
-def _tile(base, rows, N, offs_d, HEAD_DIM: tl.constexpr, stride_n, stride_d):
-    """Pointers and mask of a (rows x padded head dim) tile of one (batch, head)."""
-    ptrs = base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
-    return ptrs, (rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
+def _tile_ptrs(base, rows, offs_d, stride_n, stride_d):
+    """Pointers of a (rows x padded head dim) tile of one (batch, head)."""
+    return base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+
+
+@jit
+def _tile_mask(rows, N, offs_d, HEAD_DIM: tl.constexpr):
+    """Which elements of a (rows x padded head dim) tile exist. A loop must not reassign a
+    mask made outside it with one of another shape (BLOCK_M != BLOCK_N): compiled Triton
+    rejects loop-carried values that change type."""
+    return (rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
 
 
 @kernel(key=["N", "HEAD_DIM"], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
@@ -57,27 +64,26 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, N,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs, q_mask = _tile(Q + b * sqb + h * sqh, rows, N, offs_d, HEAD_DIM, sqn, sqd)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    q_mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 logits)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
-        k_ptrs, kv_mask = _tile(K + b * skb + h * skh, cols, N, offs_d, HEAD_DIM, skn, skd)
-        v_ptrs, _ = _tile(V + b * svb + h * svh, cols, N, offs_d, HEAD_DIM, svn, svd)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        kv_mask = _tile_mask(cols, N, offs_d, HEAD_DIM)
+        k = tl.load(_tile_ptrs(K + b * skb + h * skh, cols, offs_d, skn, skd), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(cols[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(V + b * svb + h * svh, cols, offs_d, svn, svd), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    o_ptrs, o_mask = _tile(O + b * sob + h * soh, rows, N, offs_d, HEAD_DIM, son, sod)
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=o_mask)
+    tl.store(_tile_ptrs(O + b * sob + h * soh, rows, offs_d, son, sod),
+             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=rows < N)
 
 
@@ -89,10 +95,10 @@ def _attn_bwd_delta(O, DO, DELTA, H, N, sob, soh, son, sod, sdb, sdh, sdn, sdd,
     b, h = bh // H, bh % H
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs, mask = _tile(O + b * sob + h * soh, rows, N, offs_d, HEAD_DIM, son, sod)
-    do_ptrs, _ = _tile(DO + b * sdb + h * sdh, rows, N, offs_d, HEAD_DIM, sdn, sdd)
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
+    mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
+    o = tl.load(_tile_ptrs(O + b * sob + h * soh, rows, offs_d, son, sod), mask=mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, rows, offs_d, sdn, sdd), mask=mask, other=0.0)
+    o, do = o.to(tl.float32), do.to(tl.float32)
     tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
 
 
@@ -112,18 +118,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, H, N,
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs, kv_mask = _tile(K + b * skb + h * skh, cols, N, offs_d, HEAD_DIM, skn, skd)
-    v_ptrs, _ = _tile(V + b * svb + h * svh, cols, N, offs_d, HEAD_DIM, svn, svd)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    kv_mask = _tile_mask(cols, N, offs_d, HEAD_DIM)
+    k = tl.load(_tile_ptrs(K + b * skb + h * skh, cols, offs_d, skn, skd), mask=kv_mask, other=0.0)
+    v = tl.load(_tile_ptrs(V + b * svb + h * svh, cols, offs_d, svn, svd), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + offs_m
-        q_ptrs, q_mask = _tile(Q + b * sqb + h * sqh, rows, N, offs_d, HEAD_DIM, sqn, sqd)
-        do_ptrs, _ = _tile(DO + b * sdb + h * sdh, rows, N, offs_d, HEAD_DIM, sdn, sdd)
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+        q_mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
+        q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
+        do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, rows, offs_d, sdn, sdd), mask=q_mask, other=0.0)
         # lse = +inf past N makes those probabilities exactly 0
         lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("inf"))
         delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
@@ -132,10 +136,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, H, N,
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    dk_ptrs, _ = _tile(DK + b * sdkb + h * sdkh, cols, N, offs_d, HEAD_DIM, sdkn, sdkd)
-    dv_ptrs, _ = _tile(DV + b * sdvb + h * sdvh, cols, N, offs_d, HEAD_DIM, sdvn, sdvd)
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile_ptrs(DK + b * sdkb + h * sdkh, cols, offs_d, sdkn, sdkd),
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile_ptrs(DV + b * sdvb + h * sdvh, cols, offs_d, sdvn, sdvd),
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @kernel(key=["N", "HEAD_DIM"], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
@@ -154,25 +158,23 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, H, N,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs, q_mask = _tile(Q + b * sqb + h * sqh, rows, N, offs_d, HEAD_DIM, sqn, sqd)
-    do_ptrs, _ = _tile(DO + b * sdb + h * sdh, rows, N, offs_d, HEAD_DIM, sdn, sdd)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+    q_mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, rows, offs_d, sdn, sdd), mask=q_mask, other=0.0)
     lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
     delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
-        k_ptrs, kv_mask = _tile(K + b * skb + h * skh, cols, N, offs_d, HEAD_DIM, skn, skd)
-        v_ptrs, _ = _tile(V + b * svb + h * svh, cols, N, offs_d, HEAD_DIM, svn, svd)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        kv_mask = _tile_mask(cols, N, offs_d, HEAD_DIM)
+        k = tl.load(_tile_ptrs(K + b * skb + h * skh, cols, offs_d, skn, skd), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(V + b * svb + h * svh, cols, offs_d, svn, svd), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(cols[None, :] < N, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=PRECISION)
-    dq_ptrs, _ = _tile(DQ + b * sdqb + h * sdqh, rows, N, offs_d, HEAD_DIM, sdqn, sdqd)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_tile_ptrs(DQ + b * sdqb + h * sdqh, rows, offs_d, sdqn, sdqd),
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 class FlashAttention(torch.autograd.Function):
