@@ -9,13 +9,13 @@ run continues exactly where the killed one stopped.
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
@@ -123,12 +124,135 @@ def resume_state(cfg, directory: Path) -> Tuple[Optional[str], Optional[Dict[str
     return resume, state
 
 
+@dataclass
+class Run:
+    """Everything a run is built from (phase one); fixed while it trains."""
+    cfg: Any
+    run_dir: Path
+    env: DistEnv
+    amp: str
+    model: nn.Module  # the plain module: state dicts, EMA and evaluation read it
+    trained: nn.Module  # what the optimizer steps: the model, or its DDP/FSDP2 wrapper
+    forward: Callable  # `trained`, compiled with trainer.compile
+    ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    mixup: Optional[Mixup]
+    criterion: nn.Module
+    train_set: Any
+    eval_set: Any
+    sampler: GlobalBatchSampler
+    micro_batch: int
+    total_steps: int
+    manager: ckpt.CheckpointManager
+    logger: RunLogger
+    meta: Dict[str, Any]  # what a checkpoint says about the model and its data
+
+
+@dataclass
+class RunState:
+    """Where the run stands; a checkpoint records it and resuming restores it."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    step_in_epoch: int = 0  # steps of `epoch` taken
+    best: float = -1.0  # best headline eval top-1 so far
+    checkpoint: Optional[Path] = None  # the latest checkpoint saved
+    metrics: Dict[str, float] = field(default_factory=dict)  # the latest evaluation
+    status: str = 'finished'  # or 'interrupted'
+
+
+class MetricWindow:
+    """Training sums since the last log, kept on the device: adding to them never waits for
+    the device; reading them (`totals`) is a host sync."""
+    LOSS, CORRECT, CORRECT_CONV, CORRECT_TRANS, IMAGES, NONFINITE = range(6)
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.tic = time.perf_counter()
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, outputs, target: torch.Tensor) -> None:
+        conv, trans = (o.float() for o in outputs)
+        self.sums[self.LOSS] += loss.detach().double() * len(target)
+        self.sums[self.CORRECT:self.IMAGES] += torch.stack([
+            (conv + trans).argmax(1) == target, conv.argmax(1) == target,
+            trans.argmax(1) == target]).sum(1)
+        self.sums[self.IMAGES] += len(target)
+        self.sums[self.NONFINITE] += ~torch.isfinite(loss.detach())
+
+    def totals(self) -> List[float]:
+        """The sums over all ranks. HOST SYNC."""
+        return all_sum(self.sums.clone()).tolist()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.tic = time.perf_counter()
+
+
 def train(cfg, run_dir: Path) -> Dict[str, Any]:
     """Train as configured; returns the final metrics (also written to run_dir/metrics.json)."""
     check(cfg)
-    t, run_dir = cfg.trainer, Path(run_dir)
-    resume, state = resume_state(cfg, run_dir / 'checkpoints')
-    env = init_distributed(t.device)
+    run_dir = Path(run_dir)
+    resume, saved = resume_state(cfg, run_dir / 'checkpoints')
+    env = init_distributed(cfg.trainer.device)
+    try:
+        run = build_run(cfg, run_dir, env, resume, saved)
+        state = start_state(run, resume, saved)
+        t, steps_per_epoch = cfg.trainer, run.sampler.steps_per_epoch
+        window = MetricWindow(env.device)
+        stop = StopRequested()
+        bar = tqdm(total=run.total_steps, initial=state.step, unit='step', dynamic_ncols=True,
+                   disable=not (env.is_main and cfg.logging.progress))
+        try:
+            while state.step < run.total_steps:
+                epoch = state.epoch
+                run.sampler.set_epoch(epoch, state.step_in_epoch)
+                batches = iter(train_loader(run.train_set, cfg.data, cfg.aug, run.sampler,
+                                            run.micro_batch, epoch_seed=t.seed * 1000 + epoch))
+                set_train_mode(run.model, cfg.model.freeze_backbone)
+                window.reset()
+                while True:
+                    train_step(run, state, batches, window)
+                    bar.update(1)
+                    end_of_epoch = state.step_in_epoch == steps_per_epoch
+                    last_step = state.step == run.total_steps
+                    if state.step % cfg.logging.every_steps == 0 or end_of_epoch or last_step:
+                        log_train(run, state, window, bar)
+                    if end_of_epoch:
+                        state.epoch, state.step_in_epoch = epoch + 1, 0
+                    if stop_requested(stop, env):
+                        save_checkpoint(run, state, window)
+                        state.status = 'interrupted'
+                        break
+                    if end_of_epoch or last_step:
+                        break
+                    if t.ckpt_every_steps and state.step % t.ckpt_every_steps == 0:
+                        save_checkpoint(run, state, window)
+                del batches
+                if state.status == 'interrupted':
+                    break
+                if (end_of_epoch and (epoch + 1) % t.eval_every == 0) or last_step:
+                    evaluate_run(run, state, window, epoch, bar)
+                else:
+                    save_checkpoint(run, state, window)
+        finally:
+            bar.close()
+            stop.restore()
+            run.logger.close()
+        result = dict(status=state.status, epoch=state.epoch, step=state.step,
+                      checkpoint=str(state.checkpoint), run_dir=str(run_dir), **state.metrics)
+        if env.is_main:
+            (run_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+        return result
+    finally:
+        shutdown()
+
+
+def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
+              saved: Optional[Dict[str, Any]]) -> Run:
+    """Data, model (with the resumed weights), wrappers, optimizer, schedule and loss."""
+    t = cfg.trainer
     setup_runtime(t, env)
     amp = resolve_amp(t.amp, env.device, 'trainer.amp')
     if cfg.model.sync_bn and env.device.type != 'cuda':
@@ -140,20 +264,18 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     if cfg.data.batch_size % (env.world_size * t.accum_steps):
         raise ValueError(f'data.batch_size={cfg.data.batch_size} must be divisible by world size '
                          f'x trainer.accum_steps = {env.world_size * t.accum_steps}')
-    micro_batch = per_rank // t.accum_steps
     sampler = GlobalBatchSampler(len(train_set), cfg.data.batch_size, env.rank, env.world_size,
                                  seed=t.seed, repeats=cfg.aug.repeated_aug)
-    steps_per_epoch = sampler.steps_per_epoch
 
     model = build_model(cfg.model, len(classes), cfg.data.in_chans)
-    if state is not None:  # into the plain module (before wrapping), with a shape check
-        ckpt.check_data(state, f'trainer.resume={resume}', len(classes), cfg.data.in_chans)
-        recorded = state['sampler'].get('num_samples', len(train_set))
+    if saved is not None:  # into the plain module (before wrapping), with a shape check
+        ckpt.check_data(saved, f'trainer.resume={resume}', len(classes), cfg.data.in_chans)
+        recorded = saved['sampler'].get('num_samples', len(train_set))
         if recorded != len(train_set):  # the saved data position would mean other images
             raise ValueError(f'trainer.resume={resume} was saved training on {recorded} '
                              f'images, this run has {len(train_set)}: resume with the same '
                              f'data.root, data.classes and data.samples_per_class')
-        load_state_dict_checked(model, state['model'], f'trainer.resume={resume}')
+        load_state_dict_checked(model, saved['model'], f'trainer.resume={resume}')
     model.set_dual_head_training(True)  # train-mode calls return (conv_logits, trans_logits)
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
@@ -186,10 +308,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=cfg.sched.name, num_epochs=t.epochs, warmup_epochs=cfg.sched.warmup_epochs,
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == 'fp16')
-
-    forward = torch.compile(trained) if t.compile else trained
+        updates_per_epoch=sampler.steps_per_epoch)
 
     mixup = None
     if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
@@ -200,178 +319,159 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     else:
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
 
-    manager = ckpt.CheckpointManager(run_dir / 'checkpoints', t.keep_last)
-    logger = RunLogger(run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.plot)
+    total_steps = t.epochs * sampler.steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
     meta = dict(variant=cfg.model.name, num_classes=len(classes), in_chans=cfg.data.in_chans,
                 classes=list(classes), model_kwargs=model_kwargs(cfg.model),
                 input_size=cfg.data.input_size, mean=list(cfg.data.mean), std=list(cfg.data.std),
                 interpolation=cfg.data.interpolation,
                 # the eval transform: resize + centre crop, or for pad-crop a plain centre crop
                 crop_pct=cfg.data.crop_pct if cfg.aug.train_crop == 'rrc' else 1.0)
-    step, epoch, start_step, best = 0, 0, 0, -1.0
+    return Run(
+        cfg=cfg, run_dir=run_dir, env=env, amp=amp, model=model, trained=trained,
+        forward=torch.compile(trained) if t.compile else trained, ema=ema, optimizer=optimizer,
+        scheduler=scheduler, scaler=torch.amp.GradScaler(env.device.type, enabled=amp == 'fp16'),
+        mixup=mixup, criterion=criterion, train_set=train_set, eval_set=eval_set,
+        sampler=sampler, micro_batch=per_rank // t.accum_steps, total_steps=total_steps,
+        manager=ckpt.CheckpointManager(run_dir / 'checkpoints', t.keep_last),
+        logger=RunLogger(run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.plot),
+        meta=meta)
 
-    if state is not None:
-        set_optimizer_state_dict(trained, optimizer, state['optimizer'],
-                                 options=StateDictOptions(full_state_dict=True))
-        if ema is not None and 'ema' in state:
-            ema.module.load_state_dict(state['ema'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        step, epoch, start_step = state['step'], state['epoch'], state['step_in_epoch']
-        best = state['meta']['metrics'].get('best_top1', -1.0)
-        rng = state['rng']
-        if state['world_size'] == env.world_size:
-            ckpt.restore_rng(rng[env.rank])
-        else:  # another world size: data order is kept, per-rank random streams restart
-            torch.manual_seed(t.seed + step * 1009 + env.rank)
-        if env.is_main:
-            _logger.info('resumed from %s at epoch %d, step %d', resume, epoch, step)
 
-    def save(next_epoch: int, next_step_in_epoch: int, metrics: Dict[str, float],
-             is_best: bool) -> Optional[Path]:
-        # collective calls: every rank takes part, rank 0 writes
-        model_state = get_model_state_dict(trained, options=FULL)
-        optim_state = get_optimizer_state_dict(trained, optimizer, options=FULL)
-        rng = [None] * env.world_size
-        if env.enabled:
-            torch.distributed.all_gather_object(rng, ckpt.capture_rng())
-        else:
-            rng = [ckpt.capture_rng()]
-        path = None
-        if env.is_main:
-            state = dict(
-                model=model_state, meta=dict(meta, epoch=next_epoch, step=step, metrics=metrics),
-                optimizer=optim_state, scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                step=step, epoch=next_epoch, step_in_epoch=next_step_in_epoch,
-                sampler=dict(seed=t.seed, global_batch=cfg.data.batch_size,
-                             repeats=cfg.aug.repeated_aug, num_samples=len(train_set)),
-                rng=rng, world_size=env.world_size, config=OmegaConf.to_container(cfg))
-            if ema is not None:
-                state['ema'] = ema.module.state_dict()
-            path = manager.save(state, step, is_best)
-        barrier()
-        return path
-
-    stop = StopRequested()
-    total_steps = t.epochs * steps_per_epoch
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
-    metrics: Dict[str, float] = {}
-    last_path = manager.latest()
-    bar = tqdm(total=total_steps, initial=step, disable=not (env.is_main and cfg.logging.progress),
-               unit='step', dynamic_ncols=True)
-    status = 'finished'
-    try:
-        while step < total_steps:
-            sampler.set_epoch(epoch, start_step)
-            loader = train_loader(train_set, cfg.data, cfg.aug, sampler, micro_batch,
-                                  epoch_seed=t.seed * 1000 + epoch)
-            batches = iter(loader)
-            set_train_mode(model, cfg.model.freeze_backbone)
-            # running sums since the last log: loss, correct combined/conv/trans, images
-            window = torch.zeros(5, dtype=torch.float64)
-            nonfinite = False
-            tic = time.perf_counter()
-            for step_in_epoch in range(start_step, steps_per_epoch):
-                for micro in range(t.accum_steps):
-                    images, target = next(batches)
-                    images = images.to(env.device, non_blocking=True)
-                    target = target.to(env.device, non_blocking=True)
-                    if cfg.model.channels_last:
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    hard_target = target
-                    if mixup is not None:
-                        images, target = mixup(images, target)
-                    sync = micro == t.accum_steps - 1 or not env.enabled or t.fsdp
-                    with (contextlib.nullcontext() if sync else trained.no_sync()):
-                        with autocast(env.device, amp):
-                            outputs = forward(images)
-                        loss = dual_head_loss(outputs, target, criterion)
-                        scaler.scale(loss / t.accum_steps).backward()
-                    nonfinite |= not math.isfinite(loss.item())
-                    with torch.no_grad():
-                        conv, trans = (o.float() for o in outputs)
-                        window += torch.tensor([
-                            loss.item() * len(images),
-                            ((conv + trans).argmax(1) == hard_target).sum().item(),
-                            (conv.argmax(1) == hard_target).sum().item(),
-                            (trans.argmax(1) == hard_target).sum().item(), len(images)],
-                            dtype=torch.float64)
-                if cfg.optim.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                scheduler.step_update(num_updates=step)
-                if ema is not None:
-                    ema.update(model, step=step)
-                bar.update(1)
-
-                # one collective per step: did any rank see a non-finite loss or a signal?
-                flags = all_sum(torch.tensor([float(nonfinite),
-                                              float(stop.signal is not None)], dtype=torch.float64))
-                if flags[0] > 0:
-                    raise FloatingPointError(
-                        f'loss became {loss.item()} at epoch {epoch} step {step}; stopped without '
-                        f'saving. Last good checkpoint: {last_path or "none yet"}. Lower optim.lr, '
-                        f'set optim.clip_grad, or try trainer.amp=none, then resume with '
-                        f'trainer.resume={last_path or "<checkpoint>"}')
-                end_of_epoch = step_in_epoch + 1 == steps_per_epoch
-                if step % cfg.logging.every_steps == 0 or end_of_epoch or step == total_steps:
-                    sums = all_sum(window.clone())
-                    seen = max(sums[4].item(), 1.)
-                    elapsed = time.perf_counter() - tic
-                    record = dict(epoch=epoch, loss=sums[0].item() / seen,
-                                  top1=100 * sums[1].item() / seen,
-                                  top1_conv=100 * sums[2].item() / seen,
-                                  top1_trans=100 * sums[3].item() / seen,
-                                  lr=optimizer.param_groups[-1]['lr'],
-                                  images_per_s=seen / max(elapsed, 1e-9))
-                    logger.log('train', step, **record)
-                    bar.set_postfix(epoch=epoch, loss=f'{record["loss"]:.3f}',
-                                    acc=f'{record["top1"]:.1f}', img_s=f'{record["images_per_s"]:.0f}')
-                    window.zero_()
-                    tic = time.perf_counter()
-                if stop.signal is not None or flags[1] > 0:
-                    last_path = save(*((epoch + 1, 0) if end_of_epoch else (epoch, step_in_epoch + 1)),
-                                     metrics, False)
-                    status = 'interrupted'
-                    break
-                if step == total_steps or end_of_epoch:
-                    break
-                if t.ckpt_every_steps and step % t.ckpt_every_steps == 0:
-                    last_path = save(epoch, step_in_epoch + 1, metrics, False)
-            del batches, loader
-            if status == 'interrupted':
-                break
-            finished_epoch = step_in_epoch + 1 == steps_per_epoch
-            next_epoch, start_step = (epoch + 1, 0) if finished_epoch else (epoch, step_in_epoch + 1)
-            if finished_epoch and ((epoch + 1) % t.eval_every == 0) or step == total_steps:
-                metrics = run_eval(cfg, env, amp, model, ema, eval_set, epoch, step, logger)
-                headline = metrics['ema_top1'] if ema is not None else metrics['top1']
-                is_best = headline > best
-                best = max(best, headline)
-                metrics['best_top1'] = best
-                if env.is_main:
-                    bar.write(f'epoch {epoch} step {step}: eval top-1 {metrics["top1"]:.2f}%'
-                              + (f', EMA {metrics["ema_top1"]:.2f}%' if ema is not None else ''))
-                last_path = save(next_epoch, start_step, metrics, is_best)
-            elif finished_epoch or step == total_steps:
-                last_path = save(next_epoch, start_step, metrics, False)
-            epoch = next_epoch
-    finally:
-        bar.close()
-        stop.restore()
-        logger.close()
-
-    result = dict(status=status, epoch=epoch, step=step, checkpoint=str(last_path),
-                  run_dir=str(run_dir), **metrics)
+def start_state(run: Run, resume: Optional[str], saved: Optional[Dict[str, Any]]) -> RunState:
+    """A new run's state, or the resumed one's with its optimizer, schedule, EMA and RNG."""
+    state = RunState(checkpoint=run.manager.latest())
+    if saved is None:
+        return state
+    set_optimizer_state_dict(run.trained, run.optimizer, saved['optimizer'],
+                             options=StateDictOptions(full_state_dict=True))
+    if run.ema is not None and 'ema' in saved:
+        run.ema.module.load_state_dict(saved['ema'])
+    run.scheduler.load_state_dict(saved['scheduler'])
+    run.scaler.load_state_dict(saved['scaler'])
+    state.step, state.epoch = saved['step'], saved['epoch']
+    state.step_in_epoch = saved['step_in_epoch']
+    state.best = saved['meta']['metrics'].get('best_top1', -1.0)
+    env = run.env
+    if saved['world_size'] == env.world_size:
+        ckpt.restore_rng(saved['rng'][env.rank])
+    else:  # another world size: data order is kept, per-rank random streams restart
+        torch.manual_seed(run.cfg.trainer.seed + state.step * 1009 + env.rank)
     if env.is_main:
-        (run_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
-    shutdown()
-    return result
+        _logger.info('resumed from %s at epoch %d, step %d', resume, state.epoch, state.step)
+    return state
+
+
+def train_step(run: Run, state: RunState, batches: Iterator, window: MetricWindow) -> None:
+    """One optimizer step over trainer.accum_steps micro-batches, without a host sync."""
+    cfg, env = run.cfg, run.env
+    accum = cfg.trainer.accum_steps
+    for micro in range(accum):
+        images, target = next(batches)
+        images = images.to(env.device, non_blocking=True)
+        target = target.to(env.device, non_blocking=True)
+        if cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        hard_target = target
+        if run.mixup is not None:
+            images, target = run.mixup(images, target)
+        # DDP all-reduces gradients on the last micro-batch only; FSDP2 on every one
+        sync = micro == accum - 1 or not env.enabled or cfg.trainer.fsdp
+        with (contextlib.nullcontext() if sync else run.trained.no_sync()):
+            with autocast(env.device, run.amp):
+                outputs = run.forward(images)
+            loss = dual_head_loss(outputs, target, run.criterion)
+            run.scaler.scale(loss / accum).backward()
+        window.add(loss, outputs, hard_target)
+    if cfg.optim.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.step_in_epoch += 1
+    run.scheduler.step_update(num_updates=state.step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=state.step)
+
+
+def log_train(run: Run, state: RunState, window: MetricWindow, bar: tqdm) -> None:
+    """Log the window's loss, accuracies and speed, and stop on a non-finite loss. HOST SYNC."""
+    loss, correct, conv, trans, images, _ = sums = window.totals()
+    check_finite(state, sums)
+    seen = max(images, 1.)
+    record = dict(epoch=state.epoch, loss=loss / seen, top1=100 * correct / seen,
+                  top1_conv=100 * conv / seen, top1_trans=100 * trans / seen,
+                  lr=run.optimizer.param_groups[-1]['lr'],
+                  images_per_s=seen / max(time.perf_counter() - window.tic, 1e-9))
+    run.logger.log('train', state.step, **record)
+    bar.set_postfix(epoch=state.epoch, loss=f'{record["loss"]:.3f}', acc=f'{record["top1"]:.1f}',
+                    img_s=f'{record["images_per_s"]:.0f}')
+    window.reset()
+
+
+def check_finite(state: RunState, sums: List[float]) -> None:
+    if sums[MetricWindow.NONFINITE]:
+        latest = state.checkpoint
+        raise FloatingPointError(
+            f'loss became {sums[MetricWindow.LOSS]} at epoch {state.epoch} step {state.step}; '
+            f'stopped without saving. Last good checkpoint: {latest or "none yet"}. Lower '
+            f'optim.lr, set optim.clip_grad, or try trainer.amp=none, then resume with '
+            f'trainer.resume={latest or "<checkpoint>"}')
+
+
+def stop_requested(stop: StopRequested, env: DistEnv) -> bool:
+    """Did SIGTERM/SIGINT reach any rank? Without a process group a plain flag read; with one,
+    a one-value collective every step so that all ranks stop at the same step."""
+    if not env.enabled:
+        return stop.signal is not None
+    return all_sum(torch.tensor([float(stop.signal is not None)], dtype=torch.float64))[0] > 0
+
+
+def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bool = False) -> None:
+    """Every rank takes part (collectives), rank 0 writes; never after a non-finite loss.
+    HOST SYNC."""
+    check_finite(state, window.totals())
+    model_state = get_model_state_dict(run.trained, options=FULL)
+    optim_state = get_optimizer_state_dict(run.trained, run.optimizer, options=FULL)
+    rng = [None] * run.env.world_size
+    if run.env.enabled:
+        torch.distributed.all_gather_object(rng, ckpt.capture_rng())
+    else:
+        rng = [ckpt.capture_rng()]
+    path = None
+    if run.env.is_main:
+        cfg = run.cfg
+        saved = dict(
+            model=model_state,
+            meta=dict(run.meta, epoch=state.epoch, step=state.step, metrics=state.metrics),
+            optimizer=optim_state, scheduler=run.scheduler.state_dict(),
+            scaler=run.scaler.state_dict(), step=state.step, epoch=state.epoch,
+            step_in_epoch=state.step_in_epoch,
+            sampler=dict(seed=cfg.trainer.seed, global_batch=cfg.data.batch_size,
+                         repeats=cfg.aug.repeated_aug, num_samples=len(run.train_set)),
+            rng=rng, world_size=run.env.world_size, config=OmegaConf.to_container(cfg))
+        if run.ema is not None:
+            saved['ema'] = run.ema.module.state_dict()
+        path = run.manager.save(saved, state.step, is_best)
+    barrier()
+    state.checkpoint = path
+
+
+def evaluate_run(run: Run, state: RunState, window: MetricWindow, epoch: int, bar: tqdm) -> None:
+    """Evaluate the model (and its EMA), keep the best, and checkpoint."""
+    metrics = run_eval(run.cfg, run.env, run.amp, run.model, run.ema, run.eval_set, epoch,
+                       state.step, run.logger)
+    headline = metrics['ema_top1'] if run.ema is not None else metrics['top1']
+    is_best = headline > state.best
+    state.best = max(state.best, headline)
+    state.metrics = dict(metrics, best_top1=state.best)
+    if run.env.is_main:
+        bar.write(f'epoch {epoch} step {state.step}: eval top-1 {metrics["top1"]:.2f}%'
+                  + (f', EMA {metrics["ema_top1"]:.2f}%' if run.ema is not None else ''))
+    save_checkpoint(run, state, window, is_best)
 
 
 def run_eval(cfg, env: DistEnv, amp: str, model, ema, eval_set, epoch: int, step: int,
