@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -158,22 +159,77 @@ def next_pow2(n, minimum=16):
 jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
-def kernel(key, configs, interpret):
-    """``@triton.jit`` plus autotuning over ``configs`` on a GPU.
+class Launch(NamedTuple):
+    """One kernel launch: an autotuned kernel, its grid (a function of the chosen config), its
+    positional arguments and constexpr keywords. Launchers build these and run them, so that
+    ``conformer.kernels.compile_check`` compiles exactly what they launch."""
 
-    Under TRITON_INTERPRET only the single ``interpret`` config is used (large tiles, so few
-    programs run, and no GPU timer is needed to pick it). Configs are dicts of meta-parameters
-    with optional ``num_warps`` / ``num_stages``.
+    kernel: object
+    grid: object
+    args: tuple
+    constexprs: dict
+
+    def run(self):
+        self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+def fitting_configs(configs, shared_bytes, limit):
+    """The configs whose shared memory, ``shared_bytes(config)`` bytes, fits in ``limit``; the
+    first config if none does, so that its launch names the shortfall."""
+    return [c for c in configs if shared_bytes(c) <= limit] or configs[:1]
+
+
+def kernel(key, configs, interpret, ieee_configs=None):
+    """``@triton.jit`` plus autotuning on a GPU.
+
+    Args:
+        key: argument names whose values pick a tuned config (with the tensors' dtypes).
+        configs: dicts of meta-parameters with optional ``num_warps`` / ``num_stages``, for
+            16-bit inputs and for fp32 with TF32 dots.
+        interpret: the single config used under TRITON_INTERPRET (large tiles, so few programs
+            run, and no GPU timer is needed to pick it).
+        ieee_configs: the configs for fp32 with IEEE dots (a kernel's ``PRECISION='ieee'``),
+            which run as FMA loops holding whole tiles in registers, so large tiles spill;
+            default ``configs``.
+
+    Before timing, the autotuner keeps the configs of the call's precision whose compiled
+    shared memory fits the device. The returned kernel's ``configs_by_precision`` maps 'tf32'
+    and 'ieee' to their ``triton.Config`` lists (what ahead-of-time compile checks walk).
     """
 
     def to_config(c):
-        meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        return triton.Config(meta, num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
+        meta = {k: v for k, v in c.items() if k not in ('num_warps', 'num_stages')}
+        return triton.Config(meta, num_warps=c.get('num_warps', 4),
+                             num_stages=c.get('num_stages', 2))
 
     def decorate(fn):
         if triton is None:
             return fn
-        chosen = [interpret] if INTERPRET else configs
-        return triton.autotune([to_config(c) for c in chosen], key=key)(triton.jit(fn))
+        jitted = triton.jit(fn)
+        made = {}  # one Config object per distinct dict, shared by both precisions
+        by_precision = {
+            precision: [made.setdefault(repr(sorted(c.items())), to_config(c)) for c in chosen]
+            for precision, chosen in (('tf32', configs), ('ieee', ieee_configs or configs))}
+
+        def prune(candidates, named_args, **kwargs):
+            own = by_precision[kwargs.get('PRECISION', 'tf32')]
+            device = torch.cuda.current_device()
+            limit = triton.runtime.driver.active.utils.get_device_properties(device)[
+                'max_shared_mem']
+
+            def shared_bytes(config):
+                compiled = jitted.warmup(*named_args.values(), grid=(1,), **kwargs,
+                                         **config.all_kwargs())
+                return compiled.metadata.shared
+
+            return fitting_configs([c for c in candidates if c in own], shared_bytes, limit)
+
+        if INTERPRET:
+            tuned = triton.autotune([to_config(interpret)], key=key)(jitted)
+        else:
+            tuned = triton.autotune(list(made.values()), key=key,
+                                    prune_configs_by=dict(early_config_prune=prune))(jitted)
+        tuned.configs_by_precision = by_precision
+        return tuned
 
     return decorate

@@ -16,7 +16,8 @@ below are >= 16 and the padded head dim is >= 16.
 import torch
 import torch.nn.functional as F
 
-from .backend import dot_precision, jit, kernel, next_pow2, tensor_limit, tl, triton, use_triton
+from .backend import (Launch, dot_precision, jit, kernel, next_pow2, tensor_limit, tl, triton,
+                      use_triton)
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
@@ -48,133 +49,232 @@ def _tile_mask(rows, N, offs_d, HEAD_DIM: tl.constexpr):
     return (rows[:, None] < N) & (offs_d[None, :] < HEAD_DIM)
 
 
-@kernel(key=["N", "HEAD_DIM"], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
+@jit
+def _program(H, N, BLOCK: tl.constexpr):
+    """(batch, head, batch * H + head, first row) of this program's block of rows.
+
+    The grid is 1-D, so B * H has no 65535 limit, and runs the row blocks of one head next to
+    each other, so they share its K and V in L2. Batch and head are int64: their offsets into
+    a large batch (q is a view of the packed qkv) would wrap in int32.
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK)
+    bh = (pid // n_blocks).to(tl.int64)
+    return bh // H, bh % H, bh, pid % n_blocks * BLOCK
+
+
+@kernel(key=['N', 'HEAD_DIM', 'PRECISION'], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+], ieee_configs=[
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
 def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, N,
-              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+              q_stride_batch, q_stride_head, q_stride_token, q_stride_dim,
+              k_stride_batch, k_stride_head, k_stride_token, k_stride_dim,
+              v_stride_batch, v_stride_head, v_stride_token, v_stride_dim,
+              o_stride_batch, o_stride_head, o_stride_token, o_stride_dim,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O and the base-2 row logsumexp of one query block; grid (cdiv(N, BLOCK_M), B * H)."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """O and the base-2 row logsumexp of one block of queries of one (batch, head)."""
+    b, h, bh, first_row = _program(H, N, BLOCK_M)
+    rows = first_row + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    k_head = K + b * k_stride_batch + h * k_stride_head
+    v_head = V + b * v_stride_batch + h * v_stride_head
     q_mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
-    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 logits)
+    q_ptrs = _tile_ptrs(Q + b * q_stride_batch + h * q_stride_head, rows, offs_d,
+                        q_stride_token, q_stride_dim)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running row max (base-2 logits)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
         kv_mask = _tile_mask(cols, N, offs_d, HEAD_DIM)
-        k = tl.load(_tile_ptrs(K + b * skb + h * skh, cols, offs_d, skn, skd), mask=kv_mask, other=0.0)
+        k = tl.load(_tile_ptrs(k_head, cols, offs_d, k_stride_token, k_stride_dim), mask=kv_mask,
+                    other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(cols[None, :] < N, s, float("-inf"))
+        s = tl.where(cols[None, :] < N, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(_tile_ptrs(V + b * svb + h * svh, cols, offs_d, svn, svd), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(v_head, cols, offs_d, v_stride_token, v_stride_dim), mask=kv_mask,
+                    other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    tl.store(_tile_ptrs(O + b * sob + h * soh, rows, offs_d, son, sod),
-             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    o_ptrs = _tile_ptrs(O + b * o_stride_batch + h * o_stride_head, rows, offs_d,
+                        o_stride_token, o_stride_dim)
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=rows < N)
 
 
-@kernel(key=["N", "HEAD_DIM"], interpret=dict(BLOCK_M=128), configs=[dict(BLOCK_M=64, num_warps=4)])
-def _attn_bwd_delta(O, DO, DELTA, H, N, sob, soh, son, sod, sdb, sdh, sdn, sdd,
+@kernel(key=['N', 'HEAD_DIM'], interpret=dict(BLOCK_M=128), configs=[dict(BLOCK_M=64, num_warps=4)])
+def _attn_bwd_delta(O, DO, DELTA, H, N,
+                    o_stride_batch, o_stride_head, o_stride_token, o_stride_dim,
+                    do_stride_batch, do_stride_head, do_stride_token, do_stride_dim,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O), the softmax-backward correction term."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, bh, first_row = _program(H, N, BLOCK_M)
+    rows = first_row + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
-    o = tl.load(_tile_ptrs(O + b * sob + h * soh, rows, offs_d, son, sod), mask=mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, rows, offs_d, sdn, sdd), mask=mask, other=0.0)
-    o, do = o.to(tl.float32), do.to(tl.float32)
+    o_ptrs = _tile_ptrs(O + b * o_stride_batch + h * o_stride_head, rows, offs_d,
+                        o_stride_token, o_stride_dim)
+    do_ptrs = _tile_ptrs(DO + b * do_stride_batch + h * do_stride_head, rows, offs_d,
+                         do_stride_token, do_stride_dim)
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
 
 
-@kernel(key=["N", "HEAD_DIM"], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
+@kernel(key=['N', 'HEAD_DIM', 'PRECISION'], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
     dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+], ieee_configs=[
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, H, N,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                   sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                   q_stride_batch, q_stride_head, q_stride_token, q_stride_dim,
+                   k_stride_batch, k_stride_head, k_stride_token, k_stride_dim,
+                   v_stride_batch, v_stride_head, v_stride_token, v_stride_dim,
+                   do_stride_batch, do_stride_head, do_stride_token, do_stride_dim,
+                   dk_stride_batch, dk_stride_head, dk_stride_token, dk_stride_dim,
+                   dv_stride_batch, dv_stride_head, dv_stride_token, dv_stride_dim,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block, looping over all query blocks (scores kept transposed)."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """dK, dV of one block of keys, looping over all query blocks (scores kept transposed)."""
+    b, h, bh, first_col = _program(H, N, BLOCK_N)
+    cols = first_col + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    q_head = Q + b * q_stride_batch + h * q_stride_head
+    do_head = DO + b * do_stride_batch + h * do_stride_head
     kv_mask = _tile_mask(cols, N, offs_d, HEAD_DIM)
-    k = tl.load(_tile_ptrs(K + b * skb + h * skh, cols, offs_d, skn, skd), mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(V + b * svb + h * svh, cols, offs_d, svn, svd), mask=kv_mask, other=0.0)
+    k_ptrs = _tile_ptrs(K + b * k_stride_batch + h * k_stride_head, cols, offs_d,
+                        k_stride_token, k_stride_dim)
+    v_ptrs = _tile_ptrs(V + b * v_stride_batch + h * v_stride_head, cols, offs_d,
+                        v_stride_token, v_stride_dim)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_M):
         rows = start + offs_m
         q_mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
-        q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-        do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, rows, offs_d, sdn, sdd), mask=q_mask, other=0.0)
+        q = tl.load(_tile_ptrs(q_head, rows, offs_d, q_stride_token, q_stride_dim), mask=q_mask,
+                    other=0.0)
+        do = tl.load(_tile_ptrs(do_head, rows, offs_d, do_stride_token, do_stride_dim),
+                     mask=q_mask, other=0.0)
         # lse = +inf past N makes those probabilities exactly 0
-        lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("inf"))
+        lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float('inf'))
         delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    tl.store(_tile_ptrs(DK + b * sdkb + h * sdkh, cols, offs_d, sdkn, sdkd),
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile_ptrs(DV + b * sdvb + h * sdvh, cols, offs_d, sdvn, sdvd),
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs = _tile_ptrs(DK + b * dk_stride_batch + h * dk_stride_head, cols, offs_d,
+                         dk_stride_token, dk_stride_dim)
+    dv_ptrs = _tile_ptrs(DV + b * dv_stride_batch + h * dv_stride_head, cols, offs_d,
+                         dv_stride_token, dv_stride_dim)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@kernel(key=["N", "HEAD_DIM"], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
+@kernel(key=['N', 'HEAD_DIM', 'PRECISION'], interpret=dict(BLOCK_M=128, BLOCK_N=128), configs=[
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+], ieee_configs=[
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, H, N,
-                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                 sdqb, sdqh, sdqn, sdqd,
+                 q_stride_batch, q_stride_head, q_stride_token, q_stride_dim,
+                 k_stride_batch, k_stride_head, k_stride_token, k_stride_dim,
+                 v_stride_batch, v_stride_head, v_stride_token, v_stride_dim,
+                 do_stride_batch, do_stride_head, do_stride_token, do_stride_dim,
+                 dq_stride_batch, dq_stride_head, dq_stride_token, dq_stride_dim,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one query block, looping over all key blocks."""
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dQ of one block of queries, looping over all key blocks."""
+    b, h, bh, first_row = _program(H, N, BLOCK_M)
+    rows = first_row + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    k_head = K + b * k_stride_batch + h * k_stride_head
+    v_head = V + b * v_stride_batch + h * v_stride_head
     q_mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
-    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, rows, offs_d, sqn, sqd), mask=q_mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, rows, offs_d, sdn, sdd), mask=q_mask, other=0.0)
+    q_ptrs = _tile_ptrs(Q + b * q_stride_batch + h * q_stride_head, rows, offs_d,
+                        q_stride_token, q_stride_dim)
+    do_ptrs = _tile_ptrs(DO + b * do_stride_batch + h * do_stride_head, rows, offs_d,
+                         do_stride_token, do_stride_dim)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=0.0)
     delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + offs_n
         kv_mask = _tile_mask(cols, N, offs_d, HEAD_DIM)
-        k = tl.load(_tile_ptrs(K + b * skb + h * skh, cols, offs_d, skn, skd), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(V + b * svb + h * svh, cols, offs_d, svn, svd), mask=kv_mask, other=0.0)
+        k = tl.load(_tile_ptrs(k_head, cols, offs_d, k_stride_token, k_stride_dim), mask=kv_mask,
+                    other=0.0)
+        v = tl.load(_tile_ptrs(v_head, cols, offs_d, v_stride_token, v_stride_dim), mask=kv_mask,
+                    other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(cols[None, :] < N, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dq += tl.dot((p * (dp - delta[:, None])).to(k.dtype), k, input_precision=PRECISION)
-    tl.store(_tile_ptrs(DQ + b * sdqb + h * sdqh, rows, offs_d, sdqn, sdqd),
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dq_ptrs = _tile_ptrs(DQ + b * dq_stride_batch + h * dq_stride_head, rows, offs_d,
+                         dq_stride_token, dq_stride_dim)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _grid(B, H, N, block):
+    """The 1-D grid of :func:`_program`: every row block (``block`` rows) of every head."""
+    return lambda meta: (B * H * triton.cdiv(N, meta[block]),)
+
+
+def _forward_outputs(q):
+    """The output, a (B, H, N, D) view of a token-major buffer (merging the heads afterwards,
+    ``o.transpose(1, 2).reshape(B, N, H * D)``, is then free), and the row logsumexp."""
+    B, H, N, D = q.shape
+    lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
+    return q.new_empty(B, N, H, D).transpose(1, 2), lse
+
+
+def forward_launch(q, k, v, o, lse, scale, precision):
+    """The forward kernel's :class:`Launch`; ``precision`` as from ``dot_precision``."""
+    B, H, N, D = q.shape
+    args = (q, k, v, o, lse, scale * LOG2E, H, N, *q.stride(), *k.stride(), *v.stride(),
+            *o.stride())
+    return Launch(_attn_fwd, _grid(B, H, N, 'BLOCK_M'), args,
+                  dict(HEAD_DIM=D, BLOCK_D=next_pow2(D), PRECISION=precision))
+
+
+def backward_launches(q, k, v, o, lse, do, delta, dq, dk, dv, scale, precision):
+    """The backward's three :class:`Launch` es, in order: delta, then dK and dV, then dQ."""
+    B, H, N, D = q.shape
+    head_dim = dict(HEAD_DIM=D, BLOCK_D=next_pow2(D))
+    common = (scale, scale * LOG2E, H, N, *q.stride(), *k.stride(), *v.stride(), *do.stride())
+    return [
+        Launch(_attn_bwd_delta, _grid(B, H, N, 'BLOCK_M'),
+               (o, do, delta, H, N, *o.stride(), *do.stride()), head_dim),
+        Launch(_attn_bwd_dkdv, _grid(B, H, N, 'BLOCK_N'),
+               (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride()),
+               dict(head_dim, PRECISION=precision)),
+        Launch(_attn_bwd_dq, _grid(B, H, N, 'BLOCK_M'),
+               (q, k, v, do, lse, delta, dq, *common, *dq.stride()),
+               dict(head_dim, PRECISION=precision)),
+    ]
 
 
 class FlashAttention(torch.autograd.Function):
@@ -182,15 +282,9 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        B, H, N, D = q.shape
-        # A (B, H, N, D) view of a token-major buffer: merging the heads afterwards
-        # (o.transpose(1, 2).reshape(B, N, H * D)) is then free.
-        o = q.new_empty(B, N, H, D).transpose(1, 2)
-        lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
+        o, lse = _forward_outputs(q)
         precision = dot_precision(q.dtype, torch.backends.cuda.matmul.allow_tf32)
-        _attn_fwd[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-            q, k, v, o, lse, scale * LOG2E, H, N, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            HEAD_DIM=D, BLOCK_D=next_pow2(D), PRECISION=precision)
+        forward_launch(q, k, v, o, lse, scale, precision).run()
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale, ctx.precision = scale, precision
         return o
@@ -199,18 +293,11 @@ class FlashAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        B, H, N, D = q.shape
-        shape = dict(HEAD_DIM=D, BLOCK_D=next_pow2(D))
         delta = torch.empty_like(lse)
-        _attn_bwd_delta[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-            o, do, delta, H, N, *o.stride(), *do.stride(), **shape)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = (ctx.scale, ctx.scale * LOG2E, H, N, *q.stride(), *k.stride(), *v.stride(), *do.stride())
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-            q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-            PRECISION=ctx.precision, **shape)
-        _attn_bwd_dq[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, *common, *dq.stride(), PRECISION=ctx.precision, **shape)
+        for launch in backward_launches(q, k, v, o, lse, do, delta, dq, dk, dv, ctx.scale,
+                                        ctx.precision):
+            launch.run()
         return dq, dk, dv, None
 
 
