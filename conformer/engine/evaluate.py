@@ -2,7 +2,8 @@
 import contextlib
 import logging
 import warnings
-from typing import Dict
+from functools import partial
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,26 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
 
 
+def dual_head_loss(outputs: Tuple[torch.Tensor, torch.Tensor], target: torch.Tensor,
+                   criterion: Callable = F.cross_entropy) -> torch.Tensor:
+    """The paper's training loss: the mean of the CNN head's and the transformer head's losses.
+
+    Args:
+        outputs: (conv_logits, trans_logits); the loss is computed in fp32 whatever their dtype.
+        target: class indices, or soft targets for a soft-target criterion (mixup).
+        criterion: the per-head loss, e.g. label-smoothed cross-entropy.
+    """
+    conv, trans = outputs
+    return (criterion(conv.float(), target) + criterion(trans.float(), target)) / 2
+
+
+def correct_counts(conv: torch.Tensor, trans: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Correct predictions of the summed logits (the paper's metric), of the CNN head and of the
+    transformer head, as one tensor on the logits' device."""
+    return torch.stack([(conv + trans).argmax(1) == target, conv.argmax(1) == target,
+                        trans.argmax(1) == target]).sum(1)
+
+
 def head_logits(model: nn.Module, images: torch.Tensor):
     """(conv_logits, trans_logits) in any mode, through the model's public API."""
     pooled = model.forward_head(model.forward_features(images), pre_logits=True)
@@ -52,8 +73,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
              channels_last: bool = False) -> Dict[str, float]:
     was_training = model.training
     model.eval()
-    # sums: loss, correct (combined), correct conv head, correct transformer head, count
-    totals = torch.zeros(5, dtype=torch.float64)
+    # sums on the device: loss, correct (combined), correct conv head, correct transformer
+    # head, count; read once at the end
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    summed_cross_entropy = partial(F.cross_entropy, reduction='sum')
     for images, target in loader:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if channels_last:
@@ -61,12 +84,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
         with autocast(device, amp):
             conv, trans = head_logits(model, images)
         conv, trans = conv.float(), trans.float()
-        loss = (F.cross_entropy(conv, target, reduction='sum') +
-                F.cross_entropy(trans, target, reduction='sum')) / 2
-        totals += torch.tensor([
-            loss.item(), ((conv + trans).argmax(1) == target).sum().item(),
-            (conv.argmax(1) == target).sum().item(), (trans.argmax(1) == target).sum().item(),
-            len(target)], dtype=torch.float64)
+        totals[0] += dual_head_loss((conv, trans), target, summed_cross_entropy)
+        totals[1:4] += correct_counts(conv, trans, target)
+        totals[4] += len(target)
     model.train(was_training)
     loss, correct, conv_correct, trans_correct, count = all_sum(totals).tolist()
     if count == 0:
