@@ -24,11 +24,56 @@ def test_config_dir_is_the_repository_tree():
     assert (CONFIGS / 'train.yaml').is_file() and (CONFIGS / 'experiment').is_dir()
 
 
+def intended_world_size(experiment: str) -> int:
+    """The process count the experiment's own launch command uses (its header comment)."""
+    text = (CONFIGS / 'experiment' / f'{experiment}.yaml').read_text()
+    found = re.search(r'--nproc_per_node[ =](\d+)', text)
+    return int(found.group(1)) if found else 1
+
+
 @pytest.mark.parametrize('experiment', EXPERIMENTS)
-def test_every_experiment_composes_and_passes_the_checks(experiment):
+def test_every_experiment_composes_and_passes_the_checks_at_its_world_size(experiment):
     cfg = compose_train(f'experiment={experiment}', 'data.root=/data', 'model.checkpoint=/x.pth')
-    check(cfg)
+    check(cfg, world_size=intended_world_size(experiment))
     assert cfg.name == experiment
+
+
+def test_imagenet_recipes_are_launched_on_8_gpus_and_keep_ema_under_ddp():
+    for experiment in (e for e in EXPERIMENTS if e.startswith('imagenet_')):
+        cfg = compose_train(f'experiment={experiment}', 'data.root=/data')
+        assert intended_world_size(experiment) == 8
+        assert cfg.trainer.ema and not cfg.trainer.fsdp
+
+
+@pytest.mark.parametrize('overrides, world_size, message', [
+    # 1024 over 8 GPUs is 128 per GPU; 1000 over 8 is 125: timm's Mixup asserts mid-run
+    (['experiment=imagenet_conformer_tiny_patch16', 'data.batch_size=1000'], 8,
+     'gives 125; make data.batch_size a multiple of 16'),
+    (['aug.mixup=0.8', 'data.batch_size=12', 'trainer.accum_steps=2'], 2,
+     'world size 2 x trainer.accum_steps=2 gives 3'),
+    (['aug.mixup=0', 'aug.cutmix=1.0', 'data.batch_size=6'], 2, 'gives 3'),
+    (['data.batch_size=12'], 8, 'not divisible by world size 8 x trainer.accum_steps=1'),
+])
+def test_a_batch_the_launch_cannot_split_fails_before_work(overrides, world_size, message):
+    cfg = compose_train('data.root=/data', *overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check(cfg, world_size=world_size)
+    check(cfg, world_size=1)  # the same settings fit one process
+
+
+def test_the_world_size_comes_from_the_launch(monkeypatch):
+    cfg = compose_train('data.root=/data', 'aug.mixup=0.8', 'data.batch_size=6')
+    check(cfg)  # one process: 6 images per step
+    monkeypatch.setenv('WORLD_SIZE', '2')  # as torchrun sets it
+    with pytest.raises(ValueError, match='gives 3'):
+        check(cfg)
+    monkeypatch.delenv('WORLD_SIZE')
+    monkeypatch.setenv('SLURM_PROCID', '0')  # as srun sets them
+    monkeypatch.setenv('SLURM_NTASKS', '2')
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', '29500')
+    with pytest.raises(ValueError, match='gives 3'):
+        check(cfg)
 
 
 def test_every_group_option_composes():
@@ -70,10 +115,12 @@ def test_the_schema_also_guards_yaml_edits():
 
 @pytest.mark.parametrize('overrides, message', [
     (['data=fashion_mnist', 'data.mean=[0.5,0.5]'], 'data.mean/data.std need 1 values'),
-    (['data.batch_size=10', 'trainer.accum_steps=3'], 'not divisible by trainer.accum_steps'),
+    (['data.batch_size=10', 'trainer.accum_steps=3'], 'not divisible by world size 1 x '
+                                                       'trainer.accum_steps=3'),
     (['trainer.amp=fp8'], "trainer.amp='fp8'; choose one of"),
     (['model.freeze_backbone=true', 'optim.layer_decay=0.75'], 'drop optim.layer_decay'),
-    (['trainer.fsdp=true', 'trainer.ema=true'], 'set trainer.ema=false'),
+    (['trainer.fsdp=true', 'trainer.ema=true'], 'keep trainer.fsdp=false (DDP, as the '
+                                                'ImageNet recipes do) to train with EMA'),
     (['model.name=conformer_small_patch8'], "model.name: unknown model 'conformer_small_patch8'"),
     # would fail only at the first evaluation, an epoch in, with nothing saved
     (['data.eval_batch_size=0'], 'data.eval_batch_size must be >= 1, got 0'),

@@ -19,6 +19,7 @@ from timm.optim import list_optimizers
 
 from conformer.models import check_model_name
 from .build import model_kwargs
+from .distributed import launch_env
 
 
 @dataclass
@@ -228,9 +229,15 @@ def describe_interval(interval: str) -> str:
     return f'in {interval}'
 
 
-def check(cfg) -> None:
+def check(cfg, world_size: Optional[int] = None) -> None:
     """Reject settings that would fail, or silently do something else, once work has started:
-    each error names the key, what it takes and the fix."""
+    each error names the key, what it takes and the fix.
+
+    Args:
+        cfg: a composed train or eval config.
+        world_size: the number of processes training runs on; by default this launch's
+            (torchrun or srun), which splits data.batch_size into per-rank micro-batches.
+    """
     def fail(msg: str):
         raise ValueError(f'config error: {msg}')
 
@@ -274,15 +281,24 @@ def check(cfg) -> None:
     if 'trainer' not in cfg:
         return
     t = cfg.trainer
-    if data.batch_size % t.accum_steps:
-        fail(f'data.batch_size={data.batch_size} (global) is not divisible by '
-             f'trainer.accum_steps={t.accum_steps}')
+    world = launch_env().world_size if world_size is None else world_size
+    parts = world * t.accum_steps
+    if data.batch_size % parts:
+        fail(f'data.batch_size={data.batch_size} (global) is not divisible by world size '
+             f'{world} x trainer.accum_steps={t.accum_steps}; make it a multiple of {parts}')
+    micro_batch = data.batch_size // parts
+    if (aug.mixup > 0 or aug.cutmix > 0) and micro_batch % 2:
+        fail(f'aug.mixup/aug.cutmix pair each image with another of its micro-batch, which '
+             f'needs an even number of images, but data.batch_size={data.batch_size} over world '
+             f'size {world} x trainer.accum_steps={t.accum_steps} gives {micro_batch}; make '
+             f'data.batch_size a multiple of {2 * parts}')
     if cfg.model.freeze_backbone and cfg.optim.layer_decay is not None:
         fail('model.freeze_backbone (linear probe) trains only the heads; '
              'drop optim.layer_decay')
     if t.fsdp and t.ema:
         fail('trainer.fsdp=true with trainer.ema=true is not supported (the EMA copy would '
-             'need sharding too); set trainer.ema=false')
+             'need sharding too): keep trainer.fsdp=false (DDP, as the ImageNet recipes do) to '
+             'train with EMA, or set trainer.ema=false to shard the model with FSDP')
 
 
 def check_architecture(cfg, fail) -> None:

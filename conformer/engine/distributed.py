@@ -1,13 +1,32 @@
-"""Process-group setup for torchrun (DDP: NCCL on GPU, gloo on CPU) and small collectives.
+"""Process groups under torchrun or SLURM's srun (DDP/FSDP2: NCCL on GPU, gloo on CPU), and
+the collectives the engine uses.
 
-Launched plainly, a run is one process; under torchrun the environment (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR/PORT) selects DDP. Nothing else in the engine reads those variables.
+Launched plainly, a run is one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) every process joins one group; nothing else in
+the engine reads those variables. NCCL groups take CUDA tensors only, so every collective here
+moves its tensor to `collective_device()` and back.
 """
 import os
+import re
+import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+_DEFAULT_PORT = 29500
+_store: Optional[dist.Store] = None  # the rendezvous, kept for init_process_group
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the launch: its rank, the number of processes, and its
+    rank on this node (which GPU it drives)."""
+    rank: int
+    world_size: int
+    local_rank: int
 
 
 @dataclass
@@ -26,43 +45,141 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, as `scontrol show hostnames` lists it:
+    'gpu[003-005,009],cpu1' -> 'gpu003'."""
+    prefix, ranges = re.match(r'([^,\[]*)(?:\[([^\]]*)\])?', nodelist.strip()).groups()
+    return prefix + re.split('[-,]', ranges)[0] if ranges else prefix
+
+
+def launch_env() -> Launch:
+    """This process's place in the launch: torchrun's variables first (also when torchrun runs
+    under srun), then srun's, else a single process.
+
+    Under srun, MASTER_ADDR defaults to the first host of the job's node list and MASTER_PORT
+    to a port derived from the job id (so jobs sharing a node do not collide)."""
+    env = os.environ
+    if 'WORLD_SIZE' in env:
+        return Launch(int(env.get('RANK', 0)), int(env['WORLD_SIZE']),
+                      int(env.get('LOCAL_RANK', 0)))
+    if 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
+        nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') \
+            or env.get('SLURM_NODELIST') or '127.0.0.1'
+        env.setdefault('MASTER_ADDR', first_host(nodes))
+        env.setdefault('MASTER_PORT', str(20000 + int(env.get('SLURM_JOB_ID', 0)) % 20000))
+        return Launch(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']),
+                      int(env.get('SLURM_LOCALID', 0)))
+    return Launch(0, 1, 0)
+
+
+def launched_rank() -> int:
+    """This process's rank in the launch (0 when launched plainly)."""
+    return launch_env().rank
+
+
+def rendezvous_store(launch: Launch) -> dist.Store:
+    """The key-value store every rank of the launch reaches (MASTER_ADDR:MASTER_PORT, or
+    torchrun's agent store), created once and reused by `init_distributed`."""
+    global _store
+    if _store is None:
+        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+        os.environ.setdefault('MASTER_PORT', str(_DEFAULT_PORT))
+        _store, _, _ = next(dist.rendezvous('env://', rank=launch.rank,
+                                            world_size=launch.world_size))
+    return _store
+
+
+def launch_time() -> float:
+    """The run's start time, the same on every rank: rank 0's clock, shared through the
+    rendezvous store, so that ranks starting in different seconds name one run folder. A
+    restarted torchrun attempt keeps the first attempt's time (and so its folder)."""
+    launch = launch_env()
+    if launch.world_size == 1:
+        return time.time()
+    store, key = rendezvous_store(launch), 'conformer/launch_time'
+    if launch.rank == 0:
+        store.compare_set(key, '', repr(time.time()))  # set only if no attempt has set it yet
+    return float(store.get(key))
+
+
+def pick_device(preference: str, local_rank: int = 0, key: str = 'trainer.device') -> torch.device:
     if preference == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError('trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu')
+        raise ValueError(f'{key}=cuda but no CUDA GPU is visible; use {key}=cpu')
     if preference == 'cpu' or not torch.cuda.is_available():
         return torch.device('cpu')
     return torch.device('cuda', local_rank)
 
 
-def launched_rank() -> int:
-    """This process's rank as torchrun set it (0 when launched plainly)."""
-    return int(os.environ.get('RANK', 0))
+def init_distributed(device_preference: str, key: str = 'trainer.device') -> DistEnv:
+    """Join the launch's process group (NCCL for GPUs, gloo for CPUs); one process needs none.
 
-
-def init_distributed(device_preference: str) -> DistEnv:
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    rank, local_rank = launched_rank(), int(os.environ.get('LOCAL_RANK', 0))
-    device = pick_device(device_preference, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    Args:
+        device_preference: 'auto', 'cpu' or 'cuda'.
+        key: the config key that set it, for messages.
+    """
+    launch = launch_env()
+    device = pick_device(device_preference, launch.local_rank, key)
+    if launch.world_size > 1 and not dist.is_initialized():
         if device.type == 'cuda':
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                store=rendezvous_store(launch), rank=launch.rank,
+                                world_size=launch.world_size,
                                 device_id=device if device.type == 'cuda' else None)
-    return DistEnv(rank, world_size, local_rank, device)
+    return DistEnv(launch.rank, launch.world_size, launch.local_rank, device)
+
+
+def _group_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """The device whose tensors the process group takes: the CPU when it has a CPU backend
+    (gloo), else this process's GPU (an NCCL group takes CUDA tensors only)."""
+    backends = str(dist.get_backend_config())  # e.g. 'cpu:gloo,cuda:gloo' or 'cuda:nccl'
+    if any(entry.split(':')[0].strip() == 'cpu' for entry in backends.split(',')):
+        return torch.device('cpu')
+    return torch.device('cuda', torch.cuda.current_device())
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small float64 tensor over ranks (identity without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values)
-    return values
+    """Sum a tensor over ranks, returned on its own device (identity without a process group)."""
+    if not _group_active():
+        return values
+    reduced = values.to(collective_device())
+    dist.all_reduce(reduced)
+    return reduced.to(values.device)
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    """Wait for every rank; a one-element all-reduce on the group's device, which every
+    backend takes (a plain `dist.barrier()` sends a CPU tensor to a CUDA-only group)."""
+    if _group_active():
+        all_sum(torch.zeros(1))
+
+
+@torch.no_grad()
+def distribute_bn(model: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    Under DDP or FSDP each rank updates its own running mean and variance from its own images;
+    averaging them before evaluation and before a checkpoint is written gives every rank (and
+    the saved weights) one set. A no-op without a process group.
+    """
+    if not _group_active() or dist.get_world_size() == 1:
+        return
+    stats = [buf for name, buf in model.named_buffers()
+             if name.rsplit('.', 1)[-1] in ('running_mean', 'running_var')]
+    if not stats:
+        return
+    flat = torch.cat([buf.reshape(-1).double() for buf in stats])
+    flat = all_sum(flat) / dist.get_world_size()
+    for buf, mean in zip(stats, flat.split([buf.numel() for buf in stats])):
+        buf.copy_(mean.view_as(buf))
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    global _store
+    if _group_active():
         dist.destroy_process_group()
+    _store = None
