@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from conformer.weights.checkpoint import CheckpointError, read_file
+
 LAST, BEST = 'last.pth', 'best.pth'
 # what a run resumes from (trainer.train writes them all)
 TRAIN_STATE = ('model', 'optimizer', 'scheduler', 'scaler', 'step', 'epoch', 'step_in_epoch',
@@ -70,7 +72,8 @@ def latest(directory: Path) -> Optional[Path]:
 
 def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Dict[str, Any]:
     """Read a checkpoint that `key` points at (train and eval name theirs) holding the entries
-    `required`; the errors name the setting and what to pass instead."""
+    `required`, with the weights loader's checks (`conformer.weights.read_file`: CRC-32s,
+    NaN/inf, no pickled code); the errors name the setting and what to pass instead."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f'{key}={path} is a folder; pass a .pth file, e.g. a run\'s '
@@ -79,11 +82,11 @@ def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Di
         raise FileNotFoundError(f'{key}={path} does not exist; pass {key}=<path to a .pth '
                                 f'written by conformer-train>')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f'cannot read {key}={path} ({type(e).__name__}: {e}); it is not a .pth '
-                           f'file, or was cut short: pass another, e.g. an older step-*.pth '
-                           f'from the same checkpoints/ folder') from e
+        state = read_file(path)
+    except CheckpointError as e:
+        raise RuntimeError(f'cannot read {key}={path}: {e.problem or e}. Or pass another '
+                           f'checkpoint, e.g. an older step-*.pth from the same checkpoints/ '
+                           f'folder') from e
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f'{key}={path} is not a checkpoint written by conformer-train (it lacks '

@@ -7,7 +7,8 @@ pretrained=True)`` for Conformer models through it; see `loading` for why. Sourc
 `load_weights(model, source)` directly; `model_from_weights(source)` builds the model the
 weights were trained as (for inference tools). File formats: see `checkpoint`.
 """
-from .checkpoint import EMA_KEYS, MODEL_KEYS, Checkpoint, CheckpointError, read_checkpoint
+from .checkpoint import (EMA_KEYS, MODEL_KEYS, Checkpoint, CheckpointError, read_checkpoint,
+                         read_file)
 from .download import (DownloadError, default_cache_dir, fetch_hf, fetch_url, find_weights_file,
                        sha256_file)
 from .loading import (describe_architecture, install_timm_loader, load_state_dict_checked,
@@ -19,4 +20,4 @@ install_timm_loader()
 __all__ = ['Checkpoint', 'CheckpointError', 'DownloadError', 'EMA_KEYS', 'MODEL_KEYS',
            'default_cache_dir', 'describe_architecture', 'fetch_hf', 'fetch_url',
            'find_weights_file', 'known_release', 'load_state_dict_checked', 'load_weights',
-           'model_from_weights', 'read_checkpoint', 'sha256_file', 'weights_file']
+           'model_from_weights', 'read_checkpoint', 'read_file', 'sha256_file', 'weights_file']

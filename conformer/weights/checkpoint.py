@@ -7,8 +7,9 @@ The one class allowed beyond torch's own list is ``argparse.Namespace``, which D
 checkpoints (the paper's training code) store under ``'args'``.
 
 Damage is reported, not loaded: torch's zip reader ignores the CRC-32 checksums torch writes,
-so they are checked here (one more read of the file, ~0.1 s per 150 MB from the page cache),
-and weights holding NaN or infinity (a damaged file or a diverged run) are refused.
+so they are checked here (one more read of the file), and weights or optimizer states holding
+NaN or infinity (a damaged file or a diverged run) are refused. `read_file` is the one reader
+for every file the project loads (pretrained weights, resume and eval checkpoints).
 
 Layouts found inside a file, and which weights are used:
 
@@ -26,17 +27,19 @@ Key names inside the state_dict (paper, mmpretrain, DDP prefixes) are mapped by 
 import argparse
 import logging
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-__all__ = ['Checkpoint', 'CheckpointError', 'read_checkpoint', 'EMA_KEYS', 'MODEL_KEYS']
+__all__ = ['Checkpoint', 'CheckpointError', 'read_checkpoint', 'read_file', 'EMA_KEYS',
+           'MODEL_KEYS']
 
 _logger = logging.getLogger(__name__)
 
@@ -46,10 +49,14 @@ MODEL_KEYS = ('model', 'state_dict')  # DeiT / conformer-zoo engine, mmpretrain 
 _ZIP_MAGIC = (b'PK\x03\x04', b'PK\x05\x06')
 _PICKLE_PROTO = b'\x80'  # legacy torch.save files open with a protocol-2+ pickle
 _CHUNK = 1 << 24
+# how torch's refusal names a global: 'Unsupported global: GLOBAL __main__.Foo was ...'
+_GLOBAL_IN_MESSAGE = re.compile(r'GLOBAL ([\w.]*\w)')
 
 
 class CheckpointError(ValueError):
-    """A weight file that cannot be used; the message names the file and what is wrong."""
+    """A weight file that cannot be used; the message names the file and what is wrong
+    (`problem`, when set, is the message without the file's name)."""
+    problem: Optional[str] = None
 
 
 @dataclass
@@ -63,29 +70,45 @@ class Checkpoint:
     architecture: Optional[str] = None  # model name recorded by the training run, if any
 
 
+def read_file(path: Union[str, Path]) -> Any:
+    """Everything in the weight or checkpoint file at `path`, read without running code from it
+    and checked: zip CRC-32s, and no NaN or infinity in any weights or optimizer state.
+
+    The one reader of the project's files (weights, resume and eval checkpoints), so each file
+    gets the same checks and damage the same words. Raises CheckpointError naming the file.
+    """
+    return _read(Path(path))[0]
+
+
 def read_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoint:
-    """Read `path` without executing code from it and return its (EMA by default) weights."""
+    """Read `path` as `read_file` does and return its (EMA by default) weights."""
     path = Path(path)
+    obj, file_format = _read(path)
+    if file_format == 'safetensors':
+        return Checkpoint(obj, path, file_format)
+    state_dict, key = _pick_weights(obj, path, use_ema)
+    wrapper = obj if key else {}
+    meta = wrapper.get('meta') if isinstance(wrapper.get('meta'), dict) else {}
+    args = wrapper.get('args')
+    architecture = meta.get('variant') or getattr(args, 'model', None) or wrapper.get('arch')
+    return Checkpoint(state_dict, path, file_format, key, meta,
+                      architecture if isinstance(architecture, str) else None)
+
+
+def _read(path: Path) -> Tuple[Any, str]:
     if not path.is_file():
-        raise CheckpointError(f'{path}: no such file')
+        raise _error(path, 'no such file')
     file_format = sniff_format(path)
     if file_format == 'safetensors':
         try:
-            checkpoint = Checkpoint(load_safetensors(path, device='cpu'), path, file_format)
+            obj = load_safetensors(path, device='cpu')
         except SafetensorError as e:
-            raise CheckpointError(f'{path}: corrupt safetensors file ({e}); the file is '
-                                  f'truncated or damaged, copy or download it again') from e
+            raise _error(path, f'corrupt safetensors file ({e}); the file is truncated or '
+                               f'damaged, copy or download it again') from e
     else:
         obj = _torch_load(path, file_format)
-        state_dict, key = _pick_weights(obj, path, use_ema)
-        wrapper = obj if key else {}
-        meta = wrapper.get('meta') if isinstance(wrapper.get('meta'), dict) else {}
-        args = wrapper.get('args')
-        architecture = meta.get('variant') or getattr(args, 'model', None) or wrapper.get('arch')
-        checkpoint = Checkpoint(state_dict, path, file_format, key, meta,
-                                architecture if isinstance(architecture, str) else None)
-    _check_finite(checkpoint)
-    return checkpoint
+    _check_finite(obj, path)
+    return obj, file_format
 
 
 def sniff_format(path: Path) -> str:
@@ -94,26 +117,31 @@ def sniff_format(path: Path) -> str:
     with path.open('rb') as f:
         head = f.read(9)
     if size == 0:
-        raise CheckpointError(f'{path}: the file is empty')
+        raise _error(path, 'the file is empty')
     if head[:4] in _ZIP_MAGIC:
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(
-                f'{path}: truncated PyTorch checkpoint ({size} bytes, the zip directory at its '
-                f'end is missing); the download or copy was cut short, fetch it again')
+            raise _error(path, f'truncated PyTorch checkpoint ({size} bytes, the zip directory at '
+                               f'its end is missing); the download or copy was cut short, fetch '
+                               f'it again')
         return 'torch'
     if head[:1] == _PICKLE_PROTO:
         return 'torch-legacy'
     if len(head) == 9 and head[8:9] == b'{':
         header_len = struct.unpack('<Q', head[:8])[0]
         if header_len + 8 > size:
-            raise CheckpointError(
-                f'{path}: truncated safetensors file ({size} bytes, its header alone claims '
-                f'{header_len + 8}); copy or download it again')
+            raise _error(path, f'truncated safetensors file ({size} bytes, its header alone '
+                               f'claims {header_len + 8}); copy or download it again')
         return 'safetensors'
-    hint = (' It looks like a web page (an error or login page saved instead of the weights).'
+    hint = ('; it looks like a web page (an error or login page saved instead of the weights)'
             if head.lstrip()[:1] == b'<' else '')
-    raise CheckpointError(f'{path}: not a PyTorch checkpoint or safetensors file (it starts '
-                          f'with {head!r}).{hint}')
+    raise _error(path, f'not a .pth file (PyTorch checkpoint) or a .safetensors file: it starts '
+                       f'with {head!r}{hint}')
+
+
+def _error(path: Path, problem: str) -> CheckpointError:
+    error = CheckpointError(f'{path}: {problem}')
+    error.problem = problem
+    return error
 
 
 def _torch_load(path: Path, file_format: str) -> Any:
@@ -123,15 +151,15 @@ def _torch_load(path: Path, file_format: str) -> Any:
         try:
             return torch.load(path, map_location='cpu', weights_only=True)
         except pickle.UnpicklingError as e:
-            unsafe = _unsafe_globals(path, file_format, e)
-            if unsafe:
-                raise CheckpointError(
-                    f'{path}: besides weights the file pickles {", ".join(unsafe)}, which '
-                    f'weights-only loading refuses (it could run code). If you trust the file, '
-                    f're-save just its weights: python -c "import torch; '
-                    f'c = torch.load(\'{path}\', weights_only=False); '
-                    f'torch.save(c.get(\'state_dict\', c.get(\'model\', c)), \'weights.pth\')"'
-                ) from e
+            code = _pickled_code(path, file_format, e)
+            if code:
+                raise _error(
+                    path, f'the file holds pickled code ({", ".join(code)}) besides weights, so '
+                          f'it was not loaded: loading it would run that code. If you trust the '
+                          f'file, re-save just its weights: python -c "import torch; '
+                          f'c = torch.load(\'{path}\', weights_only=False); '
+                          f'torch.save(c.get(\'state_dict\', c.get(\'model\', c)), '
+                          f'\'weights.pth\')"') from e
             raise _corrupt(path, e) from e
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise _corrupt(path, e) from e
@@ -148,41 +176,60 @@ def _check_zip_crcs(path: Path) -> None:
                     while f.read(_CHUNK):
                         pass
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f'{path}: damaged PyTorch checkpoint ({e}): its bytes changed '
-                              f'after it was saved (bit rot or a bad copy); copy or download '
-                              f'it again') from e
+        raise _error(path, f'damaged PyTorch checkpoint ({e}): its bytes changed after it was '
+                           f'saved (bit rot or a bad copy); copy or download it again') from e
 
 
-def _unsafe_globals(path: Path, file_format: str, error: Exception) -> list:
+def _pickled_code(path: Path, file_format: str, error: Exception) -> List[str]:
+    """The functions and classes the file's pickle names beyond weights-only loading's list."""
     if file_format == 'torch':
         try:
             return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # the scan fails on a damaged pickle too: the caller says corrupt
             return []
     # legacy pickles cannot be scanned; torch names the first refused global in its message
-    return [line.split('GLOBAL', 1)[1].strip() for line in str(error).splitlines()
-            if 'Unsupported global' in line and 'GLOBAL' in line][:1]
+    return _GLOBAL_IN_MESSAGE.findall(str(error))[:1]
 
 
 def _corrupt(path: Path, error: Exception) -> CheckpointError:
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return CheckpointError(f'{path}: corrupt or truncated PyTorch checkpoint '
-                           f'({path.stat().st_size} bytes; torch says: {reason}); copy or '
-                           f'download it again')
+    return _error(path, f'corrupt or truncated PyTorch checkpoint ({path.stat().st_size} bytes; '
+                        f'torch says: {reason}); copy or download it again')
 
 
-def _check_finite(checkpoint: Checkpoint) -> None:
-    """NaN or infinity in the weights makes every prediction NaN; refuse it up front."""
-    for key, tensor in checkpoint.state_dict.items():
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        low, high = torch.aminmax(tensor)  # NaN propagates; cheaper than isfinite(tensor)
-        if not (torch.isfinite(low) and torch.isfinite(high)):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(
-                f'{checkpoint.path}: {key!r} holds NaN or infinite values ({bad} of '
-                f'{tensor.numel()}): the file is damaged or the training run diverged; use '
-                f'another checkpoint (an earlier one of the run), or copy or download it again')
+def _check_finite(obj: Any, path: Path) -> None:
+    """NaN or infinity in the weights makes every prediction NaN, in an optimizer state every
+    later step; refuse both up front. RNG states are not checked (they may hold NaN)."""
+    if _is_state_dict(obj):
+        entries = [(None, obj)]
+    elif isinstance(obj, dict):
+        entries = [(k, obj[k]) for k in EMA_KEYS + MODEL_KEYS + ('optimizer',) if k in obj]
+    else:
+        entries = []
+    for entry, value in entries:
+        for key, tensor in _tensors(value):
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            low, high = torch.aminmax(tensor)  # NaN propagates; cheaper than isfinite(tensor)
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                bad = int((~torch.isfinite(tensor)).sum())
+                where = f' in its {entry!r} entry' if entry else ''
+                raise _error(path, f'{key!r} holds NaN or infinite values ({bad} of '
+                                   f'{tensor.numel()}){where}: the file is damaged or the training '
+                                   f'run diverged; use another checkpoint (an earlier one of the '
+                                   f'run), or copy or download it again')
+
+
+def _tensors(obj: Any, prefix: str = '') -> Iterator[Tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) for every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f'{prefix}.{key}' if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f'{prefix}.{i}' if prefix else str(i))
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -11,7 +11,7 @@ heads and stem, and the result is loaded with a shape check that explains what d
 """
 import logging
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from timm.models import _builder
@@ -33,6 +33,9 @@ FilterFn = Callable[[StateDict, torch.nn.Module], StateDict]
 
 # wrappers around the paper's key names: DDP, torch.compile, mmpretrain
 _KEY_PREFIXES = ('module.', '_orig_mod.', 'backbone.', 'head.')
+# dimensions of the tensors whose shapes tell the architecture (conv weights, a linear head)
+_DIMS = {'conv1.weight': 4, 'trans_patch_conv.weight': 4, 'conv_1.conv3.weight': 4,
+         'conv_cls_head.weight': 2}
 
 
 def weights_file(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
@@ -98,16 +101,15 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
     the filter may have fitted to the model). BatchNorm's `num_batches_tracked` counters may
     be absent (some converters drop them).
     """
-    file_state_dict, state_dict = state_dict, filter_fn(state_dict, model)
     own = model.state_dict()
+    _check_dtypes_and_dims(state_dict, own, origin)
+    file_state_dict, state_dict = state_dict, filter_fn(state_dict, model)
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if mismatched:
-        lines = '\n'.join(f'  {k}: file {a}, model {b}' for k, a, b in mismatched[:8])
-        more = f'\n  ... and {len(mismatched) - 8} more' if len(mismatched) > 8 else ''
         raise CheckpointError(
             f'{origin}: the weights are for another Conformer variant; {len(mismatched)} '
-            f'tensors differ in shape:\n{lines}{more}\n'
+            f'tensors differ in shape:\n{_listing(mismatched)}\n'
             f'file:  {describe_architecture(file_state_dict)}\n'
             f'model: {describe_architecture(model)}\n'
             f'Create the variant the weights were trained for.')
@@ -127,6 +129,35 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
     model.load_state_dict(state_dict, strict=False)
 
 
+def _check_dtypes_and_dims(state_dict: StateDict, own: StateDict, origin: str) -> None:
+    """Refuse, before any mapping, file tensors no mapping can fix: integers or booleans where
+    the model has floating-point weights (loading would cast them), and tensors flattened or
+    reshaped to another number of dimensions."""
+    integer_names = {k.rsplit('.', 1)[-1] for k, v in own.items() if not v.is_floating_point()}
+    not_floating = [(k, v.dtype, 'floating point') for k, v in state_dict.items()
+                    if not v.is_floating_point() and k.rsplit('.', 1)[-1] not in integer_names]
+    if not_floating:
+        raise CheckpointError(
+            f'{origin}: {len(not_floating)} weights are stored as integers or booleans where '
+            f'the model has floating-point ones:\n{_listing(not_floating)}\nThe file was '
+            f'converted or exported with the wrong dtype; use the original floating-point '
+            f'weights.')
+    plain = plain_keys(state_dict)
+    reshaped = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in plain.items()
+                if k in own and v.dim() != own[k].dim()]
+    if reshaped:
+        raise CheckpointError(
+            f'{origin}: {len(reshaped)} tensors have another number of dimensions than the '
+            f'model\'s:\n{_listing(reshaped)}\nThe file was flattened or reshaped when it was '
+            f'written; save model.state_dict() as it is.')
+
+
+def _listing(rows: List[Tuple[str, Any, Any]]) -> str:
+    """'  key: file A, model B' lines, at most eight of them."""
+    lines = '\n'.join(f'  {k}: file {a}, model {b}' for k, a, b in rows[:8])
+    return lines + (f'\n  ... and {len(rows) - 8} more' if len(rows) > 8 else '')
+
+
 def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
     """The Conformer hyper-parameters a model's or a state_dict's shapes imply (paper,
     mmpretrain or DDP keys).
@@ -141,6 +172,12 @@ def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
         first = state_dict['conv_1.conv3.weight']
     except KeyError:
         return 'not in the Conformer layout'
+    head = state_dict.get('conv_cls_head.weight')
+    reshaped = [f'{k} {tuple(v.shape)}' for k, v in (('conv1.weight', stem),
+                ('trans_patch_conv.weight', patch), ('conv_1.conv3.weight', first),
+                ('conv_cls_head.weight', head)) if v is not None and v.dim() != _DIMS[k]]
+    if reshaped:
+        return f'not in the Conformer layout (reshaped: {", ".join(reshaped)})'
     token_stride = patch.shape[-1]  # of the patch embedding, on the stem's output
     if isinstance(weights, Conformer):  # a model knows its stem
         stem_types = {stride: name for name, stride in STEM_STRIDES.items()}
@@ -152,7 +189,6 @@ def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
         stem_and_patch = (f'stem_type=small with patch_size={token_stride} or pooled with '
                           f'patch_size={2 * token_stride}')
     depth = 1 + len({k.split('.')[0] for k in state_dict if k.startswith('conv_trans_')})
-    head = state_dict.get('conv_cls_head.weight')
     return (f'{stem_and_patch}, base_channel={stem.shape[0]}, '
             f'channel_ratio={first.shape[0] // stem.shape[0]}, embed_dim={patch.shape[0]}, '
             f'depth={depth}, in_chans={stem.shape[1]}, '

@@ -144,4 +144,12 @@ def _trained_heads_and_stem(checkpoint: Checkpoint) -> Tuple[int, int]:
     """num_classes (0 without heads) and in_chans the weights were trained with."""
     plain = plain_keys(checkpoint.state_dict)
     head, stem = plain.get('conv_cls_head.weight'), plain.get('conv1.weight')
+    for key, tensor, dims, expected in (
+            ('conv_cls_head.weight', head, 2, '(num_classes, features)'),
+            ('conv1.weight', stem, 4, '(channels, in_chans, k, k)')):
+        if tensor is not None and tensor.dim() != dims:
+            raise CheckpointError(
+                f'{checkpoint.path}: {key!r} has shape {tuple(tensor.shape)}, where a '
+                f'Conformer\'s is {expected}: the file was flattened or reshaped when it was '
+                f'written; save model.state_dict() as it is')
     return (head.shape[0] if head is not None else 0), (stem.shape[1] if stem is not None else 3)
