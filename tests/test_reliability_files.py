@@ -2,11 +2,16 @@
 resume, eval) goes through one checked reader, and damaged, unsafe or mistyped weights are
 refused with a message that names the file, the problem and the fix.
 
+Checkpoint writes survive a full disk and kills: the message names the folder and the space
+needed, and no partial file is left behind.
+
 Every case writes a real file in the test: bit-flipped, NaN-holding, pickled-code, integer,
-flattened.
+flattened, cut off by a file size limit.
 """
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -167,3 +172,59 @@ def test_a_flattened_tensor_names_its_key_and_shapes(key, weights, tmp_path):
         model_from_weights(path, NANO)
     assert key in str(e.value) and str(found) in str(e.value)
     assert 'flattened or reshaped' in str(e.value)
+
+
+FULL_DISK = '''
+import os, resource, signal, sys
+from pathlib import Path
+import torch
+from conformer.engine import checkpoint as ckpt
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+folder = Path(sys.argv[1])
+ckpt.atomic_save({'w': torch.ones(1000)}, folder / 'last.pth')  # the run's previous checkpoint
+ckpt.atomic_save({'w': torch.ones(1000)}, folder / 'step-00000002.pth')
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    ckpt.atomic_save({'w': torch.zeros(3 << 18), 'v': torch.zeros(1 << 18)}, folder / 'last.pth')
+except ckpt.NoSpaceError as e:
+    print(e)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+ckpt.atomic_save({'w': torch.zeros(3 << 18)}, folder / 'step-00000003.pth')
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+os.link = lambda src, dst: (_ for _ in ()).throw(PermissionError(1, 'no hard links here'))
+try:  # the copy that replaces a hard link on file systems without them
+    ckpt._link(folder / 'step-00000003.pth', folder / 'best.pth')
+except ckpt.NoSpaceError as e:
+    print(e)
+'''
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the write fails part-way, as with ENOSPC."""
+    result = subprocess.run([sys.executable, '-c', FULL_DISK, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    fix = 'free space there or point the run at another disk, then resume'
+    assert result.stdout.splitlines() == [
+        f'no space left on device in {tmp_path}: 4 MB needed for a checkpoint (File too large); '
+        f'{fix}',
+        f'no space left on device in {tmp_path}: 3 MB needed for a checkpoint (File too large); '
+        f'{fix}']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pth', 'step-00000002.pth',
+                                                          'step-00000003.pth']
+    assert torch.equal(ckpt.load(tmp_path / 'last.pth')['w'], torch.ones(1000))
+
+
+def test_temporary_files_of_killed_writers_are_removed_on_start(tmp_path):
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = [tmp_path / f'.step-00000004.pth.tmp{dead}', tmp_path / f'.last.pth.tmp{dead}']
+    writing = tmp_path / f'.step-00000005.pth.tmp{os.getpid()}'  # a live writer's file
+    others = [tmp_path / '.notes', tmp_path / 'step-00000003.pth']
+    for path in left + [writing] + others:
+        path.write_bytes(b'x' * 100)
+    manager = ckpt.CheckpointManager(tmp_path, keep_last=2)
+    assert sorted(tmp_path.iterdir()) == sorted([writing] + others)
+    manager.save({'step': 6}, 6, is_best=False)
+    assert (tmp_path / 'last.pth').is_file() and writing.is_file()

@@ -2,53 +2,147 @@
 
 A checkpoint is written to a temporary file in the run directory, flushed, fsynced and
 renamed over its final name, so a reader sees the old file or the new one, never half of
-one. `last.pth` and `best.pth` are hard links to the newest and the best step files; the
+one; a write that fails (a full disk included) removes its temporary file, and temporary files
+of writers that were killed are removed when the next run opens the folder. `last.pth` and `best.pth` are hard links to the newest and the best step files; the
 step files beyond `keep_last` are deleted. Content is tensors and plain containers only:
 RNG states are stored as tensors, the config as a plain dict.
 """
+import contextlib
+import errno
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from conformer.weights.checkpoint import CheckpointError, read_file
+from conformer.weights.checkpoint import CheckpointError, read_file, tensors_in
+
+_logger = logging.getLogger(__name__)
 
 LAST, BEST = 'last.pth', 'best.pth'
 # what a run resumes from (trainer.train writes them all)
 TRAIN_STATE = ('model', 'optimizer', 'scheduler', 'scaler', 'step', 'epoch', 'step_in_epoch',
                'sampler', 'rng', 'world_size', 'meta')
+# out of space, over the file size limit (RLIMIT_FSIZE), over the disk quota
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class NoSpaceError(OSError):
+    """A checkpoint write that ran out of disk space (or into the file size limit)."""
 
 
 def atomic_save(obj: Dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `obj` to `path` so that `path` holds either its old content or all of the new.
+
+    Args:
+        obj: what to save (tensors and plain containers).
+        path: the checkpoint file; its folder must exist.
+    """
+    tmp = _tmp_name(path)
+    with _writing(tmp, lambda: _state_bytes(obj)):
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _link(src: Path, dst: Path) -> None:
     """Atomically make `dst` name the same content as `src` (hard link, else a copy)."""
-    tmp = dst.with_name(f'.{dst.name}.tmp{os.getpid()}')
+    tmp = _tmp_name(dst)
+    with _writing(tmp, lambda: src.stat().st_size):
+        try:
+            os.link(src, tmp)
+        except OSError:  # filesystems without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f'.{path.name}.tmp{os.getpid()}')
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, needed_bytes: Callable[[], int]) -> Iterator[None]:
+    """Remove the partial `tmp` file whatever stops the write; a full disk (torch reports it
+    as 'unexpected pos') is raised as NoSpaceError naming the folder and the space needed."""
     try:
-        os.link(src, tmp)
-    except OSError:  # filesystems without hard links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        yield
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = _disk_full_cause(e)
+        if cause is not None:
+            raise NoSpaceError(
+                f'no space left on device in {tmp.parent}: {needed_bytes() / 2 ** 20:.0f} MB '
+                f'needed for a checkpoint ({cause.strerror}); free space there or point the '
+                f'run at another disk, then resume') from e
+        raise
+
+
+def _disk_full_cause(error: BaseException) -> Optional[OSError]:
+    """The out-of-space OSError behind `error` (torch.save wraps it in a RuntimeError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _state_bytes(obj: Any) -> int:
+    """Bytes of tensor data in `obj` (shared storages counted once): a checkpoint's size."""
+    storages = {}
+    for _, tensor in tensors_in(obj):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def remove_stale_tmp_files(directory: Path) -> List[Path]:
+    """Delete the temporary files that writers killed mid-write left in `directory` (their
+    names end in the PID, see `_tmp_name`); files of live processes are kept. Returns them."""
+    removed = []
+    for tmp in Path(directory).glob('.*.tmp*'):
+        match = re.fullmatch(r'\..+\.tmp(\d+)', tmp.name)
+        if match and not _alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class CheckpointManager:
-    """Writes `step-<n>.pth`, keeps the newest `keep_last` of them, plus last.pth and best.pth."""
+    """Writes `step-<n>.pth`, keeps the newest `keep_last` of them, plus last.pth and best.pth.
+
+    Args:
+        directory: the run's checkpoint folder (created if missing). Temporary files left in
+            it by killed writers are removed.
+        keep_last: how many step files to keep.
+    """
 
     def __init__(self, directory: Path, keep_last: int):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
+        stale = remove_stale_tmp_files(self.dir)
+        if stale:
+            _logger.info('removed %d temporary checkpoint files of writers that were killed: %s',
+                         len(stale), ', '.join(p.name for p in stale))
 
     def save(self, state: Dict[str, Any], step: int, is_best: bool) -> Path:
         path = self.dir / f'step-{step:08d}.pth'

@@ -38,8 +38,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-__all__ = ['Checkpoint', 'CheckpointError', 'read_checkpoint', 'read_file', 'EMA_KEYS',
-           'MODEL_KEYS']
+__all__ = ['Checkpoint', 'CheckpointError', 'read_checkpoint', 'read_file', 'tensors_in',
+           'EMA_KEYS', 'MODEL_KEYS']
 
 _logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _check_finite(obj: Any, path: Path) -> None:
     else:
         entries = []
     for entry, value in entries:
-        for key, tensor in _tensors(value):
+        for key, tensor in tensors_in(value):
             if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             low, high = torch.aminmax(tensor)  # NaN propagates; cheaper than isfinite(tensor)
@@ -220,16 +220,16 @@ def _check_finite(obj: Any, path: Path) -> None:
                                    f'run), or copy or download it again')
 
 
-def _tensors(obj: Any, prefix: str = '') -> Iterator[Tuple[str, torch.Tensor]]:
+def tensors_in(obj: Any, prefix: str = '') -> Iterator[Tuple[str, torch.Tensor]]:
     """(dotted key, tensor) for every tensor in nested dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            yield from _tensors(value, f'{prefix}.{key}' if prefix else str(key))
+            yield from tensors_in(value, f'{prefix}.{key}' if prefix else str(key))
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _tensors(value, f'{prefix}.{i}' if prefix else str(i))
+            yield from tensors_in(value, f'{prefix}.{i}' if prefix else str(i))
 
 
 def _is_state_dict(obj: Any) -> bool:
