@@ -3,9 +3,10 @@
 A checkpoint is written to a temporary file in the run directory, flushed, fsynced and
 renamed over its final name, so a reader sees the old file or the new one, never half of
 one; a write that fails (a full disk included) removes its temporary file, and temporary files
-of writers that were killed are removed when the next run opens the folder. `last.pth` and `best.pth` are hard links to the newest and the best step files; the
-step files beyond `keep_last` are deleted. Content is tensors and plain containers only:
-RNG states are stored as tensors, the config as a plain dict.
+of writers that were killed are removed when the next run opens the folder. `last.pth` and
+`best.pth` are hard links to the newest and the best step files; the step files beyond
+`keep_last` are deleted. Content is tensors and plain containers only: RNG states are stored
+as tensors, the config as a plain dict.
 """
 import contextlib
 import errno
@@ -208,7 +209,9 @@ def capture_rng() -> Dict[str, torch.Tensor]:
     state = {
         'torch': torch.get_rng_state(),
         'python': torch.tensor(py_state, dtype=torch.int64),
-        'python_gauss': torch.tensor([float('nan') if gauss is None else gauss], dtype=torch.float64),
+        # NaN: no Gaussian held in reserve (the checkpoint reader skips 'rng' in its NaN check)
+        'python_gauss': torch.tensor([float('nan') if gauss is None else gauss],
+                                     dtype=torch.float64),
         'numpy': torch.from_numpy(np_key.astype(np.int64)),
         'numpy_pos': torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
         'numpy_gauss': torch.tensor([np_gauss], dtype=torch.float64),
