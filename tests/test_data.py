@@ -3,6 +3,7 @@ import gzip
 import logging
 import random
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conformer.data import (ClassSubset, FashionMNIST, GlobalBatchSampler, ImageFolder,
-                            SeededTransform, read_idx, to_mode)
+                            SeededTransform, read_idx, read_image, to_mode)
 from conformer.data import fashion_mnist
 from conformer.data.transforms import build_transform
 
@@ -133,22 +134,109 @@ def test_unreadable_images_are_skipped_by_name_or_fail_in_strict_mode(tmp_path, 
     (tmp_path / 'a' / 'bad.jpg').write_bytes(b'not an image at all')
     full = save(tmp_path / 'a' / 'cut.png', Image.fromarray(
         np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
-    full.write_bytes(full.read_bytes()[:200])  # truncated mid-stream
-    ds = ImageFolder(str(tmp_path))
+    full.write_bytes(full.read_bytes()[:200])  # truncated mid-stream: the header still reads
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolder(str(tmp_path))
+    # bad.jpg is not listed at all: the dataset counts only files that open
+    assert 'skipping 1 unreadable images' in caplog.text and 'bad.jpg' in caplog.text
     names = [p.rsplit('/', 1)[1] for p, _ in ds.samples]
+    assert names == ['cut.png', 'good.png', 'ok.png'] and len(ds) == 3
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
-        img, label = ds[names.index('bad.jpg')]
-        # bad.jpg and the truncated cut.png after it are skipped: the next readable is good.png
-        assert label == 0 and img.getpixel((0, 0)) == (1, 2, 3)
-    assert 'bad.jpg' in caplog.text
-    with caplog.at_level(logging.WARNING):
-        ds[names.index('cut.png')]
-    assert 'cut.png' in caplog.text
+        img, label = ds[names.index('cut.png')]
+    # in training another image of the same class stands in, and the warning names the file
+    assert label == 0 and img.getpixel((0, 0)) == (1, 2, 3)
+    assert 'cut.png' in caplog.text and 'another image of its class stands in' in caplog.text
     assert ds[names.index('good.png')][0].getpixel((0, 0)) == (1, 2, 3)
-    strict = ImageFolder(str(tmp_path), strict=True)
-    with pytest.raises(RuntimeError, match='bad.jpg.*data.strict=false'):
-        strict[names.index('bad.jpg')]
+    # in evaluation a stand-in would change the score: the file is named instead
+    evaluation = ImageFolder(str(tmp_path), exact_count=True)
+    with pytest.raises(RuntimeError, match='cut.png.*a stand-in would change the score'):
+        evaluation[names.index('cut.png')]
+    assert evaluation[names.index('good.png')][1] == 0
+    with pytest.raises(ValueError, match='bad.jpg.*data.strict=false'):
+        ImageFolder(str(tmp_path), strict=True)
     assert good.exists()
+
+
+def png_header_claiming(path, width, height):
+    """A valid PNG of `width` x `height` pixels by its header, with almost no pixel data: what
+    a decompression bomb looks like to a reader before it decodes."""
+    def chunk(kind, data):
+        return (struct.pack('>I', len(data)) + kind + data
+                + struct.pack('>I', zlib.crc32(kind + data)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height,
+                                                                          8, 0, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
+    return path
+
+
+def test_a_decompression_bomb_header_is_skipped_by_name(tmp_path, caplog):
+    save(tmp_path / 'a' / 'x.png', Image.new('RGB', (4, 4)))
+    save(tmp_path / 'b' / 'y.png', Image.new('RGB', (4, 4)))
+    bomb = png_header_claiming(tmp_path / 'b' / 'huge.png', 60000, 60000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)  # the file really is one to PIL
+    with caplog.at_level(logging.WARNING):
+        ds = ImageFolder(str(tmp_path))
+    assert len(ds) == 2 and [ds[i][1] for i in range(2)] == [0, 1]
+    assert 'huge.png' in caplog.text and 'decompression bomb' in caplog.text
+    with pytest.raises(ValueError, match='huge.png.*decompression bomb'):
+        ImageFolder(str(tmp_path), strict=True)
+
+
+def test_a_class_folder_without_one_readable_image_is_named(tmp_path):
+    save(tmp_path / 'cat' / 'x.png', Image.new('RGB', (4, 4)))
+    for name in ('a.jpg', 'b.png'):
+        (tmp_path / 'dog' / name).parent.mkdir(exist_ok=True)
+        (tmp_path / 'dog' / name).write_bytes(b'\xff\xd8 broken')
+    with pytest.raises(ValueError, match=f'class folder {tmp_path / "dog"} holds no readable '
+                                         f'image.*all 2 files'):
+        ImageFolder(str(tmp_path))
+    # every file cut after its header: found when loading, and named then
+    for name in ('a.jpg', 'b.png'):
+        (tmp_path / 'dog' / name).unlink()
+    for i in range(2):
+        deep = save(tmp_path / 'dog' / f'{i}.png', Image.fromarray(
+            np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        deep.write_bytes(deep.read_bytes()[:100])
+    ds = ImageFolder(str(tmp_path))
+    with pytest.raises(RuntimeError, match=f'class folder {tmp_path / "dog"} holds no readable'):
+        ds[1]
+
+
+def test_exif_orientation_is_applied_everywhere(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to
+    view) is read upright, by the dataset and by the reader the tools use."""
+    upright = Image.new('RGB', (16, 32), (255, 0, 0))
+    upright.paste((0, 0, 255), (0, 16, 16, 32))  # top half red, bottom half blue
+    stored = upright.rotate(90, expand=True)  # what the camera wrote: 32 wide, 16 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = save(tmp_path / 'a' / 'photo.jpg', stored, exif=exif, quality=95)
+    for img in (read_image(path, 3), ImageFolder(str(tmp_path))[0][0]):
+        assert img.size == (16, 32)
+        top, bottom = img.getpixel((8, 4)), img.getpixel((8, 28))
+        assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize('mode, values, expected', [
+    ('I;16', np.array([[0, 257 * 100, 65535]], np.uint16), [0, 100, 255]),  # 16-bit PNG
+    ('I', np.array([[0, 257 * 100, 70000]], np.int32), [0, 100, 255]),  # 32-bit int TIFF
+    ('F', np.array([[0.0, 0.5, 1.5]], np.float32), [0, 128, 255]),  # float TIFF, 0..1
+])
+def test_deep_images_are_scaled_not_clipped_to_black(mode, values, expected, tmp_path):
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    path = save(tmp_path / 'a' / ('deep.png' if mode == 'I;16' else 'deep.tif'), image)
+    with Image.open(path) as stored:
+        assert stored.mode == mode  # the file holds the deep values
+    for in_chans, mode_out in ((1, 'L'), (3, 'RGB')):
+        img = read_image(path, in_chans)
+        assert img.mode == mode_out
+        grey = np.asarray(img.convert('L'))[0].tolist()
+        assert grey == expected
+    assert np.asarray(ImageFolder(str(tmp_path), in_chans=1)[0][0])[0].tolist() == expected
 
 
 def test_image_folder_tree_errors_are_clear(tmp_path):

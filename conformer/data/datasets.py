@@ -58,7 +58,8 @@ def build_datasets(data) -> Tuple[Dataset, Dataset, List[str]]:
                              f'{data.train_split}/ and {data.eval_split}/ class folders')
         root = Path(data.root).expanduser()
         train = ImageFolder(root / data.train_split, data.in_chans, data.strict)
-        evaluation = ImageFolder(root / data.eval_split, data.in_chans, data.strict)
+        evaluation = ImageFolder(root / data.eval_split, data.in_chans, data.strict,
+                                 exact_count=True)
         if train.classes != evaluation.classes:
             missing = sorted(set(train.classes) ^ set(evaluation.classes))
             raise ValueError(f'{data.train_split}/ and {data.eval_split}/ under {root} have '

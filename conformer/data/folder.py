@@ -1,8 +1,17 @@
 """ImageFolder for any user dataset: `root/<class name>/<image>`, one folder per class.
 
-Unlike torchvision's, it names the problem when the tree is wrong, converts every image
-mode (grayscale, palette, RGBA, CMYK, 16-bit) to the model's channels, and skips a corrupt
-or truncated file with a warning naming it, instead of killing a run hours in.
+Unlike torchvision's, it names the problem when the tree is wrong, reads every image as
+`images.read_image` does (EXIF orientation, every mode to the model's channels), and deals with
+unreadable files by name instead of killing a run hours in:
+
+* Listing the dataset opens each file's header, so files that are not images PIL can read
+  (damaged, empty, another format, a decompression bomb) are skipped with a warning naming them
+  (strict=False) or refused (strict=True), and the dataset's length counts readable images only.
+  A class folder without one readable image is an error naming the folder.
+* A file whose header reads but whose pixels do not decode (cut short after the header) is found
+  only when it is loaded: strict=True refuses it; in training (exact_count=False) another image
+  of the same class stands in, with a warning; in evaluation (exact_count=True) it is an error
+  naming the file, since a stand-in would change the score.
 """
 import logging
 import os
@@ -12,34 +21,27 @@ from typing import List, Tuple
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .images import IMAGE_SUFFIXES, READ_ERRORS, check_image_header, read_image, to_mode
+
+__all__ = ['ImageFolder', 'to_mode']
+
 _logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
-
-
-def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Convert any PIL mode to 'RGB' (in_chans=3) or 'L' (in_chans=1)."""
-    target = {1: 'L', 3: 'RGB'}[in_chans]
-    if img.mode == target:
-        return img
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16/32-bit grayscale: scale to 8 bits
-        img = img.point(lambda v: v / 256).convert('L')
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        # composite on white so transparent pixels do not turn black
-        rgba = img.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert(target)
+_NAMED_IN_WARNING = 10  # unreadable files named in the listing's warning; the rest are counted
 
 
 class ImageFolder(Dataset):
     """Images under `root/<class>/`, classes sorted by name, yielding (PIL image, class index).
 
-    strict=False: a file that fails to decode is logged by name and replaced by the next
-    readable sample, so a batch keeps its size; strict=True raises on the first such file.
+    Args:
+        root: the folder holding one sub-folder of images per class.
+        in_chans: the model's input channels, 3 ('RGB') or 1 ('L').
+        strict: refuse the first unreadable file instead of skipping it.
+        exact_count: every listed image must load (evaluation); without it an image that
+            fails to decode is replaced by another of its class (training).
     """
 
-    def __init__(self, root: str, in_chans: int = 3, strict: bool = False):
+    def __init__(self, root: str, in_chans: int = 3, strict: bool = False,
+                 exact_count: bool = False):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f'image folder {self.root} does not exist; set data.root to '
@@ -50,36 +52,68 @@ class ImageFolder(Dataset):
         if not self.classes:
             raise FileNotFoundError(f'{self.root} has no class sub-folders; expected '
                                     f'{self.root}/<class name>/<image files>')
+        self.in_chans, self.strict, self.exact_count = in_chans, strict, exact_count
         self.samples: List[Tuple[str, int]] = []
+        self.class_ranges: List[range] = []  # the samples of each class, by class index
+        unreadable: List[str] = []
         for label, name in enumerate(self.classes):
             files = sorted(str(p) for p in (self.root / name).rglob('*')
-                           if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not files:
                 raise FileNotFoundError(
-                    f'class folder {self.root / name} holds no images ({", ".join(IMAGE_EXTENSIONS)}); '
-                    f'add images or remove the folder')
-            self.samples += [(f, label) for f in files]
+                    f'class folder {self.root / name} holds no images '
+                    f'({", ".join(IMAGE_SUFFIXES)}); add images or remove the folder')
+            readable = [f for f in files if self._header_reads(f, unreadable)]
+            if not readable:
+                raise ValueError(f'class folder {self.root / name} holds no readable image (all '
+                                 f'{len(files)} files fail to open, e.g. {files[0]}); replace '
+                                 f'them or remove the folder')
+            start = len(self.samples)
+            self.samples += [(f, label) for f in readable]
+            self.class_ranges.append(range(start, len(self.samples)))
+        if unreadable:
+            more = len(unreadable) - _NAMED_IN_WARNING
+            _logger.warning('skipping %d unreadable images under %s: %s%s', len(unreadable),
+                            self.root, '; '.join(unreadable[:_NAMED_IN_WARNING]),
+                            f'; and {more} more' if more > 0 else '')
         self.targets = [label for _, label in self.samples]
-        self.in_chans = in_chans
-        self.strict = strict
+
+    def _header_reads(self, path: str, unreadable: List[str]) -> bool:
+        try:
+            check_image_header(path)
+            return True
+        except READ_ERRORS as e:
+            if self.strict:
+                raise ValueError(f'cannot read image {path}: {e} (set data.strict=false to '
+                                 f'skip unreadable files)') from e
+            unreadable.append(f'{path} ({e})')
+            return False
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> Image.Image:
-        path, _ = self.samples[index]
-        with Image.open(path) as img:
-            img.load()
-            return to_mode(img, self.in_chans)
+        return read_image(self.samples[index][0], self.in_chans)
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
-        for offset in range(len(self.samples)):
-            i = (index + offset) % len(self.samples)
+        path, label = self.samples[index]
+        try:
+            return self.load(index), label
+        except READ_ERRORS as e:
+            if self.strict or self.exact_count:
+                why = ('set data.strict=false to skip unreadable files' if self.strict else
+                       'evaluation counts every listed image, and a stand-in would change the '
+                       'score: repair or remove the file')
+                raise RuntimeError(f'cannot read image {path}: {e} ({why})') from e
+            _logger.warning('unreadable image %s (%s): another image of its class stands in',
+                            path, e)
+        members = self.class_ranges[label]
+        for offset in range(1, len(members)):
+            stand_in = members[(index - members.start + offset) % len(members)]
             try:
-                return self.load(i), self.targets[i]
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
-                if self.strict:
-                    raise RuntimeError(f'cannot read image {self.samples[i][0]}: {e} (set '
-                                       f'data.strict=false to skip unreadable files)') from e
-                _logger.warning('skipping unreadable image %s: %s', self.samples[i][0], e)
-        raise RuntimeError(f'no readable image in {self.root}')
+                return self.load(stand_in), label
+            except READ_ERRORS:
+                continue
+        raise RuntimeError(f'class folder {self.root / self.classes[label]} holds no readable '
+                           f'image (every file fails to decode, e.g. {path}); replace them or '
+                           f'remove the folder')
