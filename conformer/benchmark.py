@@ -1,10 +1,12 @@
-"""Inference and training benchmark of Conformer variants across execution modes.
+"""Inference and training benchmark of Conformer variants across execution modes: the timing
+harness behind ``conformer-benchmark`` (:mod:`conformer.cli.benchmark` prints its tables).
 
 Modes:
 
-- ``eager``: the reference. The paper's computation op for op: explicit
-  ``softmax(q @ k^T * scale) @ v`` attention, FCU-down convolving before it pools, unfused
-  BatchNorm, NCHW, fp32, eager.
+- ``eager``: the reference. Attention and FCU-down on the kernels' PyTorch references
+  (:func:`conformer.kernels.flash_attention.attention_reference`,
+  :func:`conformer.kernels.fcu.fcu_down_reference`) whatever backend the dispatch would pick,
+  unfused BatchNorm, NCHW, fp32, eager.
 - ``fp32`` / ``bf16``: :func:`conformer.deploy.optimize_for_inference` (BN folded, SDPA,
   channels_last; bf16 autocast for ``bf16``; torch.compile with freezing under ``--compile``).
   For training: SDPA, channels_last, bf16 autocast for ``bf16``, torch.compile under ``--compile``.
@@ -32,9 +34,7 @@ On CPU, ``--keep-freed-memory`` makes the process keep freed memory for reuse
 runs on glibc's defaults, as a user's process would, and the eager reference, which
 allocates more large activations, pays more page faults than the deploy modes.
 """
-import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -42,24 +42,27 @@ import statistics
 import sys
 import time
 import types
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import timm
 import conformer  # noqa: F401  (registers the variants with timm)
+from conformer import runtime
 from conformer.deploy import onednn_runs, optimize_for_inference
+from conformer.engine.trainer import dual_head_loss
 from conformer.kernels.fcu import fcu_down_reference
+from conformer.kernels.flash_attention import attention_reference
 from conformer.layers import Attention, FCUDown
 from conformer.models import check_model_name
 from conformer.models.profile import count_flops
-from conformer.outputs import writable_file
-from conformer import runtime
 
-__all__ = ['paper_attention_forward', 'reference_model', 'peak_memory_bytes', 'gemm_routes',
-           'matmul_peak_gflops', 'cpu_description', 'unavailable', 'run', 'main']
+__all__ = ['MODES', 'paper_attention_forward', 'paper_fcu_down_forward', 'reference_model',
+           'peak_memory_bytes', 'gemm_routes', 'gemm_call', 'matmul_peak_gflops', 'unavailable',
+           'bench_inference', 'bench_training', 'run']
 
 SCHEMA = 'conformer-benchmark/2'
 MODES = ('eager', 'fp32', 'bf16', 'triton')
@@ -73,28 +76,26 @@ MEMORY_METHOD = (
 
 
 def paper_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """Attention exactly as the paper's code computes it (explicit score matrix)."""
+    """:class:`~conformer.layers.Attention` on the kernels' PyTorch reference attention."""
     B, N, C = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = (q @ k.transpose(-2, -1)) * self.scale
-    attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
-    x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-    return self.proj_drop(self.proj(x))
+    q, k, v = qkv.unbind(0)
+    x = attention_reference(q, k, v, self.scale, self.attn_drop if self.training else 0.)
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 def paper_fcu_down_forward(self: FCUDown, x: torch.Tensor, x_t: torch.Tensor,
                            grid: Tuple[int, int]) -> torch.Tensor:
-    """FCU-down in the paper's order (the kernels' PyTorch reference): the 1x1 conv on the
-    full map, then the pooling."""
+    """:class:`~conformer.layers.FCUDown` on the kernels' PyTorch reference FCU-down."""
     tokens = fcu_down_reference(x, self.conv_project.weight, self.conv_project.bias, grid,
                                 self.ln.weight, self.ln.bias, self.ln.eps)
     return torch.cat([x_t[:, :1], tokens], dim=1)
 
 
 def reference_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` running the paper's op order: :func:`paper_attention_forward` and
-    :func:`paper_fcu_down_forward`."""
+    """A copy of ``model`` whose attention and FCU-down always run the kernels' PyTorch
+    references (:func:`paper_attention_forward`, :func:`paper_fcu_down_forward`), so the
+    ``eager`` baseline is the same computation on every device and backend."""
     reference = copy.deepcopy(model)
     paper_forward = {Attention: paper_attention_forward, FCUDown: paper_fcu_down_forward}
     for module in reference.modules():
@@ -146,9 +147,9 @@ def gemm_call(dtype: torch.dtype, size: int, device: torch.device,
     b = torch.randn(size, size, device=device, dtype=dtype)
     if route == 'onednn':
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), size)  # a @ b
-        call = (lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, 'none', [], ''))
+        call = partial(torch.ops.mkldnn._linear_pointwise, a, packed, None, 'none', [], '')
     else:
-        call = (lambda: a @ b)
+        call = partial(torch.matmul, a, b)
     call()
     return call
 
@@ -162,24 +163,6 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int, repeats: int,
              for route in gemm_routes(device, dtype)}
     times = _interleaved_times(calls, repeats, device)
     return {route: 2 * size ** 3 / statistics.median(t) / 1e9 for route, t in times.items()}
-
-
-def cpu_description() -> str:
-    """The CPU's model name, family/model numbers and its matmul instruction sets, from
-    /proc/cpuinfo (``platform.processor()`` where that is missing). Cloud CPUs often report only
-    "AMD EPYC"; the family tells the generations apart (25: Zen 3/4, 26: Zen 5), and with it
-    the fp32 peak, which doubles from Zen 4's double-pumped AVX-512 to Zen 5's."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
-                        if ':' in line)
-    except OSError:
-        return platform.processor() or platform.machine()
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    flags = set(info.get('flags', '').split())
-    isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
-    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "
-            f"model {info.get('model', '?')}; {' '.join(isa) or 'no AVX2'})")
 
 
 def _now(device: torch.device) -> float:
@@ -197,9 +180,7 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     def step() -> float:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            conv_logits, trans_logits = model(x)
-            loss = (F.cross_entropy(conv_logits.float(), target)
-                    + F.cross_entropy(trans_logits.float(), target)) / 2
+            loss = dual_head_loss(model(x), target, F.cross_entropy)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -279,15 +260,15 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
     rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, 3, image_size, image_size, device=device)
-        # the paper's op order costs more than the pool-first FCU-down every other mode runs
+        # each mode's FLOPs in its own op order: the eager references' and the model's
         flops = dict(eager=count_flops(built['eager'], x), other=count_flops(model, x))
         print(f'inference batch {batch}: {flops["eager"] / 1e9:.2f} GFLOP per call in the '
-              f'paper\'s op order, {flops["other"] / 1e9:.2f} pooling first', file=sys.stderr)
+              f'eager reference, {flops["other"] / 1e9:.2f} in the model', file=sys.stderr)
         with torch.no_grad():
             expected = built['eager'](x)
         calls, compile_s = {}, {}
         for mode, m in built.items():
-            call = (lambda m=m, mode=mode: _with_backend(mode, lambda: m(x)))
+            call = partial(_with_backend, mode, partial(m, x))
             start = time.perf_counter()
             with torch.no_grad():
                 for _ in range(warmup):
@@ -338,17 +319,17 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
     x = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     target = torch.randint(0, model.num_classes, (batch,), generator=generator).to(device)
     rows = []
-    for checkpointing in (False, True):
-        model.train().set_grad_checkpointing(checkpointing)
+    for grad_checkpointing in (False, True):
+        model.train().set_grad_checkpointing(grad_checkpointing)
         model.set_dual_head_training(True)
         built = _build_modes(model, modes, compile, device, training=True)
-        print(f'training batch {batch}, checkpointing={checkpointing}', file=sys.stderr)
+        print(f'training batch {batch}, grad_checkpointing={grad_checkpointing}', file=sys.stderr)
         steps, first_loss, warm_s = {}, {}, {}
         for mode, m in built.items():
             autocast = torch.bfloat16 if mode == 'bf16' else None
             inputs = x if mode == 'eager' else x.contiguous(memory_format=torch.channels_last)
             step = _train_step_fn(m, inputs, target, autocast)
-            steps[mode] = (lambda step=step, mode=mode: _with_backend(mode, step))
+            steps[mode] = partial(_with_backend, mode, step)
             start = time.perf_counter()
             first_loss[mode] = steps[mode]()  # same weights and batch in every mode
             for _ in range(warmup - 1):
@@ -356,7 +337,7 @@ def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_siz
             warm_s[mode] = time.perf_counter() - start
         times = _interleaved_times(steps, rounds, device)
         for mode in modes:
-            row = dict(mode=mode, batch=batch, grad_checkpointing=checkpointing)
+            row = dict(mode=mode, batch=batch, grad_checkpointing=grad_checkpointing)
             if mode not in steps:
                 rows.append(dict(row, status=unavailable(mode, device)))
                 continue
@@ -408,7 +389,7 @@ def run(variants: Sequence[str], batch_sizes: Sequence[int], train_batch: int,
     peak_routes = {dt: max(rates, key=rates.get) for dt, rates in route_gflops.items()}
     result = dict(
         schema=SCHEMA,
-        machine=dict(platform=platform.platform(), cpu=cpu_description(),
+        machine=dict(platform=platform.platform(), cpu=runtime.cpu_description(),
                      torch=torch.__version__, threads=torch.get_num_threads(),
                      device=str(device), omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'),
                      load_average_at_start=os.getloadavg()),
@@ -451,154 +432,3 @@ def _calibrate_batchnorm(model: nn.Module, image_size: int) -> None:
         for _ in range(2):
             model(torch.randn(4, 3, image_size, image_size, generator=generator))
     model.eval()
-
-
-def format_table(result: dict) -> str:
-    """Markdown tables: each variant's inference and training rows and, for several variants,
-    a summary with one row per variant and batch size."""
-    s = result['settings']
-    short = dict(float32='fp32', bfloat16='bf16')
-    peaks = ', '.join(
-        f"{short[dt]} "
-        + ' / '.join(f'{rate:.0f} ({route})' for route, rate in rates.items())
-        for dt, rates in result['matmul_route_gflops'].items())
-    lines = [f"{result['machine']['cpu']}, {result['machine']['threads']} threads, "
-             f"compile={s['compile']}, keep_freed_memory={s['keep_freed_memory']}; "
-             f"GEMM GFLOP/s at start {peaks}, the faster route is the peak; speed-up and "
-             f"% peak = medians of ratios interleaved in each round"]
-    for v in result['variants']:
-        lines += ['', f"{v['variant']} @ {v['image_size']}px ({v['params_m']:.2f}M parameters)"]
-        lines += _inference_table(v['inference']) + _training_table(v['training'])
-    if len(result['variants']) > 1:
-        lines += _summary_table(result['variants'])
-    return '\n'.join(lines)
-
-
-def _markdown(header: Sequence[str], rows: List[dict], keys: Sequence[str],
-              cells: Callable[[dict], List[str]]) -> List[str]:
-    """A table: each row's ``keys`` values, then ``cells(row)``, or its status if skipped."""
-    if not rows:
-        return []
-    lines = ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for r in rows:
-        row = [str(r[k]) for k in keys]
-        row += cells(r) if r['status'] == 'ok' else [r['status']] + [''] * (
-            len(header) - len(keys) - 1)
-        lines.append('| ' + ' | '.join(row) + ' |')
-    return lines
-
-
-def _inference_table(rows: List[dict]) -> List[str]:
-    return _markdown(
-        ('mode', 'batch', 'img/s', 'p50 ms', 'p90 ms', 'peak MB', 'GFLOP/s', '% peak',
-         'speed-up', 'max abs diff'), rows, ('mode', 'batch'),
-        lambda r: [f"{r['images_per_s']:.3g}", f"{r['latency_ms_p50']:.0f}",
-                   f"{r['latency_ms_p90']:.0f}", f"{r['peak_memory_mb']:.0f}",
-                   f"{r['achieved_gflops']:.0f}", f"{r['pct_of_matmul_peak']:.0f}%",
-                   f"{r['speedup_vs_eager']:.2f}x", f"{r['max_abs_logit_diff']:.1e}"])
-
-
-def _training_table(rows: List[dict]) -> List[str]:
-    return _markdown(
-        ('train mode', 'batch', 'checkpointing', 'img/s', 'step ms', 'peak MB', 'memory saved',
-         'speed-up', 'loss diff'), rows, ('mode', 'batch', 'grad_checkpointing'),
-        lambda r: [f"{r['images_per_s']:.3g}", f"{r['step_ms_p50']:.0f}",
-                   f"{r['peak_memory_mb']:.0f}",
-                   f"{r['memory_saved_pct']:.0f}%" if 'memory_saved_pct' in r else '',
-                   f"{r['speedup_vs_eager']:.2f}x", f"{r['loss_abs_diff_vs_eager']:.1e}"])
-
-
-def _summary_table(variants: List[dict]) -> List[str]:
-    """img/s of every measured mode (speed-up over eager in brackets) per variant and batch."""
-    modes = [m for m in MODES if any(r['mode'] == m and r['status'] == 'ok'
-                                     for v in variants for r in v['inference'])]
-    rows = []
-    for v in variants:
-        for batch in dict.fromkeys(r['batch'] for r in v['inference']):
-            runs = {r['mode']: r for r in v['inference'] if r['batch'] == batch}
-            rows.append(dict(model=v['variant'], params=f"{v['params_m']:.2f}", batch=batch,
-                             status='ok', runs=[runs[m] for m in modes]))
-
-    def rate(r: dict) -> str:
-        if r['status'] != 'ok':
-            return ''
-        return f"{r['images_per_s']:.3g}" + (
-            '' if r['mode'] == 'eager' else f" ({r['speedup_vs_eager']:.2f}x)")
-
-    return _markdown(('model', 'params (M)', 'batch', *(f'{m} img/s' for m in modes)), rows,
-                     ('model', 'params', 'batch'), lambda row: [rate(r) for r in row['runs']])
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        description='Benchmark Conformer variants: eager reference vs deploy modes '
-                    '(set OMP_WAIT_POLICY=ACTIVE for stable CPU timings).')
-    parser.add_argument('--model', nargs='+',
-                        help='one or more registered variants, benchmarked in turn '
-                             '(default: conformer_small_patch16)')
-    parser.add_argument('--batch-sizes', type=int, nargs='*',
-                        help='inference batch sizes (default: 1 8 32; none: skip inference)')
-    parser.add_argument('--train-batch', type=int, help='training batch size (default: 8)')
-    parser.add_argument('--image-size', type=int,
-                        help="input size (default: each model's pretrained_cfg size, 224 px "
-                             "for the paper's variants)")
-    parser.add_argument('--rounds', type=int, help='timed rounds per config (default: 9)')
-    parser.add_argument('--warmup', type=int, help='untimed calls per config (default: 2)')
-    parser.add_argument('--compile', action='store_true',
-                        help='torch.compile the fp32/bf16 modes (inductor freezing for inference)')
-    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
-    parser.add_argument('--skip-training', action='store_true')
-    parser.add_argument('--keep-freed-memory', action='store_true',
-                        help='CPU: keep freed memory for reuse instead of glibc handing it back '
-                             '(as the trainer does), so no mode pays page faults')
-    parser.add_argument('--threads', type=int,
-                        help="intra-op threads (default: torch's, one per core); 1 gives steadier "
-                             "ratios when other jobs share the cores")
-    parser.add_argument('--json', default='benchmark.json', help='where to write the results')
-    parser.add_argument('--smoke', action='store_true',
-                        help='a seconds-long run on a tiny model (for CI): checks the tool, '
-                             'not the speed')
-    args = parser.parse_args(argv)
-    for flag, value in (('--threads', args.threads), ('--train-batch', args.train_batch),
-                        ('--image-size', args.image_size), ('--rounds', args.rounds),
-                        ('--warmup', args.warmup),
-                        *(('--batch-sizes', b) for b in args.batch_sizes or ())):
-        if value is not None and value < 1:
-            parser.error(f'{flag} must be >= 1, got {value}')
-    if args.smoke and (args.model or args.batch_sizes or args.image_size or args.rounds
-                       or args.warmup or args.train_batch):
-        parser.error('--smoke picks its own tiny model, sizes and rounds; drop --model, '
-                     '--batch-sizes, --image-size, --rounds, --warmup and --train-batch')
-    defaults = dict(model=['conformer_small_patch16'], batch_sizes=[1, 8, 32], rounds=9,
-                    warmup=2, train_batch=8)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if not args.batch_sizes and args.skip_training:
-        parser.error('nothing to measure: --batch-sizes is empty and --skip-training is set')
-    try:
-        out = writable_file(args.json, '--json')
-    except ValueError as e:
-        parser.error(str(e))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    kwargs = dict(variants=args.model, batch_sizes=args.batch_sizes,
-                  train_batch=args.train_batch, image_size=args.image_size, rounds=args.rounds,
-                  warmup=args.warmup, compile=args.compile, modes=args.modes,
-                  skip_training=args.skip_training, keep_freed_memory=args.keep_freed_memory)
-    if args.smoke:
-        kwargs.update(variants=['conformer_nano_patch4'], batch_sizes=[1, 2], train_batch=2,
-                      image_size=32, rounds=2, warmup=1, gemm_size=256,
-                      model_kwargs=dict(num_classes=10))
-    try:
-        result = run(**kwargs)
-    except ValueError as e:  # a model name, an image size the model cannot take, ...
-        parser.error(str(e))
-    print(format_table(result))
-    out.write_text(json.dumps(result, indent=1))
-    print(f'wrote {out}', file=sys.stderr)
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

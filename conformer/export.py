@@ -8,24 +8,20 @@ small stem halves the map three times) and records it in the program. The ONNX f
 checked with onnxruntime against PyTorch on a batch of another size and shape than the one
 traced.
 """
-import argparse
-import sys
-from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
 import conformer  # noqa: F401  (registers the variants with timm)
-from conformer.outputs import writable_file
-from conformer.predict import MODEL_ERRORS, add_model_arguments, model_from_args
 
-__all__ = ['export_program', 'check_program', 'export_onnx', 'check_onnx', 'main']
+__all__ = ['export_program', 'check_program', 'export_onnx', 'check_onnx']
 
 DYNAMIC_IMAGE = {'x': {0: Dim('batch', min=1), 2: Dim.AUTO, 3: Dim.AUTO}}
-MISSING_EXTRA = ("ONNX export needs the packages onnx, onnxscript and onnxruntime; install them "
-                 "with `pip install 'conformer-zoo[export]'`")
+MISSING_EXTRA = ('ONNX export needs the packages onnx, onnxscript and onnxruntime; install them '
+                 'with `pip install "conformer-zoo[export]"`, or in a source checkout with '
+                 '`pip install -e ".[export]"`')
 
 
 def _example(model: nn.Module, batch: int, size: Tuple[int, int]) -> torch.Tensor:
@@ -95,62 +91,3 @@ def check_onnx(path: str, model: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         want = model.eval()(x)
     return (torch.from_numpy(got) - want).abs().max().item()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        description='Export a Conformer to ONNX (checked with onnxruntime) and/or a '
-                    'torch.export program (.pt2), with dynamic batch and image size.')
-    add_model_arguments(parser, labels=False)
-    parser.add_argument('--format', choices=['onnx', 'pt2', 'both'], default='both')
-    parser.add_argument('--output', required=True,
-                        help='output path; .onnx / .pt2 are appended to it')
-    parser.add_argument('--image-size', type=int, nargs=2, metavar=('H', 'W'),
-                        help="size to trace at (default: the model's pretrained_cfg input size)")
-    parser.add_argument('--opset', type=int, help='ONNX opset (default: the exporter\'s)')
-    parser.add_argument('--atol', type=float, default=1e-3,
-                        help='max abs logit difference onnxruntime may show (default 1e-3)')
-    args = parser.parse_args(argv)
-    if args.image_size and min(args.image_size) < 1:
-        parser.error(f'--image-size must be positive, got {" ".join(map(str, args.image_size))}')
-    formats = ('pt2', 'onnx') if args.format == 'both' else (args.format,)
-    # '--output out/model.v2' keeps its '.v2'; an '.onnx' or '.pt2' given with it is dropped
-    stem = Path(args.output)
-    if not stem.name or stem.is_dir():
-        parser.error(f'--output {args.output} is a folder; name the files, e.g. '
-                     f'{Path(args.output) / "model"}')
-    stem = stem.with_suffix('') if stem.suffix in ('.onnx', '.pt2') else stem
-    try:
-        paths = {f: writable_file(stem.with_name(f'{stem.name}.{f}'), '--output')
-                 for f in formats}
-        model = model_from_args(args)
-        size = tuple(args.image_size or model.pretrained_cfg['input_size'][1:])
-        program = export_program(model, size)
-        check_program(program, model, size)
-    except MODEL_ERRORS as e:  # also the model's own input-size errors (ValueError)
-        parser.error(str(e))
-    if not (args.pretrained or args.checkpoint):
-        print('warning: no --pretrained or --checkpoint: exporting randomly initialised '
-              'weights', file=sys.stderr)
-    if 'pt2' in paths:
-        torch.export.save(program, paths['pt2'])
-        print(f'wrote {paths["pt2"]}; dynamic ranges: {program.range_constraints}')
-    if 'onnx' in paths:
-        try:
-            export_onnx(model, str(paths['onnx']), size, opset=args.opset, program=program)
-        except ValueError as e:
-            parser.error(str(e))
-        # check at another batch size and image shape than the traced ones
-        check_size = (size[0] + model.patch_size, size[1] + 2 * model.patch_size)
-        diff = check_onnx(str(paths['onnx']), model, _example(model, 3, check_size))
-        print(f'wrote {paths["onnx"]}; onnxruntime vs PyTorch at 3x{check_size[0]}x'
-              f'{check_size[1]}: max abs logit difference {diff:.2e}')
-        if diff > args.atol:
-            print(f'error: the ONNX model differs from PyTorch by {diff:.2e} > --atol '
-                  f'{args.atol}', file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,37 +1,27 @@
-"""Classify image files and folders: top-k labels with probabilities.
+"""Classify image files: top-k labels with probabilities (``conformer-predict`` runs this).
 
 Images go through the model's own ``pretrained_cfg`` eval transform (resize, centre crop,
-normalisation) in batches. The command line runs the model through
-:func:`conformer.deploy.optimize_for_inference` (fp32 logits within 1e-4 of the eager model),
-in a process that keeps freed memory for reuse. A file that cannot be read as an image is
-reported and skipped; the rest are still classified.
+normalisation) in batches. A file that cannot be read as an image is reported and skipped;
+the rest are still classified.
 """
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
 
+import timm
 import torch
 from PIL import Image
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
-import timm
-from timm.data import ImageNetInfo, create_transform, resolve_data_config
 import conformer  # noqa: F401  (registers the variants with timm)
-from conformer import runtime
 from conformer.data.folder import to_mode
-from conformer.deploy import optimize_for_inference
 from conformer.models import check_model_name
-from conformer.outputs import writable_file
-from conformer.weights import DownloadError, model_from_weights
+from conformer.weights import model_from_weights
 
-__all__ = ['MODEL_ERRORS', 'READ_ERRORS', 'add_model_arguments', 'create_model', 'find_images',
-           'load_labels', 'model_from_args', 'predict', 'read_image', 'main']
+__all__ = ['DEFAULT_MODEL', 'READ_ERRORS', 'create_model', 'load_labels', 'predict',
+           'read_image']
 
 DEFAULT_MODEL = 'conformer_small_patch16'
-IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
-                  '.pgm'}
 
 
 def create_model(name: Optional[str] = None, pretrained: bool = False,
@@ -39,60 +29,23 @@ def create_model(name: Optional[str] = None, pretrained: bool = False,
                  num_classes: Optional[int] = None) -> nn.Module:
     """The model to run, in eval mode.
 
-    With ``checkpoint`` (a file in any supported format, a model folder, a URL or
-    ``hf-hub:ORG/NAME``), the model those weights were trained as, with the preprocessing and
-    class names they record (:func:`conformer.weights.model_from_weights`); ``name`` and
-    ``num_classes`` are then checked against the file. Otherwise timm's ``name`` (default
-    ``conformer_small_patch16``), with its released weights if ``pretrained``.
+    Args:
+        name: a registered variant; default ``conformer_small_patch16``, or with
+            ``checkpoint`` the one the weights record (a different one is an error).
+        pretrained: load the variant's released ImageNet weights (ignored with
+            ``checkpoint``).
+        checkpoint: weights to run, as the tools' ``--checkpoint`` takes them: a weights file
+            in any supported format (a conformer-train checkpoint, the paper's, mmpretrain's,
+            safetensors), a model folder, a URL or ``hf-hub:ORG/NAME``. The model is rebuilt
+            as those weights were trained, with the preprocessing and class names they record
+            (:func:`conformer.weights.model_from_weights`).
+        num_classes: the class count; with ``checkpoint`` only checked against the file.
     """
     if checkpoint is not None:  # model_from_weights checks the name itself
         return model_from_weights(checkpoint, model_name=name, num_classes=num_classes)[0]
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     return timm.create_model(check_model_name(name or DEFAULT_MODEL), pretrained=pretrained,
                              **kwargs).eval()
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, labels: bool = True) -> None:
-    """The options predict, export and visualize choose their model (and labels) with."""
-    parser.add_argument('--model', help=f'a registered variant (default: {DEFAULT_MODEL}, or '
-                                        f'with --checkpoint the one the weights record)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true',
-                         help="the variant's released ImageNet weights (downloaded once)")
-    weights.add_argument('--checkpoint',
-                         help='weights to run: a file (conformer-train, the paper, mmpretrain, '
-                              'safetensors), a model folder, a URL or hf-hub:ORG/NAME; the '
-                              'classes and preprocessing they were trained with come along')
-    parser.add_argument('--num-classes', type=int,
-                        help="the class count (default: the weights'; with --checkpoint it is "
-                             "only checked against the file)")
-    if labels:
-        parser.add_argument('--labels', default='auto',
-                            help="'auto' (the class names recorded with the weights, else "
-                                 "ImageNet's for 1000 classes, else class indices), 'imagenet', "
-                                 "'none' (class indices) or a text file with one label per line")
-
-
-# what create_model raises for a bad name, weights file or source (the message says which)
-MODEL_ERRORS = (ValueError, OSError, DownloadError)
-
-
-def model_from_args(args: argparse.Namespace) -> nn.Module:
-    """:func:`create_model` for the options of :func:`add_model_arguments`."""
-    return create_model(args.model, args.pretrained, args.checkpoint, args.num_classes)
-
-
-def find_images(paths: Sequence[str]) -> List[Path]:
-    """Files given directly (whatever their suffix, so a bad one gets reported) plus every
-    image file under the given folders, sorted."""
-    found = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(f for f in p.rglob('*')
-                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found.append(p)
-    return found
 
 
 def load_labels(spec: str, model: nn.Module) -> List[str]:
@@ -163,51 +116,3 @@ def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk
                     v, i = next(ok)
                     result['top'] = [(labels[c], p) for p, c in zip(v, i)]
         yield from chunk
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description='Top-k ImageNet (or custom) labels for images.')
-    parser.add_argument('inputs', nargs='+', help='image files and/or folders (searched recursively)')
-    add_model_arguments(parser)
-    parser.add_argument('--topk', type=int, default=5)
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--json', help='also write the results to this file')
-    args = parser.parse_args(argv)
-    if not (args.pretrained or args.checkpoint):
-        parser.error('pass --pretrained or --checkpoint FILE: random weights predict nothing')
-    if min(args.topk, args.batch_size, 1 if args.num_classes is None else args.num_classes) < 1:
-        parser.error('--topk, --batch-size and --num-classes must be >= 1')
-    if args.json:
-        try:
-            writable_file(args.json, '--json')
-        except ValueError as e:
-            parser.error(str(e))
-    paths = find_images(args.inputs)
-    if not paths:
-        parser.error(f'no image files found in {" ".join(args.inputs)}')
-    try:
-        model = model_from_args(args)
-        labels = load_labels(args.labels, model)
-    except MODEL_ERRORS as e:
-        parser.error(str(e))
-    runtime.keep_freed_memory()  # this process is ours: no page faults on every batch
-    model = optimize_for_inference(model)
-    results = []
-    for result in predict(model, paths, labels, args.topk, args.batch_size):
-        results.append(result)
-        if 'error' in result:
-            print(f"{result['path']}: cannot read: {result['error']}", file=sys.stderr)
-            continue
-        print(result['path'])
-        for label, prob in result['top']:
-            print(f'  {prob:7.2%}  {label}')
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    failed = sum('error' in r for r in results)
-    if failed:
-        print(f'{failed} of {len(results)} files could not be read', file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,10 +1,11 @@
 """Process-wide CPU settings and hardware facts shared by the trainer, deploy and benchmark."""
 import ctypes
+import platform
 import sys
 
 import torch
 
-__all__ = ['keep_freed_memory', 'native_bf16']
+__all__ = ['cpu_description', 'keep_freed_memory', 'native_bf16']
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -13,9 +14,9 @@ def keep_freed_memory() -> None:
     """Have glibc keep freed tensor buffers for reuse instead of unmapping them.
 
     By default large buffers are mmapped and unmapped, and the heap's top is trimmed, so each
-    CPU forward or training step faults its activations' pages back in: about 4,600 faults
-    and 18 ms of kernel time per quickstart step, more for larger models and batches. Other
-    C libraries and systems (musl, macOS, Windows) are left alone.
+    CPU forward or training step faults its activations' pages back in, in kernel time that
+    grows with the model and the batch. Other C libraries and systems (musl, macOS, Windows)
+    are left alone.
     """
     if not sys.platform.startswith('linux'):
         return  # ctypes.CDLL(None) is not even allowed on Windows
@@ -32,10 +33,28 @@ def native_bf16(device: torch.device) -> bool:
 
     CPUs without AVX-512 or AVX-NE-CONVERT (AMD before Zen 4, Intel client chips before Arrow
     Lake) have no oneDNN bf16 path: PyTorch emulates bf16 there, several times slower than
-    fp32 (7x per quickstart step on a Zen 3), so bf16 autocast slows work down.
+    fp32, so bf16 autocast slows work down.
     """
     device = torch.device(device)
     if device.type == 'cuda':
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return (device.type == 'cpu' and torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_description() -> str:
+    """The CPU's model name, family/model numbers and its matmul instruction sets, from
+    /proc/cpuinfo (``platform.processor()`` where that is missing). Cloud CPUs often report only
+    "AMD EPYC"; the family tells the generations apart (25: Zen 3/4, 26: Zen 5), and with it
+    the fp32 peak, which doubles from Zen 4's double-pumped AVX-512 to Zen 5's."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
+                        if ':' in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get('flags', '').split())
+    isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')}; {' '.join(isa) or 'no AVX2'})")

@@ -7,11 +7,10 @@
   so its CAM is the classic ``sum_c w[k, c] * map[c]`` over the final CNN map. The
   transformer head reads the class token; applying it to every normalised patch token gives
   the matching per-token score map for class ``k``.
+
+``conformer-visualize`` (:mod:`conformer.cli.visualize`) draws both for one image.
 """
-import argparse
-import sys
-from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +18,10 @@ from torch import nn
 
 import conformer  # noqa: F401  (registers the variants with timm)
 
-__all__ = ['branch_activation_maps', 'class_activation_maps', 'plot_maps', 'main']
+__all__ = ['branch_activation_maps', 'class_activation_maps', 'conv_trans_blocks', 'plot_maps']
 
 
-def _blocks(model: nn.Module) -> Dict[int, nn.Module]:
+def conv_trans_blocks(model: nn.Module) -> Dict[int, nn.Module]:
     """The ConvTransBlocks by their paper number (conv_trans_2 .. conv_trans_{depth})."""
     return {int(name.rsplit('_', 1)[1]): m for name, m in model.named_children()
             if name.startswith('conv_trans_')}
@@ -32,7 +31,7 @@ def branch_activation_maps(model: nn.Module, x: torch.Tensor,
                            block: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """``{'cnn': (B, h, w), 'transformer': (B, gh, gw)}``: channel-mean activations of the two
     branches at the output of ConvTransBlock ``block`` (default: the last)."""
-    blocks = _blocks(model)
+    blocks = conv_trans_blocks(model)
     block = max(blocks) if block is None else block
     if block not in blocks:
         raise ValueError(f'block must be one of {min(blocks)}..{max(blocks)} '
@@ -119,71 +118,3 @@ def plot_maps(image, activations: Dict[str, torch.Tensor], cams: Dict[str, torch
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def figure_path(output: str, image: str) -> Path:
-    """The file ``--output`` names: '.png' added when it has no suffix, a format matplotlib
-    can write, not the input image, and writable (checked before the model runs)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-    from conformer.outputs import writable_file
-
-    path = Path(output)
-    if not path.suffix:
-        path = path.with_name(path.name + '.png')
-    formats = FigureCanvasBase.get_supported_filetypes()
-    if path.suffix[1:].lower() not in formats:
-        raise ValueError(f'--output {output}: matplotlib cannot write {path.suffix!r} files; '
-                         f'use one of {", ".join("." + f for f in sorted(formats))}')
-    if path.exists() and path.resolve() == Path(image).resolve():
-        raise ValueError(f'--output {output} is the input image; pick another path so the '
-                         f'image is not overwritten')
-    return writable_file(path, '--output')
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from timm.data import create_transform, resolve_data_config
-    from conformer.predict import (MODEL_ERRORS, READ_ERRORS, add_model_arguments, load_labels,
-                                   model_from_args, read_image)
-
-    parser = argparse.ArgumentParser(
-        description="CNN- and transformer-branch activation maps (the paper's Figure 2) and "
-                    "both heads' class activation maps for one image, as a PNG.")
-    parser.add_argument('image')
-    parser.add_argument('--output', required=True,
-                        help="figure path ('.png' is added without a suffix; .pdf, .svg, ... "
-                             "also work)")
-    add_model_arguments(parser)
-    parser.add_argument('--block', type=int, help='ConvTransBlock to show (default: the last)')
-    parser.add_argument('--class-index', type=int, help='class for the CAMs (default: top-1)')
-    args = parser.parse_args(argv)
-    try:
-        output = figure_path(args.output, args.image)
-        model = model_from_args(args)
-        labels = load_labels(args.labels, model)
-    except MODEL_ERRORS as e:
-        parser.error(str(e))
-    try:
-        image = read_image(args.image, model.in_chans)
-    except READ_ERRORS as e:
-        parser.error(f'cannot read {args.image}: {e}')
-    transform = create_transform(**resolve_data_config(model=model))
-    x = transform(image)[None]
-    # show the picture the model saw (after resize and centre crop), not the raw file
-    shown = create_transform(**dict(resolve_data_config(model=model), mean=(0,) * model.in_chans,
-                                    std=(1,) * model.in_chans))(image)
-    shown = (shown.permute(1, 2, 0).clamp(0, 1) * 255).byte().squeeze(-1).numpy()
-    blocks = _blocks(model)
-    block = max(blocks) if args.block is None else args.block
-    try:
-        activations = branch_activation_maps(model, x, block)
-        cams = class_activation_maps(model, x, args.class_index)
-    except ValueError as e:
-        parser.error(str(e))
-    class_name = labels[cams['class_index'][0]].split(',')[0]
-    plot_maps(shown, activations, cams, class_name, block, str(output))
-    print(f'wrote {output} (class: {class_name})')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

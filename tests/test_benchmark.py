@@ -1,4 +1,5 @@
-"""conformer.benchmark: the paper-style reference, the memory probe, and the --smoke run's JSON."""
+"""conformer.benchmark and conformer-benchmark: the eager reference on the kernels' references,
+the memory probe, and the --smoke run's JSON."""
 import json
 import math
 import subprocess
@@ -6,21 +7,32 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
-import timm
 import conformer  # noqa: F401
-from conformer.benchmark import (MODES, NO_CUDA, NO_NATIVE_BF16, SCHEMA, format_table, gemm_call,
-                                 gemm_routes, main, paper_attention_forward,
-                                 paper_fcu_down_forward, peak_memory_bytes, reference_model, run,
-                                 unavailable)
-from conformer.runtime import native_bf16
+from conformer.benchmark import (
+    MODES,
+    NO_CUDA,
+    NO_NATIVE_BF16,
+    SCHEMA,
+    gemm_call,
+    gemm_routes,
+    paper_attention_forward,
+    paper_fcu_down_forward,
+    peak_memory_bytes,
+    reference_model,
+    run,
+    unavailable,
+)
+from conformer.cli.benchmark import format_table, main
 from conformer.layers import Attention, FCUDown
+from conformer.runtime import native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_paper_attention_matches_the_sdpa_attention():
+def test_reference_attention_matches_the_layer():
     torch.manual_seed(0)
     attn = Attention(48, num_heads=6, qkv_bias=True).eval()
     x = torch.randn(2, 17, 48)
@@ -29,7 +41,7 @@ def test_paper_attention_matches_the_sdpa_attention():
 
 
 @pytest.mark.parametrize('map_hw, grid', [((8, 12), (2, 3)), ((7, 9), (3, 4))])
-def test_pool_first_fcu_down_equals_the_papers_conv_then_pool(map_hw, grid):
+def test_reference_fcu_down_matches_the_layer(map_hw, grid):
     """Same outputs and gradients, for even windows and for adaptive (overlapping) ones."""
     torch.manual_seed(0)
     fcu = FCUDown(8, 24)

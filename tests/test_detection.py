@@ -4,8 +4,12 @@ import timm
 import torch
 from torch import nn
 
-from conformer.models.detection import (ConformerFPN, conformer_faster_rcnn,
-                                        conformer_fpn_backbone, conformer_mask_rcnn)
+from conformer.models.detection import (
+    ConformerFPN,
+    conformer_faster_rcnn,
+    conformer_fpn_backbone,
+    conformer_mask_rcnn,
+)
 
 VARIANT = 'conformer_small_patch32'
 # a ~0.4M-parameter Conformer with the paper's stride-4 stem: taps at strides 4/8/16/32

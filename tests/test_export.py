@@ -7,7 +7,8 @@ import torch
 
 import timm
 import conformer  # noqa: F401
-from conformer.export import check_onnx, export_onnx, main
+from conformer.cli.export import main
+from conformer.export import check_onnx, export_onnx
 
 
 @pytest.fixture(scope='module')

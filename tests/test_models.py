@@ -413,7 +413,7 @@ def test_builds_on_the_meta_device():
 
 
 def test_model_table_refuses_an_output_folder_before_counting(tmp_path, capsys):
-    from conformer.models.profile import main
+    from conformer.cli.model_table import main
     with pytest.raises(SystemExit) as exit_info:
         main(['--out', str(tmp_path)])
     assert exit_info.value.code == 2

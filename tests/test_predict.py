@@ -1,4 +1,4 @@
-"""conformer.predict: top-5 from files and folders against a direct model call, and
+"""conformer-predict: top-5 from files and folders against a direct model call, and
 unreadable files reported without stopping the run."""
 import json
 from pathlib import Path
@@ -6,13 +6,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
-
-import timm
 from timm.data import create_transform, resolve_data_config
+
 import conformer  # noqa: F401
-from conformer.predict import load_labels, main, read_image
+from conformer.cli.predict import main
+from conformer.predict import load_labels, read_image
 
 LABELS = [f'class_{i}' for i in range(10)]
 

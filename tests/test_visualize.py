@@ -1,12 +1,13 @@
 """conformer.viz: branch activation maps and both heads' CAMs, checked against the model's
 own outputs, and the PNG the CLI writes."""
 import pytest
+import timm
 import torch
 from PIL import Image
 
-import timm
 import conformer  # noqa: F401
-from conformer.viz import branch_activation_maps, class_activation_maps, main
+from conformer.cli.visualize import main
+from conformer.viz import branch_activation_maps, class_activation_maps
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +80,7 @@ def test_cli_reports_an_unreadable_image(model, tmp_path, capsys):
 
 @pytest.mark.parametrize('output, message', [
     ('fig.xyz', "matplotlib cannot write '.xyz' files"),
-    ('red.png', 'is the input image; pick another path'),
+    ('red.png', 'red.png is the input'),
 ])
 def test_bad_output_paths_are_refused_before_the_model_runs(model, tmp_path, capsys, output,
                                                            message):

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Convert Conformer weights into a Hugging Face Hub folder (safetensors + config.json + card).
 
-Same as the `conformer-convert` console script; see `conformer.weights.convert`.
-"""
-from conformer.weights.convert import main
+Same as the `conformer-convert` console script; see conformer/cli/convert.py."""
+import sys
+
+from conformer.cli.convert import main
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -1,7 +1,10 @@
-"""Print the parameter / MAC table of every Conformer variant (see conformer.models.profile)."""
+#!/usr/bin/env python
+"""Print the parameter / MAC table of every Conformer variant.
+
+Same as the `conformer-model-table` console script; see conformer/cli/model_table.py."""
 import sys
 
-from conformer.models.profile import main
+from conformer.cli.model_table import main
 
 if __name__ == '__main__':
     sys.exit(main())

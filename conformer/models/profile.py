@@ -1,20 +1,15 @@
-"""Parameter and MAC counts of the registered variants (the README's model table).
-
-    python tools/model_table.py [--out model_table.json]
+"""Parameter and MAC counts of the registered variants (the README's model table, printed by
+``conformer-model-table``).
 
 MACs count every multiply-add of convolutions, matmuls and attention (torch's
 FlopCounterMode / 2) at each variant's default input size; norms and activations are left
 out, as in the usual ResNet/ViT tables, so the paper's figures are a little higher.
 """
-import argparse
-import json
 from typing import Dict, List, Optional, Sequence
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-from conformer.outputs import writable_file
 
 # published ImageNet-1k top-1 of the paper's weights (Peng et al. 2021, Table 1; S/32 from
 # mmpretrain's model zoo, whose weights are the paper's)
@@ -39,6 +34,8 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def model_table(names: Optional[Sequence[str]] = None) -> List[Dict]:
+    """One row per variant in ``names`` (default: every registered one): input size,
+    parameters (M), MACs (G) at that size and the published ImageNet top-1, if any."""
     rows = []
     for name in names or timm.list_models('conformer_*'):
         model = timm.create_model(name).eval()
@@ -49,24 +46,3 @@ def model_table(names: Optional[Sequence[str]] = None) -> List[Dict]:
             macs_g=round(count_flops(model, torch.zeros(1, *input_size)) / 2e9, 2),
             published_top1=PUBLISHED_TOP1.get(name)))
     return rows
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description='Parameters and MACs of every Conformer variant.')
-    parser.add_argument('--out', help='also write the rows as JSON to this path')
-    args = parser.parse_args(argv)
-    if args.out:
-        try:
-            writable_file(args.out, '--out')
-        except ValueError as e:
-            parser.error(str(e))
-    rows = model_table()
-    print('| model | input | params (M) | MACs (G) | ImageNet top-1 (published) |')
-    print('|---|---|---|---|---|')
-    for r in rows:
-        top1 = '-' if r['published_top1'] is None else r['published_top1']
-        print(f"| {r['model']} | {r['input_size'][-1]} | {r['params_m']} | {r['macs_g']} | {top1} |")
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(rows, f, indent=2)
-    return 0

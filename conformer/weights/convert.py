@@ -4,7 +4,7 @@ The folder holds ``model.safetensors`` (the paper's key names), timm's ``config.
 ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` or ``'local-dir:FOLDER'`` rebuilds
 the model) and ``README.md``, a model card with the source file and its sha256, results and
 license. Publish it with ``hf upload ORG/NAME FOLDER``. Command line: ``conformer-convert``
-(``tools/convert.py``).
+(:mod:`conformer.cli.convert`).
 
 The model is rebuilt as it was trained by `rebuild.model_from_weights`: the variant from
 ``--model``, else recognised from the file (a hosted ``.in1k`` release by name, the model name
@@ -14,9 +14,7 @@ weights; architecture overrides, class names, input size, mean and std from conf
 ``meta`` or the ``config.json``. The card also takes the eval top-1 recorded with the weights.
 A folder already holding any of the three files is refused unless ``--overwrite`` is given.
 """
-import argparse
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Union
@@ -25,10 +23,10 @@ import torch
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from .checkpoint import EMA_KEYS, Checkpoint
-from .download import DownloadError, sha256_file
+from .download import sha256_file
 from .rebuild import model_from_weights
 
-__all__ = ['convert', 'main']
+__all__ = ['OUT_FILES', 'convert', 'model_card']
 
 _logger = logging.getLogger(__name__)
 
@@ -139,36 +137,3 @@ def _recorded_results(checkpoint: Checkpoint) -> List[str]:
         return []
     return [f"top-1 {top1:.2f}% ({'EMA' if ema else 'raw'} weights) on the eval split, as "
             f"recorded by conformer-train at epoch {checkpoint.meta.get('epoch', '?')}"]
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog='conformer-convert',
-        description='Convert Conformer weights (paper .pth, DeiT-style or conformer-zoo '
-                    'training checkpoints, mmpretrain .pth, safetensors; a file, folder, URL, '
-                    'hf-hub:ORG/NAME or local-dir:FOLDER) into a Hugging Face Hub folder: '
-                    'model.safetensors + config.json + README.md.')
-    parser.add_argument('source', help='weights to convert')
-    parser.add_argument('out_dir', help='folder to write')
-    parser.add_argument('--model', help='timm model name (default: recognised from the file)')
-    parser.add_argument('--no-ema', dest='use_ema', action='store_false',
-                        help='take the raw weights of a checkpoint that also holds EMA weights')
-    parser.add_argument('--top1', type=float, help='top-1 accuracy (%%) for the model card')
-    parser.add_argument('--dataset', help='dataset the weights were trained on, for the card')
-    parser.add_argument('--license', help="license of the weights (default: the variant's)")
-    parser.add_argument('--repo-id', help='ORG/NAME the folder will be published as')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='replace model.safetensors, config.json and README.md if out_dir '
-                             'already holds them (default: refuse, so a README is never lost)')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    try:
-        convert(args.source, args.out_dir, model_name=args.model, use_ema=args.use_ema,
-                top1=args.top1, dataset=args.dataset, license=args.license,
-                repo_id=args.repo_id, overwrite=args.overwrite)
-    except (ValueError, DownloadError) as e:  # CheckpointError is a ValueError
-        parser.exit(2, f'conformer-convert: error: {e}\n')
-
-
-if __name__ == '__main__':
-    sys.exit(main())

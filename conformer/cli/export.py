@@ -1,0 +1,94 @@
+"""``conformer-export``: a Conformer to ONNX (checked with onnxruntime) and/or a torch.export
+program (.pt2), with dynamic batch and image size (see :mod:`conformer.export`)."""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from conformer.cli.common import MODEL_ERRORS, add_model_arguments, model_from_args, output_file
+from conformer.export import MISSING_EXTRA, check_onnx, check_program, export_onnx, export_program
+
+__all__ = ['ONNX_PACKAGES', 'missing_onnx_packages', 'main']
+
+ONNX_PACKAGES = ('onnx', 'onnxscript', 'onnxruntime')  # the [export] extra
+
+
+def missing_onnx_packages() -> List[str]:
+    """The packages of the ``[export]`` extra that cannot be imported."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog='conformer-export',
+        description='Export a Conformer to ONNX (checked with onnxruntime) and/or a '
+                    'torch.export program (.pt2), with dynamic batch and image size.')
+    add_model_arguments(parser, labels=False)
+    parser.add_argument('--format', choices=['onnx', 'pt2', 'both'], default='both')
+    parser.add_argument('--output', required=True,
+                        help='output path; .onnx / .pt2 are appended to it')
+    parser.add_argument('--image-size', type=int, nargs=2, metavar=('H', 'W'),
+                        help="size to trace at (default: the model's pretrained_cfg input size)")
+    parser.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument('--atol', type=float, default=1e-3,
+                        help='max abs logit difference onnxruntime may show (default 1e-3)')
+    args = parser.parse_args(argv)
+    if args.image_size and min(args.image_size) < 1:
+        parser.error(f'--image-size must be positive, got {" ".join(map(str, args.image_size))}')
+    formats = ('pt2', 'onnx') if args.format == 'both' else (args.format,)
+    if 'onnx' in formats:
+        missing = missing_onnx_packages()
+        if missing:
+            parser.error(f'{MISSING_EXTRA} (missing: {", ".join(missing)}); or pass '
+                         f'--format pt2 for the torch.export program alone')
+    # '--output out/model.v2' keeps its '.v2'; an '.onnx' or '.pt2' given with it is dropped
+    stem = Path(args.output)
+    if not stem.name or stem.is_dir():
+        parser.error(f'--output {args.output} is a folder; name the files, e.g. '
+                     f'{Path(args.output) / "model"}')
+    stem = stem.with_suffix('') if stem.suffix in ('.onnx', '.pt2') else stem
+    paths = {f: output_file(parser, stem.with_name(f'{stem.name}.{f}'), '--output',
+                            [args.checkpoint])
+             for f in formats}
+    try:
+        model = model_from_args(args)
+        size = tuple(args.image_size or model.pretrained_cfg['input_size'][1:])
+        program = export_program(model, size)
+        check_program(program, model, size)
+    except MODEL_ERRORS as e:  # also the model's own input-size errors (ValueError)
+        parser.error(str(e))
+    if not (args.pretrained or args.checkpoint):
+        print('warning: no --pretrained or --checkpoint: exporting randomly initialised '
+              'weights', file=sys.stderr)
+    if 'pt2' in paths:
+        torch.export.save(program, paths['pt2'])
+        print(f'wrote {paths["pt2"]}; dynamic ranges: {program.range_constraints}')
+    if 'onnx' in paths:
+        try:
+            export_onnx(model, str(paths['onnx']), size, opset=args.opset, program=program)
+        except ValueError as e:
+            parser.error(str(e))
+        # check at another batch size and image shape than the traced ones
+        check_size = (size[0] + model.patch_size, size[1] + 2 * model.patch_size)
+        x = torch.randn(3, model.in_chans, *check_size)
+        diff = check_onnx(str(paths['onnx']), model, x)
+        print(f'wrote {paths["onnx"]}; onnxruntime vs PyTorch at 3x{check_size[0]}x'
+              f'{check_size[1]}: max abs logit difference {diff:.2e}')
+        if diff > args.atol:
+            print(f'error: the ONNX model differs from PyTorch by {diff:.2e} > --atol '
+                  f'{args.atol}', file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
