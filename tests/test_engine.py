@@ -1,5 +1,6 @@
 """Checkpoint files and RNG capture: atomic writes, retention, weights_only loading; the CPU
 allocator setting the trainer makes; the autocast it picks for the machine."""
+import json
 import random
 import subprocess
 import sys
@@ -122,3 +123,29 @@ def test_native_bf16_follows_the_cpu_flags():
     flags = set(Path('/proc/cpuinfo').read_text().split('\n\n')[0].split())
     expected = {'avx512bw', 'avx512vl', 'avx512dq'} <= flags or 'avx_ne_convert' in flags
     assert native_bf16(torch.device('cpu')) is expected
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_corrupt_one_named(tmp_path, caplog):
+    from conformer.engine.logger import RunLogger
+    path = tmp_path / 'metrics.jsonl'
+    whole = [json.dumps(dict(kind='train', step=s, loss=1.0 / s, top1=10.0 * s)) for s in (1, 2)]
+    path.write_text('\n'.join(whole) + '\n' + whole[0][:17])  # killed while writing a line
+    logger = RunLogger(tmp_path, enabled=True, tensorboard=False, plot=True)
+    assert path.read_text() == '\n'.join(whole) + '\n'
+    assert 'ended in a cut-off line' in caplog.text
+    logger.log('eval', 2, loss=0.5, top1=40.0)  # appends a line of its own, and plots
+    assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2, 2]
+    assert (tmp_path / 'curves.png').is_file()
+    # a damaged line inside the file is named and left out; a torn one at the end, skipped
+    path.write_text(whole[0] + '\n{"kind": tr\n' + whole[1] + '\n' + whole[0][:17])
+    caplog.clear()
+    assert [r['step'] for r in logger.history()] == [1, 2]
+    assert f'{path} line 2 is not a JSON record' in caplog.text and 'line 4' not in caplog.text
+
+
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path):
+    from conformer.engine.logger import RunLogger
+    (tmp_path / 'metrics.jsonl').write_text('{"kind": "train", "step": 1}')
+    RunLogger(tmp_path, enabled=True, tensorboard=False, plot=False).log('train', 2)
+    lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(line)['step'] for line in lines] == [1, 2]

@@ -2,24 +2,41 @@
 
 `metrics.jsonl` gets one line per logging interval (kind 'train') and per evaluation
 (kind 'eval'); `curves.png` is redrawn from it after every evaluation, so it covers
-resumed runs too.
+resumed runs too. A run killed while writing a line leaves half of it at the end: the next
+run on the folder drops it, and reading skips it.
 """
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
+_logger = logging.getLogger(__name__)
+
 
 class RunLogger:
+    """Appends a run's records to run_dir/metrics.jsonl (and TensorBoard), on rank 0 only.
+
+    Args:
+        run_dir: the run folder.
+        enabled: False on the ranks that write nothing.
+        tensorboard: also write TensorBoard scalars under run_dir/tensorboard.
+        plot: redraw run_dir/curves.png after every evaluation.
+    """
+
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, plot: bool):
         self.run_dir, self.enabled, self.plot = Path(run_dir), enabled, plot
         self.path = self.run_dir / 'metrics.jsonl'
         self.tb = None
-        if enabled and tensorboard:
+        if not enabled:
+            return
+        drop_torn_last_line(self.path)
+        if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError('logging.tensorboard=true needs the tensorboard package: '
-                                  'pip install tensorboard (or set logging.tensorboard=false)') from e
+                raise ImportError('logging.tensorboard=true needs the tensorboard package: pip '
+                                  'install tensorboard (or set logging.tensorboard=false)') from e
             self.tb = SummaryWriter(str(self.run_dir / 'tensorboard'))
 
     def log(self, kind: str, step: int, **values: Any) -> None:
@@ -36,13 +53,46 @@ class RunLogger:
             plot_curves(self.history(), self.run_dir / 'curves.png')
 
     def history(self) -> List[Dict[str, Any]]:
+        """The records so far; a line that is not JSON is skipped, with a warning naming it
+        unless it is a torn last line."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text(errors='replace').splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                if line.strip() and number < len(lines):
+                    _logger.warning('%s line %d is not a JSON record (%s); left out of the '
+                                    'curves: repair or delete that line', self.path, number, e)
+        return records
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def drop_torn_last_line(path: Path) -> None:
+    """Cut an unparsable last line (a kill in the middle of writing it) from a JSON-lines
+    file, so that the next record starts a line of its own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    end = len(data.rstrip(b'\n'))
+    if not end:
+        return
+    start = data.rfind(b'\n', 0, end) + 1
+    try:
+        json.loads(data[start:end])
+    except ValueError:
+        _logger.warning('%s ended in a cut-off line (%r), from a run stopped while writing it: '
+                        'dropped', path, data[start:end][:80].decode(errors='replace'))
+        os.truncate(path, start)
+        return
+    if end == len(data):  # a whole record without its newline
+        with open(path, 'ab') as f:
+            f.write(b'\n')
 
 
 def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
@@ -60,7 +110,8 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     ax_acc.plot([r['step'] for r in train], [r['top1'] for r in train], label='train (batch)')
     ax_acc.plot([r['step'] for r in evals], [r['top1'] for r in evals], 'o-', label='eval')
     if evals and 'ema_top1' in evals[-1]:
-        ax_acc.plot([r['step'] for r in evals], [r['ema_top1'] for r in evals], 's-', label='eval (EMA)')
+        ax_acc.plot([r['step'] for r in evals], [r['ema_top1'] for r in evals], 's-',
+                    label='eval (EMA)')
     ax_acc.set(xlabel='step', ylabel='top-1 %', title='accuracy')
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=.3)
