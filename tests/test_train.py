@@ -165,6 +165,11 @@ def test_a_new_run_never_overwrites_an_earlier_one_and_resume_continues_it(folde
     ('weights.pth', [], ValueError, 'trainer.resume=.*weights.pth is not a checkpoint written by '
      "conformer-train \\(it lacks 'model', 'optimizer'.*use model.checkpoint=.*weights.pth "
      'instead'),
+    # the saved optimizer state would override these: refused, never ignored
+    ('checkpoints/last.pth', ['optim.lr=1e-3', 'optim.weight_decay=0.1'], ValueError,
+     r'other optimizer settings.*optim.lr: 0.003 -> 0.001; optim.weight_decay: 0.05 -> 0.1\. '
+     r'Resume with the saved values, or start a new run from its weights \(model.checkpoint='),
+    ('checkpoints/last.pth', ['optim.name=sgd'], ValueError, 'optim.name: adamw -> sgd'),
 ])
 def test_a_resume_that_cannot_continue_the_run_fails_before_training(folder, short_run, tmp_path,
                                                                      resume, overrides, error,
@@ -193,6 +198,82 @@ def test_eval_checkpoint_errors_name_evals_own_setting(folder, short_run, checkp
     with pytest.raises(error, match=message) as err:
         evaluate_checkpoint(cfg)
     assert 'trainer.resume' not in str(err.value)
+
+
+@pytest.fixture(scope='module')
+def other_classes(folder, tmp_path_factory):
+    """The same images under three other class names."""
+    root = tmp_path_factory.mktemp('renamed')
+    for split in ('train', 'val'):
+        for c in range(3):
+            shutil.copytree(folder / split / f'class{c}', root / split / f'kind{c}')
+    return root
+
+
+def test_resume_and_eval_refuse_data_with_other_class_names(short_run, other_classes, tmp_path):
+    from conformer.engine.evaluator import evaluate_checkpoint
+    names = r'trained on the classes \[class0, class1, class2\], the configured data has ' \
+            r'\[kind0, kind1, kind2\]'
+    last = short_run / 'checkpoints' / 'last.pth'
+    with pytest.raises(ValueError, match=f'trainer.resume=.*last.pth was {names}'):
+        train(compose_cfg(*TINY, f'data.root={other_classes}', f'trainer.resume={last}'),
+              tmp_path)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=f'checkpoint=.*last.pth was {names}'):
+        evaluate_checkpoint(compose_eval(f'data.root={other_classes}', f'checkpoint={last}'))
+
+
+def test_resuming_a_finished_run_leaves_it_as_it_was(folder, short_run, tmp_path, caplog):
+    shutil.copytree(short_run, tmp_path / 'run')
+    files = {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()}
+    summary = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert 'top1' in summary
+    result = train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.max_steps=2',
+                               'trainer.resume=auto'), tmp_path / 'run')
+    assert result == summary
+    assert {p: p.read_bytes() for p in (tmp_path / 'run').rglob('*') if p.is_file()} == files
+    assert 'finished at step 2: nothing to train, nothing changed' in caplog.text
+
+
+def test_a_resume_with_a_new_schedule_follows_it_from_the_saved_step(folder, short_run, tmp_path,
+                                                                     caplog):
+    shutil.copytree(short_run, tmp_path / 'run')
+    longer = [*TINY, f'data.root={folder}', 'trainer.max_steps=3', 'trainer.epochs=20',
+              'sched.min_lr=0.0']
+    train(compose_cfg(*longer, 'trainer.resume=auto'), tmp_path / 'run')
+    assert 'new learning-rate schedule (trainer.epochs: 10 -> 20; sched.min_lr: 1e-05 -> 0.0)' \
+        in caplog.text
+    train(compose_cfg(*longer), tmp_path / 'fresh')  # configured so from the start
+    resumed, fresh = (load(tmp_path / run / 'checkpoints' / 'last.pth') for run in ('run', 'fresh'))
+    assert resumed['scheduler'] == fresh['scheduler']
+    assert resumed['optimizer']['param_groups'][0]['lr'] == fresh['optimizer']['param_groups'][0]['lr']
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from conformer.engine.trainer import own_run_folder
+with own_run_folder(Path(sys.argv[1])):
+    print('holding', flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_folder_belongs_to_one_process_at_a_time(folder, tmp_path):
+    holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'holding\n'
+        cfg = compose_cfg(*TINY, f'data.root={folder}', 'trainer.max_steps=1')
+        with pytest.raises(OSError, match=f'{tmp_path} is in use by another training run '
+                                          f'\\(PID {holder.pid}\\); wait for it'):
+            train(cfg, tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['run.lock']  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: the lock dies with its process
+        holder.wait()
+    assert train(cfg, tmp_path)['step'] == 1
+    assert not (tmp_path / 'run.lock').exists()
 
 
 def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
@@ -254,14 +335,20 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(folder, tmp_path):
     assert state['step'] >= 2 and json.loads((tmp_path / 'metrics.json').read_text())['status'] == 'interrupted'
 
 
-def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+def test_a_diverging_run_stops_and_names_only_a_checkpoint_saved_before(folder, tmp_path):
     cfg = compose_cfg(*TINY, f'data.root={folder}', 'optim.lr=1e12', 'trainer.amp=none',
                       'trainer.ckpt_every_steps=1', 'trainer.epochs=5', 'trainer.keep_last=50')
-    with pytest.raises(FloatingPointError, match='Last good checkpoint: .*step-0') as err:
+    with pytest.raises(FloatingPointError, match='became .* by epoch 0 step .*; stopped without '
+                                                 'saving. Latest checkpoint, saved before that: '
+                                                 '.*step-0') as err:
         train(cfg, tmp_path)
-    good = Path(str(err.value).split('Last good checkpoint: ')[1].split('. ')[0])
-    state = load(good)
-    assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
+    named = Path(str(err.value).split('saved before that: ')[1].split('. ')[0])
+    # every checkpoint on disk, the one named included, holds finite weights
+    assert named in (tmp_path / 'checkpoints').glob('step-*.pth')
+    for path in (tmp_path / 'checkpoints').glob('*.pth'):
+        for key in ('model', 'ema'):
+            assert all(torch.isfinite(t).all() for t in load(path)[key].values()
+                       if t.is_floating_point()), path
 
 
 def test_linear_probe_trains_only_the_heads_and_finetune_makes_a_new_head(folder, tmp_path):

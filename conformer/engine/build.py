@@ -39,6 +39,23 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
         drop_path_rate=model_cfg.drop_path_rate, **kwargs)
 
 
+def check_classes(state: dict, origin: str, classes: Sequence[str]) -> None:
+    """A checkpoint's heads stand for the classes it was trained on, by name and in order:
+    refuse data with other classes, even as many."""
+    trained = state.get('meta', {}).get('classes')
+    if trained is not None and list(trained) != list(classes):
+        raise ValueError(f'{origin} was trained on the classes {_listing(trained)}, the '
+                         f'configured data has {_listing(classes)}: set data.root / data.classes '
+                         f'as in its training run (to train on these classes from its weights, '
+                         f'pass the file as model.checkpoint)')
+
+
+def _listing(names: Sequence[str], shown: int = 12) -> str:
+    names = [str(n) for n in names]
+    more = f', ... ({len(names)} in all)' if len(names) > shown else ''
+    return '[' + ', '.join(names[:shown]) + more + ']'
+
+
 def head_modules(model: nn.Module) -> Sequence[nn.Module]:
     heads = model.get_classifier()
     return heads if isinstance(heads, (tuple, list)) else (heads,)

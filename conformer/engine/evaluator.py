@@ -6,7 +6,7 @@ import torch
 
 from conformer.data import build_datasets
 from conformer.weights import load_state_dict_checked
-from .build import build_model, eval_loader
+from .build import build_model, check_classes, eval_loader
 from .checkpoint import check_data, load
 from .config import check
 from .distributed import init_distributed
@@ -25,6 +25,7 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
     if state is not None:
         origin = f'checkpoint={cfg.checkpoint}'
         check_data(state, origin, len(classes), cfg.data.in_chans)
+        check_classes(state, origin, classes)
         weights = state['ema'] if cfg.use_ema and 'ema' in state else state['model']
         load_state_dict_checked(model, weights, origin)
     model.to(env.device)

@@ -7,6 +7,7 @@ transformer head's cross-entropies. Checkpoints hold everything the next step de
 run continues exactly where the killed one stopped.
 """
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,15 +38,51 @@ from conformer.models import ConvTransBlock
 from conformer.runtime import keep_freed_memory
 from conformer.weights import load_state_dict_checked
 from . import checkpoint as ckpt
-from .build import (build_model, eval_loader, freeze_backbone, model_kwargs, set_train_mode,
-                    train_loader)
+from .build import (build_model, check_classes, eval_loader, freeze_backbone, model_kwargs,
+                    set_train_mode, train_loader)
 from .config import check
-from .distributed import DistEnv, all_sum, barrier, init_distributed, shutdown
-from .evaluate import autocast, evaluate, resolve_amp
+from .distributed import DistEnv, all_sum, barrier, init_distributed, launched_rank, shutdown
+from .evaluate import autocast, correct_counts, dual_head_loss, evaluate, resolve_amp
 from .logger import RunLogger
 
 _logger = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+RUN_LOCK = 'run.lock'
+
+
+class RunFolderInUse(OSError):
+    """Another process is training in this run folder."""
+
+
+@contextlib.contextmanager
+def own_run_folder(run_dir: Path):
+    """Hold an exclusive lock on `run_dir` while a run trains there, so that two runs never
+    interleave their checkpoints and logs. The lock file holds the owner's PID; the kernel
+    drops the lock when the process ends, however it ends."""
+    path = run_dir / RUN_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            raise RunFolderInUse(
+                f'{run_dir} is in use by another training run (PID {holder}); wait for it to '
+                f'end or stop it, or train in another folder (hydra.run.dir=...)') from None
+        try:  # the file a finishing owner removed is no lock: take the new one
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    try:
+        yield
+    finally:
+        os.unlink(path)  # while still holding the lock
+        os.close(fd)
 
 
 class StopRequested:
@@ -92,11 +129,6 @@ def unsharded(model: torch.nn.Module):
             module.reshard()
 
 
-def dual_head_loss(outputs, target, criterion) -> torch.Tensor:
-    conv, trans = outputs
-    return (criterion(conv.float(), target) + criterion(trans.float(), target)) / 2
-
-
 def resume_state(cfg, directory: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """(path, state) of the checkpoint trainer.resume names, or (None, None) for a new run;
     read and checked before any work, and a new run never overwrites an earlier one's files."""
@@ -121,7 +153,35 @@ def resume_state(cfg, directory: Path) -> Tuple[Optional[str], Optional[Dict[str
             raise ValueError(f'trainer.resume={resume} was saved with {key}={saved[name]}, but '
                              f'this run has {key}={value}: its data position would point at '
                              f'other images; resume with {key}={saved[name]}')
+    refuse_changed_settings(cfg, resume, state)
     return resume, state
+
+
+# settings the saved optimizer state would override: a resume refuses changes to them
+OPTIMIZER_SETTINGS = ('optim.name', 'optim.lr', 'optim.lr_base_batch', 'optim.weight_decay',
+                      'optim.momentum', 'optim.layer_decay', 'model.freeze_backbone')
+# settings of the learning-rate schedule: a resume with changes to them follows the new one
+SCHEDULE_SETTINGS = ('trainer.epochs', 'sched.name', 'sched.warmup_epochs', 'sched.warmup_lr',
+                     'sched.min_lr')
+
+
+def changed_settings(cfg, state: Dict[str, Any], keys: Sequence[str]) -> List[str]:
+    """'key: saved -> configured' for each of `keys` that differs from the checkpoint's config
+    (none for checkpoints written before they recorded it)."""
+    if 'config' not in state:
+        return []
+    saved = OmegaConf.create(state['config'])
+    return [f'{key}: {OmegaConf.select(saved, key)} -> {OmegaConf.select(cfg, key)}'
+            for key in keys if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key)]
+
+
+def refuse_changed_settings(cfg, resume: str, state: Dict[str, Any]) -> None:
+    changed = changed_settings(cfg, state, OPTIMIZER_SETTINGS)
+    if changed:
+        raise ValueError(f'trainer.resume={resume} was trained with other optimizer settings, '
+                         f'which its saved optimizer state would override: {"; ".join(changed)}. '
+                         f'Resume with the saved values, or start a new run from its weights '
+                         f'(model.checkpoint={resume}, another hydra.run.dir)')
 
 
 @dataclass
@@ -175,9 +235,7 @@ class MetricWindow:
     def add(self, loss: torch.Tensor, outputs, target: torch.Tensor) -> None:
         conv, trans = (o.float() for o in outputs)
         self.sums[self.LOSS] += loss.detach().double() * len(target)
-        self.sums[self.CORRECT:self.IMAGES] += torch.stack([
-            (conv + trans).argmax(1) == target, conv.argmax(1) == target,
-            trans.argmax(1) == target]).sum(1)
+        self.sums[self.CORRECT:self.IMAGES] += correct_counts(conv, trans, target)
         self.sums[self.IMAGES] += len(target)
         self.sums[self.NONFINITE] += ~torch.isfinite(loss.detach())
 
@@ -194,59 +252,84 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
     """Train as configured; returns the final metrics (also written to run_dir/metrics.json)."""
     check(cfg)
     run_dir = Path(run_dir)
-    resume, saved = resume_state(cfg, run_dir / 'checkpoints')
-    env = init_distributed(cfg.trainer.device)
-    try:
+    with contextlib.ExitStack() as cleanup:  # undoes what it is given, last first
+        if launched_rank() == 0:  # rank 0 writes the run's files
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cleanup.enter_context(own_run_folder(run_dir))
+        resume, saved = resume_state(cfg, run_dir / 'checkpoints')
+        if saved is not None and finished(cfg, saved):
+            return finished_result(run_dir, resume, saved)
+        env = init_distributed(cfg.trainer.device)
+        cleanup.callback(shutdown)
         run = build_run(cfg, run_dir, env, resume, saved)
+        cleanup.callback(run.logger.close)
         state = start_state(run, resume, saved)
         t, steps_per_epoch = cfg.trainer, run.sampler.steps_per_epoch
         window = MetricWindow(env.device)
         stop = StopRequested()
-        bar = tqdm(total=run.total_steps, initial=state.step, unit='step', dynamic_ncols=True,
-                   disable=not (env.is_main and cfg.logging.progress))
-        try:
-            while state.step < run.total_steps:
-                epoch = state.epoch
-                run.sampler.set_epoch(epoch, state.step_in_epoch)
-                batches = iter(train_loader(run.train_set, cfg.data, cfg.aug, run.sampler,
-                                            run.micro_batch, epoch_seed=t.seed * 1000 + epoch))
-                set_train_mode(run.model, cfg.model.freeze_backbone)
-                window.reset()
-                while True:
-                    train_step(run, state, batches, window)
-                    bar.update(1)
-                    end_of_epoch = state.step_in_epoch == steps_per_epoch
-                    last_step = state.step == run.total_steps
-                    if state.step % cfg.logging.every_steps == 0 or end_of_epoch or last_step:
-                        log_train(run, state, window, bar)
-                    if end_of_epoch:
-                        state.epoch, state.step_in_epoch = epoch + 1, 0
-                    if stop_requested(stop, env):
-                        save_checkpoint(run, state, window)
-                        state.status = 'interrupted'
-                        break
-                    if end_of_epoch or last_step:
-                        break
-                    if t.ckpt_every_steps and state.step % t.ckpt_every_steps == 0:
-                        save_checkpoint(run, state, window)
-                del batches
-                if state.status == 'interrupted':
-                    break
-                if (end_of_epoch and (epoch + 1) % t.eval_every == 0) or last_step:
-                    evaluate_run(run, state, window, epoch, bar)
-                else:
+        cleanup.callback(stop.restore)
+        bar = cleanup.enter_context(tqdm(
+            total=run.total_steps, initial=state.step, unit='step', dynamic_ncols=True,
+            disable=not (env.is_main and cfg.logging.progress)))
+        while state.step < run.total_steps:
+            epoch = state.epoch
+            run.sampler.set_epoch(epoch, state.step_in_epoch)
+            batches = iter(train_loader(run.train_set, cfg.data, cfg.aug, run.sampler,
+                                        run.micro_batch, epoch_seed=t.seed * 1000 + epoch))
+            set_train_mode(run.model, cfg.model.freeze_backbone)
+            window.reset()
+            while True:
+                train_step(run, state, batches, window)
+                bar.update(1)
+                end_of_epoch = state.step_in_epoch == steps_per_epoch
+                last_step = state.step == run.total_steps
+                if state.step % cfg.logging.every_steps == 0 or end_of_epoch or last_step:
+                    log_train(run, state, window, bar)
+                if end_of_epoch:
+                    state.epoch, state.step_in_epoch = epoch + 1, 0
+                if stop_requested(stop, env):
                     save_checkpoint(run, state, window)
-        finally:
-            bar.close()
-            stop.restore()
-            run.logger.close()
+                    state.status = 'interrupted'
+                    break
+                if end_of_epoch or last_step:
+                    break
+                if t.ckpt_every_steps and state.step % t.ckpt_every_steps == 0:
+                    save_checkpoint(run, state, window)
+            del batches
+            if state.status == 'interrupted':
+                break
+            if (end_of_epoch and (epoch + 1) % t.eval_every == 0) or last_step:
+                evaluate_run(run, state, window, epoch, bar)
+            else:
+                save_checkpoint(run, state, window)
         result = dict(status=state.status, epoch=state.epoch, step=state.step,
                       checkpoint=str(state.checkpoint), run_dir=str(run_dir), **state.metrics)
         if env.is_main:
             (run_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
         return result
-    finally:
-        shutdown()
+
+
+def finished(cfg, saved: Dict[str, Any]) -> bool:
+    """Has the checkpoint's run taken all the steps this config asks for?"""
+    sampler = saved['sampler']
+    if 'num_samples' not in sampler:  # written before checkpoints recorded it
+        return False
+    total = cfg.trainer.epochs * (sampler['num_samples'] // sampler['global_batch'])
+    if cfg.trainer.max_steps is not None:
+        total = min(total, cfg.trainer.max_steps)
+    return saved['step'] >= total
+
+
+def finished_result(run_dir: Path, resume: str, saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A finished run is left as it is: its recorded results, and a word that it is done."""
+    _logger.warning('%s finished at step %d: nothing to train, nothing changed. To train it '
+                    'further, start a new run from its weights (model.checkpoint=%s, another '
+                    'hydra.run.dir)', run_dir, saved['step'], resume)
+    try:
+        return json.loads((run_dir / 'metrics.json').read_text())
+    except (OSError, ValueError):  # no summary (another folder's checkpoint, or removed)
+        return dict(status='finished', epoch=saved['epoch'], step=saved['step'],
+                    checkpoint=resume, run_dir=str(run_dir), **saved['meta']['metrics'])
 
 
 def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
@@ -270,6 +353,7 @@ def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
     model = build_model(cfg.model, len(classes), cfg.data.in_chans)
     if saved is not None:  # into the plain module (before wrapping), with a shape check
         ckpt.check_data(saved, f'trainer.resume={resume}', len(classes), cfg.data.in_chans)
+        check_classes(saved, f'trainer.resume={resume}', classes)
         recorded = saved['sampler'].get('num_samples', len(train_set))
         if recorded != len(train_set):  # the saved data position would mean other images
             raise ValueError(f'trainer.resume={resume} was saved training on {recorded} '
@@ -348,7 +432,14 @@ def start_state(run: Run, resume: Optional[str], saved: Optional[Dict[str, Any]]
                              options=StateDictOptions(full_state_dict=True))
     if run.ema is not None and 'ema' in saved:
         run.ema.module.load_state_dict(saved['ema'])
-    run.scheduler.load_state_dict(saved['scheduler'])
+    schedule_changes = changed_settings(run.cfg, saved, SCHEDULE_SETTINGS)
+    if schedule_changes:  # the new schedule, at the step the run has reached
+        run.scheduler.step_update(num_updates=saved['step'])
+        _logger.warning('resuming on a new learning-rate schedule (%s): lr %.3g at step %d',
+                        '; '.join(schedule_changes), run.optimizer.param_groups[-1]['lr'],
+                        saved['step'])
+    else:
+        run.scheduler.load_state_dict(saved['scheduler'])
     run.scaler.load_state_dict(saved['scaler'])
     state.step, state.epoch = saved['step'], saved['epoch']
     state.step_in_epoch = saved['step_in_epoch']
@@ -414,12 +505,15 @@ def log_train(run: Run, state: RunState, window: MetricWindow, bar: tqdm) -> Non
 
 def check_finite(state: RunState, sums: List[float]) -> None:
     if sums[MetricWindow.NONFINITE]:
-        latest = state.checkpoint
-        raise FloatingPointError(
-            f'loss became {sums[MetricWindow.LOSS]} at epoch {state.epoch} step {state.step}; '
-            f'stopped without saving. Last good checkpoint: {latest or "none yet"}. Lower '
-            f'optim.lr, set optim.clip_grad, or try trainer.amp=none, then resume with '
-            f'trainer.resume={latest or "<checkpoint>"}')
+        raise FloatingPointError(diverged(f'the loss became {sums[MetricWindow.LOSS]}', state))
+
+
+def diverged(what: str, state: RunState) -> str:
+    latest = state.checkpoint  # every save checks first, so it predates the divergence
+    return (f'{what} by epoch {state.epoch} step {state.step}; stopped without saving. Latest '
+            f'checkpoint, saved before that: {latest or "none yet"}. Set optim.clip_grad or '
+            f'trainer.amp=none and resume with trainer.resume={latest or "<checkpoint>"}, or '
+            f'start a new run with a lower optim.lr')
 
 
 def stop_requested(stop: StopRequested, env: DistEnv) -> bool:
@@ -435,6 +529,12 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     HOST SYNC."""
     check_finite(state, window.totals())
     model_state = get_model_state_dict(run.trained, options=FULL)
+    # a finite loss can still step to non-finite weights; rank 0 holds them all
+    bad = [name for name, value in model_state.items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if all_sum(torch.tensor([float(len(bad))], dtype=torch.float64))[0]:
+        raise FloatingPointError(diverged(f'weights became non-finite ({", ".join(bad[:3])})',
+                                          state))
     optim_state = get_optimizer_state_dict(run.trained, run.optimizer, options=FULL)
     rng = [None] * run.env.world_size
     if run.env.enabled:
