@@ -116,6 +116,28 @@ def test_url_download_is_hash_checked_cached_and_exact(server, weights, torch_ho
     assert server.gets == [f'/{name}']  # the second model came from the cache
 
 
+def test_url_download_shows_progress_on_stderr(server, weights, torch_home, capfd,
+                                               monkeypatch):
+    _, data, name, _ = weights
+    server.routes[f'/{name}'] = data
+    monkeypatch.delenv('HF_HUB_DISABLE_PROGRESS_BARS', raising=False)
+    from_url(f'{server.url}/{name}')
+    out, err = capfd.readouterr()
+    final = err.replace('\r', '\n').strip().splitlines()[-1]
+    assert final.startswith(f'{name}: 100%') and out == ''
+    assert f'{len(data) / 2 ** 20:.2f}M/{len(data) / 2 ** 20:.2f}M' in final
+    from_url(f'{server.url}/{name}')  # a cache hit (hash re-checked) downloads nothing
+    assert '100%' not in capfd.readouterr().err
+    (torch_home / name).unlink()
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    disable_progress_bars()  # what HF_HUB_DISABLE_PROGRESS_BARS=1 sets
+    try:
+        from_url(f'{server.url}/{name}')
+    finally:
+        enable_progress_bars()
+    assert '100%' not in capfd.readouterr().err
+
+
 def test_hash_mismatch_is_a_clear_error_and_caches_nothing(server, weights, torch_home):
     _, data, name, _ = weights
     damaged = bytearray(data)

@@ -6,6 +6,7 @@ name carries a sha256 prefix (``...-f6860372.pth``, torch.hub's convention) the 
 checked against it, on download and on every cache hit; a failed download never leaves a
 file in the cache. ``HF_HUB_OFFLINE=1`` (the switch timm users already set) makes URL weights
 cache-only too, and every offline or network failure says where to put the file by hand.
+Downloads show a progress bar on stderr (``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it).
 """
 import hashlib
 import http.client
@@ -21,7 +22,9 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError,
+                                   are_progress_bars_disabled)
+from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 
@@ -45,8 +48,16 @@ def default_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / 'checkpoints'
 
 
-def fetch_url(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
-    """Return the cached copy of `url`, downloading it (hash-checked) if it is not cached."""
+def fetch_url(url: str, cache_dir: Optional[Union[str, Path]] = None,
+              progress: Optional[bool] = None) -> Path:
+    """Return the cached copy of `url`, downloading it (hash-checked) if it is not cached.
+
+    Args:
+        url: an http(s) URL naming a weight file.
+        cache_dir: where to keep it; default torch.hub's checkpoint cache.
+        progress: show a progress bar on stderr while downloading; default on unless
+            ``HF_HUB_DISABLE_PROGRESS_BARS`` is set (the switch Hub downloads obey).
+    """
     filename = os.path.basename(urlparse(url).path)
     if not filename:
         raise DownloadError(f'{url}: the URL names no file; point it at the weight file')
@@ -67,11 +78,12 @@ def fetch_url(url: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
                             f'set; unset it, or {hint}')
     cache.mkdir(parents=True, exist_ok=True)
     _logger.info(f'Downloading {url} to {dst}')
-    _download(url, dst, prefix, hint)
+    _download(url, dst, prefix, hint,
+              not are_progress_bars_disabled() if progress is None else progress)
     return dst
 
 
-def _download(url: str, dst: Path, prefix: Optional[str], hint: str) -> None:
+def _download(url: str, dst: Path, prefix: Optional[str], hint: str, progress: bool) -> None:
     """Stream `url` into a temporary file beside `dst`; move it there only once verified."""
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.partial')
     try:
@@ -80,10 +92,13 @@ def _download(url: str, dst: Path, prefix: Optional[str], hint: str) -> None:
         request = urllib.request.Request(url, headers={'User-Agent': 'conformer-zoo'})
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(request, timeout=60) as response:
             expected = response.headers.get('Content-Length')
-            while chunk := response.read(_CHUNK):
-                f.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
+            with tqdm(total=int(expected) if expected else None, desc=dst.name, unit='B',
+                      unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
         if expected is not None and received != int(expected):
             raise DownloadError(f'{url}: the download stopped after {received} of {expected} '
                                 f'bytes; try again, or {hint}')
