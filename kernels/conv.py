@@ -17,7 +17,8 @@ NVIDIA compile needs tl.dot blocks >= 16 (all configs are) and power-of-two bloc
 import torch
 import torch.nn.functional as F
 
-from .backend import dot_precision, kernel, needs_grad, tensor_limit, tl, triton, use_triton
+from . import onednn
+from .backend import dispatch, dot_precision, kernel, tensor_limit, tl, triton
 
 
 def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu=True):
@@ -119,8 +120,11 @@ def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True, bac
     when autograd needs gradients the PyTorch path runs, whatever the backend. Its output is
     channels_last (still NCHW-shaped).
     """
-    if use_triton("conv_bn_act", backend, (x, weight, scale, shift, residual),
-                  lambda: _limit(x, weight, stride, residual),
-                  torch_only=needs_grad(x, weight, scale, shift, residual)):
+    route = dispatch('conv_bn_act', backend, (x, weight, scale, shift, residual),
+                     triton_limit=lambda: _limit(x, weight, stride, residual),
+                     onednn_limit=lambda: onednn.conv_limit(x, weight))
+    if route == 'triton':
         return _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu)
+    if route == 'onednn':
+        return onednn.conv_bn_act(x, weight, scale, shift, stride, residual, relu)
     return conv_bn_act_reference(x, weight, scale, shift, stride, residual, relu)

@@ -15,13 +15,17 @@ PyTorch path runs. NVIDIA compile needs tl.dot blocks >= 16 (all are) and power-
 FCU-down holds a whole padded channel row, so it takes at most 1024 output channels.
 """
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
-from .backend import dot_precision, kernel, needs_grad, next_pow2, tensor_limit, tl, triton, use_triton
+from .backend import dispatch, dot_precision, kernel, next_pow2, tensor_limit, tl, triton
 
 
-def fcu_down_reference(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps):
+def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       grid_hw: Tuple[int, int], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                       ln_eps: float) -> torch.Tensor:
     """The PyTorch path: conv, adaptive average pool to ``grid_hw``, LayerNorm, GELU."""
     x = F.adaptive_avg_pool2d(F.conv2d(x, weight, bias), grid_hw)
     x = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], ln_weight, ln_bias, ln_eps)
@@ -172,9 +176,8 @@ def fcu_down(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, backend=None)
     """
     grid_hw = tuple(grid_hw)
     args = (x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps)
-    if use_triton("fcu_down", backend, (x, weight, bias, ln_weight, ln_bias),
-                  lambda: _fcu_down_limit(x, weight, grid_hw),
-                  torch_only=needs_grad(x, weight, bias, ln_weight, ln_bias)):
+    if dispatch('fcu_down', backend, (x, weight, bias, ln_weight, ln_bias),
+                triton_limit=lambda: _fcu_down_limit(x, weight, grid_hw)) == 'triton':
         return _fcu_down_triton(*args)
     return fcu_down_reference(*args)
 
@@ -193,8 +196,8 @@ def fcu_up(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, ba
     if tuple(add_to.shape[-2:]) != out_hw:
         raise ValueError(f"fcu_up: out_hw {out_hw} differs from the size of add_to {tuple(add_to.shape[-2:])}")
     args = (tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to)
-    if use_triton("fcu_up", backend, (tokens, weight, bias, bn_scale, bn_shift, add_to),
-                  lambda: _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to),
-                  torch_only=needs_grad(tokens, weight, bias, bn_scale, bn_shift, add_to)):
+    if dispatch('fcu_up', backend, (tokens, weight, bias, bn_scale, bn_shift, add_to),
+                triton_limit=lambda: _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to)
+                ) == 'triton':
         return _fcu_up_triton(*args)
     return fcu_up_reference(*args)

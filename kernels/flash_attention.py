@@ -13,16 +13,19 @@ dimension >= 16 for 16-bit inputs (K >= 8 for fp32) and power-of-two aranges: al
 below are >= 16 and the padded head dim is >= 16.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from .backend import (Launch, dot_precision, jit, kernel, next_pow2, tensor_limit, tl, triton,
-                      use_triton)
+from .backend import (Launch, dispatch, dot_precision, jit, kernel, next_pow2, tensor_limit, tl,
+                      triton)
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 
-def attention_reference(q, k, v, scale=None, dropout_p=0.0):
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """The PyTorch path: F.scaled_dot_product_attention (non-causal).
 
     Except bf16/fp16 on the CPU, where PyTorch's fused kernel runs 1.5-7x slower than two
@@ -318,6 +321,7 @@ def attention(q, k, v, scale=None, dropout_p=0.0, backend=None):
     (see conformer.kernels.backend). Returns (B, H, N, D); the Triton path lays it out token-major
     so merging heads with ``.transpose(1, 2).reshape(B, N, H * D)`` costs no copy.
     """
-    if use_triton("attention", backend, (q, k, v), lambda: _limit(q, k, v), torch_only=dropout_p > 0):
+    if dispatch('attention', backend, (q, k, v), triton_limit=lambda: _limit(q, k, v),
+                differentiable=('triton',), reference_only=dropout_p > 0) == 'triton':
         return FlashAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     return attention_reference(q, k, v, scale, dropout_p)
