@@ -84,7 +84,8 @@ def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path)
     ckpts = tmp_path / 'checkpoints'
     assert sorted(p.name for p in ckpts.iterdir()) == ['best.pth', 'last.pth', 'step-00000008.pth']
     state = load(ckpts / 'last.pth')
-    assert {'model', 'ema', 'meta', 'optimizer', 'scheduler', 'scaler', 'rng', 'sampler'} <= set(state)
+    assert {'model', 'state_dict_ema', 'meta', 'optimizer', 'scheduler', 'scaler', 'rng',
+            'sampler'} <= set(state)
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in state['model'])
     assert state['meta']['variant'] == 'conformer_nano_patch4' and state['meta']['num_classes'] == 3
     # the weights rebuild the model; its summed-head accuracy on val is the recorded one
@@ -276,6 +277,30 @@ def test_a_run_folder_belongs_to_one_process_at_a_time(folder, tmp_path):
     assert not (tmp_path / 'run.lock').exists()
 
 
+def test_ema_weights_are_where_timm_finds_them_and_old_files_still_read(folder, short_run,
+                                                                       tmp_path):
+    from conformer.engine.evaluator import evaluate_checkpoint
+    last = short_run / 'checkpoints' / 'last.pth'
+    state = load(last)
+    model = timm.create_model('conformer_nano_patch4', num_classes=3, base_channel=8, embed_dim=16,
+                              num_heads=2, depth=6)
+    for use_ema, key in ((True, 'state_dict_ema'), (False, 'model')):
+        timm.models.load_checkpoint(model, str(last), use_ema=use_ema)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, state[key][name]), (key, name)
+    assert not torch.equal(state['model']['conv1.weight'], state['state_dict_ema']['conv1.weight'])
+    # checkpoints written before kept their EMA weights under 'ema': still evaluated as EMA
+    old = dict(state, ema=state['state_dict_ema'])
+    del old['state_dict_ema']
+    torch.save(old, tmp_path / 'old.pth')
+    results = [evaluate_checkpoint(compose_eval(f'data.root={folder}', f'checkpoint={path}'))
+               for path in (last, tmp_path / 'old.pth')]
+    assert results[0]['loss'] == results[1]['loss']
+    plain = evaluate_checkpoint(compose_eval(f'data.root={folder}', f'checkpoint={last}',
+                                             'use_ema=false'))
+    assert plain['loss'] != results[0]['loss']
+
+
 def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
     from conformer.engine import dual_head_loss
     conv, trans = torch.randn(4, 5), torch.randn(4, 5)
@@ -297,7 +322,7 @@ def wait_for(path: Path, proc, timeout=300):
 
 
 def assert_same_state(a, b):
-    for key in ('model', 'ema'):
+    for key in ('model', 'state_dict_ema'):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f'{key}.{name} differs'
@@ -346,7 +371,7 @@ def test_a_diverging_run_stops_and_names_only_a_checkpoint_saved_before(folder, 
     # every checkpoint on disk, the one named included, holds finite weights
     assert named in (tmp_path / 'checkpoints').glob('step-*.pth')
     for path in (tmp_path / 'checkpoints').glob('*.pth'):
-        for key in ('model', 'ema'):
+        for key in ('model', 'state_dict_ema'):
             assert all(torch.isfinite(t).all() for t in load(path)[key].values()
                        if t.is_floating_point()), path
 
@@ -354,7 +379,7 @@ def test_a_diverging_run_stops_and_names_only_a_checkpoint_saved_before(folder, 
 def test_linear_probe_trains_only_the_heads_and_finetune_makes_a_new_head(folder, tmp_path):
     train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.epochs=1'), tmp_path / 'pre')
     # conformer.weights loads a training checkpoint's EMA weights when it has them
-    pretrained = load(tmp_path / 'pre' / 'checkpoints' / 'last.pth')['ema']
+    pretrained = load(tmp_path / 'pre' / 'checkpoints' / 'last.pth')['state_dict_ema']
     two_classes = make_folder(tmp_path / 'two', classes=2)
     probe = tmp_path / 'probe'
     train(compose_cfg(*TINY, f'data.root={two_classes}', 'trainer.epochs=1',

@@ -1,7 +1,7 @@
 """Model, data loaders, optimizer and schedule from a config: shared by train and eval."""
 import logging
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import timm
 import torch
@@ -12,6 +12,9 @@ import conformer  # noqa: F401  (registers the conformer_* variants with timm)
 from conformer.data import (GlobalBatchSampler, SeededTransform, ShardSampler, build_transform)
 
 _logger = logging.getLogger(__name__)
+# where a training checkpoint keeps its EMA weights: timm's key, which
+# timm.models.load_checkpoint(use_ema=True) reads; files written before used 'ema'
+EMA_KEY, OLD_EMA_KEY = 'state_dict_ema', 'ema'
 ARCH_KEYS = ('stem_type', 'patch_size', 'base_channel', 'channel_ratio', 'embed_dim', 'depth',
              'num_heads', 'mlp_ratio')
 
@@ -37,6 +40,11 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
         pretrained_cfg_overlay=overlay,
         num_classes=num_classes, in_chans=in_chans, drop_rate=model_cfg.drop_rate,
         drop_path_rate=model_cfg.drop_path_rate, **kwargs)
+
+
+def saved_ema(state: dict) -> Optional[dict]:
+    """A training checkpoint's EMA weights, if it has them."""
+    return state.get(EMA_KEY, state.get(OLD_EMA_KEY))
 
 
 def check_classes(state: dict, origin: str, classes: Sequence[str]) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from conformer.data import build_datasets
 from conformer.weights import load_state_dict_checked
-from .build import build_model, check_classes, eval_loader
+from .build import build_model, check_classes, eval_loader, saved_ema
 from .checkpoint import check_data, load
 from .config import check
 from .distributed import init_distributed
@@ -26,7 +26,8 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
         origin = f'checkpoint={cfg.checkpoint}'
         check_data(state, origin, len(classes), cfg.data.in_chans)
         check_classes(state, origin, classes)
-        weights = state['ema'] if cfg.use_ema and 'ema' in state else state['model']
+        ema = saved_ema(state) if cfg.use_ema else None
+        weights = ema if ema is not None else state['model']
         load_state_dict_checked(model, weights, origin)
     model.to(env.device)
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)

@@ -38,8 +38,8 @@ from conformer.models import ConvTransBlock
 from conformer.runtime import keep_freed_memory
 from conformer.weights import load_state_dict_checked
 from . import checkpoint as ckpt
-from .build import (build_model, check_classes, eval_loader, freeze_backbone, model_kwargs,
-                    set_train_mode, train_loader)
+from .build import (EMA_KEY, build_model, check_classes, eval_loader, freeze_backbone,
+                    model_kwargs, saved_ema, set_train_mode, train_loader)
 from .config import check
 from .distributed import DistEnv, all_sum, barrier, init_distributed, launched_rank, shutdown
 from .evaluate import autocast, correct_counts, dual_head_loss, evaluate, resolve_amp
@@ -430,8 +430,8 @@ def start_state(run: Run, resume: Optional[str], saved: Optional[Dict[str, Any]]
         return state
     set_optimizer_state_dict(run.trained, run.optimizer, saved['optimizer'],
                              options=StateDictOptions(full_state_dict=True))
-    if run.ema is not None and 'ema' in saved:
-        run.ema.module.load_state_dict(saved['ema'])
+    if run.ema is not None and saved_ema(saved) is not None:
+        run.ema.module.load_state_dict(saved_ema(saved))
     schedule_changes = changed_settings(run.cfg, saved, SCHEDULE_SETTINGS)
     if schedule_changes:  # the new schedule, at the step the run has reached
         run.scheduler.step_update(num_updates=saved['step'])
@@ -554,7 +554,7 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
                          repeats=cfg.aug.repeated_aug, num_samples=len(run.train_set)),
             rng=rng, world_size=run.env.world_size, config=OmegaConf.to_container(cfg))
         if run.ema is not None:
-            saved['ema'] = run.ema.module.state_dict()
+            saved[EMA_KEY] = run.ema.module.state_dict()
         path = run.manager.save(saved, state.step, is_best)
     barrier()
     state.checkpoint = path
