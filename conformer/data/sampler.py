@@ -2,7 +2,8 @@
 
 Every epoch has one global order (a seeded permutation). Step b consumes global batch b;
 rank r takes the r-th contiguous slice of it, which its DataLoader splits into gradient
-accumulation micro-batches. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the
+accumulation micro-batches. With repeated augmentation the copies of an image within a global
+batch are placed apart, so that they land on different ranks. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the
 same images per step, and a resume on any world size continues from the next global batch.
 
 Each sample travels with its own augmentation seed (from the seed, the epoch and its
@@ -56,8 +57,25 @@ class GlobalBatchSampler(Sampler):
             return torch.arange(self.num_samples)
         order = torch.randperm(self.num_samples, generator=g)
         if self.repeats > 1:
-            order = order.repeat_interleave(self.repeats)[:self.num_samples]
+            order = self._spread_copies(order.repeat_interleave(self.repeats)[:self.num_samples])
         return order
+
+    def _spread_copies(self, order: torch.Tensor) -> torch.Tensor:
+        """Reorder each global batch copy by copy: first every image it holds once, then the
+        second copies, then the third, in the same image order. A rank's contiguous slice then
+        holds distinct images whenever the world size is at least `repeats` (the copies sit
+        about global_batch / repeats apart), as in DeiT, where the copies of an image go to
+        different ranks; the images of each step are the same for every world size."""
+        steps, size = self.steps_per_epoch, self.global_batch
+        position = torch.arange(steps * size)
+        first_copy = position - position % self.repeats  # where the image's copies begin
+        batch_start = position - position % size
+        # which copy of its image this entry is within its own global batch
+        copy = position % self.repeats - (batch_start - first_copy).clamp(min=0)
+        key = (copy * size + position % size).view(steps, size)
+        batches = order[:steps * size].view(steps, size)
+        spread = batches.gather(1, key.argsort(dim=1)).reshape(-1)
+        return torch.cat([spread, order[steps * size:]])
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * (self.global_batch // self.world_size)

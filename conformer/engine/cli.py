@@ -3,20 +3,50 @@ conformer-eval console scripts.
 
 The config tree ships inside the package as `conformer.configs`; from a source checkout
 that is not installed, the repository's configs/ folder is used.
+
+An error the user can fix (a bad config value, a missing or refused folder, an unreadable
+checkpoint) ends with one line on stderr, `<program>: error: <message>`, and exit status 1;
+a usage error (an override Hydra cannot parse, a key the schema does not have, a mandatory
+value left unset) with status 2. `HYDRA_FULL_ERROR=1` shows the traceback instead.
 """
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
+import os
+import sys
+import tempfile
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from . import config as _schema  # noqa: F401  (registers train_schema / eval_schema)
-from .distributed import launched_rank
+from .distributed import launch_time, launched_rank
 
 _logger = logging.getLogger(__name__)
+USAGE_ERRORS = (CompactHydraException, MissingMandatoryValue, InterpolationResolutionError)
+# conformer.weights.CheckpointError is a ValueError; OSError covers missing, existing,
+# unwritable and full files and folders
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_datetime() -> datetime:
+    return datetime.fromtimestamp(launch_time())
+
+
+# `${launch_time:%Y-%m-%d_%H-%M-%S}` names run folders: Hydra's `${now:...}` reads each
+# process's own clock, so the ranks of one launch could name different folders
+OmegaConf.register_new_resolver('launch_time', lambda pattern: _launch_datetime().strftime(
+    pattern), use_cache=True, replace=True)
 
 
 def config_dir() -> str:
@@ -28,6 +58,116 @@ def config_dir() -> str:
         return str(checkout)
     raise FileNotFoundError('cannot find the Hydra configs: reinstall conformer-zoo '
                             '(pip install conformer-zoo) or run from a source checkout')
+
+
+class _Stop(BaseException):
+    """Carries an expected error past Hydra, which would print it under a traceback (or, in a
+    callback, turn it into a warning), to `_main`, which reports it."""
+
+    def __init__(self, error: BaseException, status: int):
+        super().__init__(error)
+        self.error, self.status = error, status
+
+
+@contextlib.contextmanager
+def _stop_on_expected_errors():
+    try:
+        yield
+    except USAGE_ERRORS as e:
+        raise _Stop(e, 2) from e
+    except EXPECTED_ERRORS as e:
+        raise _Stop(e, 1) from e
+
+
+def _full_error() -> bool:
+    return os.environ.get('HYDRA_FULL_ERROR') == '1'
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).split('Config search path:')[0]  # Hydra's list of config sources
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = error.__cause__
+    if isinstance(error, CompactHydraException) and cause is not None and lines:
+        # "Could not override 'optim.lrr': Key 'lrr' not in 'OptimConfig'. To append ..."
+        lines[0] = f"{lines[0].rstrip('.')}: {str(cause).splitlines()[0].rstrip('.')}."
+    return ' '.join(lines)
+
+
+def _main(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> None:
+    full = _full_error()
+
+    @functools.wraps(task)
+    def checked(cfg: DictConfig):
+        if full:
+            return task(cfg)
+        with _stop_on_expected_errors():
+            return task(cfg)
+
+    previous = os.environ.get('HYDRA_FULL_ERROR')
+    os.environ['HYDRA_FULL_ERROR'] = '1'  # Hydra raises composition errors; reported below
+    try:
+        hydra.main(config_path=config_dir(), config_name=config_name,
+                   version_base='1.3')(checked)()
+    except _Stop as stop:
+        if full:
+            raise stop.error
+        _exit(prog, stop.error, stop.status)
+    except USAGE_ERRORS as e:
+        if full:
+            raise
+        _exit(prog, e, 2)
+    finally:
+        if previous is None:
+            os.environ.pop('HYDRA_FULL_ERROR', None)
+        else:
+            os.environ['HYDRA_FULL_ERROR'] = previous
+
+
+def _exit(prog: str, error: BaseException, status: int) -> None:
+    print(f'{prog}: error: {_one_line(error)}', file=sys.stderr)
+    sys.exit(status)
+
+
+def prepare_folder(path: Path, key: str) -> None:
+    """Create the run folder `key` names and prove it writable, before Hydra writes its logs
+    and records there: a file in the way or a read-only place fails with the fix."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f'{key}={path} is a file; choose a folder')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
+        blocker = next(p for p in path.parents if p.exists())
+        raise NotADirectoryError(f'{key}={path}: {blocker} is a file; choose a folder') from None
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != 30:  # EROFS
+            raise
+        raise PermissionError(f'cannot write to {path} (read-only): choose a writable '
+                              f'{key}') from None
+
+
+class RunFolderCheck(Callback):
+    """Checks the run folder before Hydra writes to it, and keeps an existing run's record.
+
+    Hydra writes `.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml` into the run folder
+    before the task runs. When the folder already holds them (another run, or a run being
+    resumed), this attempt writes none: the record of the run that made the folder stays as
+    it was, whether this attempt is then refused or resumes it (a checkpoint holds the
+    config it was trained with)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        with _stop_on_expected_errors():
+            prepare_folder(run_dir, 'hydra.run.dir')
+        subdir = config.hydra.output_subdir
+        if subdir is not None and (run_dir / subdir / 'config.yaml').exists():
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with _stop_on_expected_errors():
+            prepare_folder(Path(config.hydra.sweep.dir), 'hydra.sweep.dir')
 
 
 def _train(cfg: DictConfig) -> float:
@@ -59,8 +199,8 @@ def _eval(cfg: DictConfig) -> float:
 
 
 def train_cli() -> None:
-    hydra.main(config_path=config_dir(), config_name='train', version_base='1.3')(_train)()
+    _main('train', _train, 'conformer-train')
 
 
 def eval_cli() -> None:
-    hydra.main(config_path=config_dir(), config_name='eval', version_base='1.3')(_eval)()
+    _main('eval', _eval, 'conformer-eval')
