@@ -1,20 +1,24 @@
-"""The one place that chooses between the Triton kernels and their PyTorch references.
+"""The one place that picks which implementation of an op runs: PyTorch, Triton or oneDNN.
 
-Every public op in ``conformer.kernels`` asks :func:`use_triton` which path to take; no other
-module in the project branches on the device. An op's ``backend=`` argument wins over the
-innermost ``with use_backend(...)`` block (per thread / asyncio task), which wins over the
-process-wide :func:`set_backend` default. Backends:
+Every public op in ``conformer.kernels`` asks :func:`dispatch`; no other module in the project
+branches on the device or the backend. An op's ``backend=`` argument wins over the innermost
+``with use_backend(...)`` block (per thread / asyncio task), which wins over the process-wide
+:func:`set_backend` default. Backends:
 
-- ``"auto"`` (default): Triton when every tensor is on CUDA and the op supports the shape and
+- ``'auto'`` (default): Triton when every tensor is on CUDA and the op supports the shape and
   dtype, PyTorch otherwise.
-- ``"triton"``: always Triton. CPU tensors work only under ``TRITON_INTERPRET=1`` (slow; for
+- ``'triton'``: always Triton. CPU tensors work only under ``TRITON_INTERPRET=1`` (slow; for
   tests); an unsupported shape raises an error naming the limit instead of falling back.
-- ``"torch"``: always the PyTorch reference.
+- ``'onednn'``: for CPU inference, oneDNN on weights packed once (:mod:`.onednn`) for the ops
+  that have it and the inputs it takes; everything else as under ``'auto'``. Packed weights
+  are a cache that pays off only while the weights stay fixed, hence not the default
+  (:func:`conformer.deploy.optimize_for_inference` picks it).
+- ``'torch'``: always the PyTorch reference.
 
-Inference-only kernels (everything but attention) and attention dropout take the PyTorch path
-whenever they are needed, whatever the backend, so training never breaks.
+Implementations without a backward (all but Triton attention) and attention dropout leave
+the call to PyTorch whenever autograd or dropout needs it, whatever the backend, so training
+never breaks.
 """
-
 import contextlib
 import contextvars
 import os
@@ -30,9 +34,9 @@ except ImportError:  # CPU-only PyTorch wheels ship without Triton; the torch pa
     triton = None
     tl = SimpleNamespace(constexpr=None)  # kernel signatures are annotated with tl.constexpr
 
-__all__ = ["BACKENDS", "get_backend", "prefers_triton", "set_backend", "use_backend"]
+__all__ = ['BACKENDS', 'dispatch', 'get_backend', 'set_backend', 'use_backend']
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ('auto', 'triton', 'torch', 'onednn')
 
 
 def _interpreting():
@@ -47,19 +51,24 @@ def _interpreting():
 
 INTERPRET = _interpreting()
 
-_default = "auto"  # process-wide, from set_backend
-_scoped = contextvars.ContextVar("conformer_kernels_backend", default=None)  # from use_backend
+_default = 'auto'  # process-wide, from set_backend
+_scoped = contextvars.ContextVar('conformer_kernels_backend', default=None)  # from use_backend
 
 
 def _checked(name):
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+        raise ValueError(f'unknown kernel backend {name!r}; '
+                         f'choose one of {", ".join(map(repr, BACKENDS))}')
     return name
 
 
 def set_backend(name):
-    """Set the process-wide default backend: ``"auto"``, ``"triton"`` or ``"torch"``. A
-    ``use_backend`` block or a ``backend=`` argument still wins over it."""
+    """Set the process-wide default backend (one of :data:`BACKENDS`). A ``use_backend`` block
+    or a ``backend=`` argument still wins over it.
+
+    Args:
+        name: 'auto', 'triton', 'torch' or 'onednn'.
+    """
     global _default
     _default = _checked(name)
 
@@ -74,7 +83,11 @@ def get_backend():
 def use_backend(name):
     """Use backend ``name`` inside the ``with`` block, in this thread or asyncio task only; the
     previous choice comes back on exit, also on an exception. A ``backend=`` argument passed to
-    an op still wins over it."""
+    an op still wins over it.
+
+    Args:
+        name: 'auto', 'triton', 'torch' or 'onednn'.
+    """
     token = _scoped.set(_checked(name))
     try:
         yield
@@ -87,47 +100,51 @@ def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def prefers_triton(backend, *tensors):
-    """Whether a layer that chains several ops should take its fused Triton route at all.
+def dispatch(op, backend, tensors, triton_limit=None, onednn_limit=None, differentiable=(),
+             reference_only=False):
+    """Which implementation of ``op`` runs this call: ``'torch'``, ``'triton'`` or ``'onednn'``.
 
-    Layers ask this before unpacking their modules into kernel arguments, so that on the
-    PyTorch route they keep running their own modules (the reference numerics, op for op).
-    ``"triton"`` always says yes (the ops then raise if they cannot run), ``"auto"`` on CUDA.
-    """
-    name = get_backend() if backend is None else _checked(backend)
-    if name == "auto":
-        return triton is not None and all(t.is_cuda for t in tensors if t is not None)
-    return name == "triton"
-
-
-def use_triton(op, backend, tensors, unsupported, torch_only=False):
-    """Whether ``op`` runs its Triton kernel for this call.
-
-    ``backend`` is the per-call override (None: :func:`get_backend`). ``unsupported()`` returns
-    None or a sentence naming the shape/dtype limit the input breaks; it is called only when
-    needed. ``torch_only`` marks calls that need something only the PyTorch path has (a
-    backward for an inference-only kernel, dropout).
+    Args:
+        op: the op's name, for error messages.
+        backend: the call's ``backend=`` argument (None: :func:`get_backend`).
+        tensors: the op's tensor arguments (None for an absent optional one).
+        triton_limit: if the op has a Triton kernel, a callable returning None when the kernel takes
+            this input, else a sentence naming the limit it breaks (called only when needed).
+        onednn_limit: the same for the op's oneDNN implementation (:mod:`.onednn`).
+        differentiable: the implementations that have a backward; the others are passed over
+            when autograd needs one.
+        reference_only: the call needs something only the PyTorch reference does (dropout).
     """
     name = get_backend() if backend is None else _checked(backend)
     tensors = [t for t in tensors if t is not None]
-    if name == "torch" or torch_only:
-        return False
+    if name == 'torch' or reference_only:
+        return 'torch'
+    grad = needs_grad(*tensors)
+    if name == 'onednn':
+        if onednn_limit is not None and not grad and \
+                all(t.device.type == 'cpu' for t in tensors) and onednn_limit() is None:
+            return 'onednn'
+        name = 'auto'
+    if triton_limit is None or (grad and 'triton' not in differentiable):
+        return 'torch'
     on_cuda = all(t.is_cuda for t in tensors)
-    if name == "auto":
-        return triton is not None and on_cuda and unsupported() is None
+    if name == 'auto':
+        return 'triton' if triton is not None and on_cuda and triton_limit() is None else 'torch'
     if triton is None:
-        raise RuntimeError(f"{op}: backend='triton' needs the triton package, which is not installed; "
-                           "install it (it ships with CUDA builds of PyTorch) or use backend='auto'")
+        raise RuntimeError(f'{op}: backend=\'triton\' needs the triton package, which is not '
+                           'installed; install it (it ships with CUDA builds of PyTorch) or use '
+                           'backend=\'auto\'')
     if not on_cuda and not INTERPRET:
         devices = sorted({str(t.device) for t in tensors})
-        raise RuntimeError(f"{op}: backend='triton' got tensors on {', '.join(devices)}; move them to a CUDA "
-                           "device, or set TRITON_INTERPRET=1 in the environment before importing conformer "
-                           "to run the kernels on CPU (slow, for tests), or use backend='auto'")
-    reason = unsupported()
+        raise RuntimeError(f'{op}: backend=\'triton\' got tensors on {", ".join(devices)}; move '
+                           'them to a CUDA device, or set TRITON_INTERPRET=1 in the environment '
+                           'before importing conformer to run the kernels on CPU (slow, for '
+                           'tests), or use backend=\'auto\'')
+    reason = triton_limit()
     if reason is not None:
-        raise ValueError(f"{op}: backend='triton' cannot run this input: {reason}; "
-                         "use backend='auto' to fall back to PyTorch for it")
-    return True
+        raise ValueError(f'{op}: backend=\'triton\' cannot run this input: {reason}; '
+                         'use backend=\'auto\' to fall back to PyTorch for it')
+    return 'triton'
 
 
 def tensor_limit(*tensors):

@@ -6,44 +6,53 @@ size work: the CNN map is pooled onto the transformer's token grid with adaptive
 pooling, and the token map is upsampled back to the CNN map's exact size. Both reduce to the
 paper's fixed-stride AvgPool / nearest upsample when the sizes divide evenly.
 
-Every hot op goes through `conformer.kernels`, whose backend switch ('auto' | 'triton' |
-'torch') picks Triton or PyTorch; `kernel_backend` on a layer overrides the process default
-(`Conformer.set_kernel_backend` sets it model-wide). The conv + BatchNorm kernels are
-inference-only, so in train mode, and whenever the switch picks PyTorch, the layers run their
-own modules exactly as the paper's code does.
+The layers compute through the ops of `conformer.kernels`, which pick PyTorch, Triton or
+oneDNN for each call ('auto' | 'triton' | 'torch' | 'onednn'); `kernel_backend` on a layer
+overrides the process default (`Conformer.set_kernel_backend` sets it model-wide). A
+BatchNorm reaches the ops as the affine it is in eval mode; while it normalises with batch
+statistics (training) the layer runs its modules, as the paper's code does.
 """
 from functools import partial
 from typing import Optional, Tuple
 
 import torch
 import torch.fx
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
-from timm.layers import DropPath, Mlp
 
-from conformer.kernels import attention, conv_bn_act, fcu_down, fcu_up, prefers_triton
+from conformer.kernels import attention, conv_bn_act, fcu_down, fcu_up, linear
+from conformer.kernels.fcu import fcu_down_reference
+from conformer.kernels.flash_attention import attention_reference
+from conformer.kernels.linear import linear_reference
 
-torch.fx.wrap('attention')  # dispatches on concrete tensors: a leaf for FX tracing
+# the ops pick an implementation from concrete tensors: leaves for FX tracing
+torch.fx.wrap('attention')
+torch.fx.wrap('conv_bn_relu')
+torch.fx.wrap('fcu_down')
+torch.fx.wrap('fcu_up_bn')
+torch.fx.wrap('linear')
 
 BatchNorm2dEps6 = partial(nn.BatchNorm2d, eps=1e-6)
 LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
 
 
 class KernelLayer(nn.Module):
-    """A layer whose forward calls `conformer.kernels`; None follows the kernels' default.
+    """A layer whose forward calls `conformer.kernels` ops; `kernel_backend` None follows the
+    kernels' default.
 
-    Callers test `torch.jit.is_scripting()` in an `if` of its own before calling
-    `fused_route`: TorchScript skips only such branches, and the kernels are Python.
+    The ops are Python, which TorchScript cannot compile: scripted code takes the branch after
+    an `if not torch.jit.is_scripting():` of its own (TorchScript skips only such branches),
+    which calls the ops' PyTorch references.
     """
     kernel_backend: Optional[str] = None
 
-    def fused_route(self, x: torch.Tensor, inference_only: bool = True) -> bool:
-        """Whether to run the fused kernels. Those that fold BatchNorm are `inference_only`;
-        FX graphs keep the module ops, so a traced graph stays device-agnostic."""
-        if is_fx_symbolic_tracing() or (inference_only and self.training):
-            return False
-        return prefers_triton(self.kernel_backend, x)
+    def linear_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  gelu: bool = False) -> torch.Tensor:
+        """`conformer.kernels.linear` with this layer's backend."""
+        if not torch.jit.is_scripting():
+            return linear(x, weight, bias, gelu, backend=self.kernel_backend)
+        return linear_reference(x, weight, bias, gelu)
 
 
 def bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +68,44 @@ def bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tenso
     return torch.ones_like(shift), shift
 
 
+# The two functions below take a BatchNorm module: in eval mode it reaches the op as the affine
+# it is; while it normalises with batch statistics (training) it runs as a module, since no
+# kernel computes them. As FX leaves they get the live modules, so traced graphs follow
+# train() / eval().
+
+def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool,
+                 residual: Optional[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
+    """ReLU?(bn(conv(x)) [+ residual]) by `conformer.kernels.conv_bn_act`."""
+    if bn.training:
+        y = bn(conv(x))
+        y = y if residual is None else y + residual
+        return F.relu(y, inplace=True) if relu else y
+    return conv_bn_act(x, conv.weight, *bn_affine(conv, bn), stride=conv.stride[0],
+                       residual=residual, relu=relu, backend=backend)
+
+
+def fcu_up_bn(tokens: torch.Tensor, grid: Tuple[int, int], conv: nn.Conv2d, bn: nn.Module,
+              add_to: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
+    """`add_to` + nearest-resized ReLU(bn(conv(token map))) by `conformer.kernels.fcu_up`."""
+    out_hw = (add_to.shape[2], add_to.shape[3])
+    if bn.training:
+        x = tokens.transpose(1, 2).unflatten(2, grid)
+        return add_to + F.interpolate(F.relu(bn(conv(x))), size=out_hw, mode='nearest')
+    scale, shift = bn_affine(conv, bn)  # the conv bias is in the shift
+    return fcu_up(tokens, grid, conv.weight, torch.zeros_like(shift), scale, shift, out_hw,
+                  add_to, backend=backend)
+
+
 class Attention(KernelLayer):
-    """Multi-head self-attention with a fused qkv projection (the ViT/DeiT layout)."""
+    """Multi-head self-attention with a fused qkv projection (the ViT/DeiT layout).
+
+    Args:
+        dim: token width; a multiple of `num_heads`.
+        num_heads: attention heads.
+        qkv_bias: give the qkv projection a bias.
+        attn_drop: dropout on the attention weights (training only).
+        proj_drop: dropout after the output projection.
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  attn_drop: float = 0., proj_drop: float = 0.):
@@ -78,20 +123,53 @@ class Attention(KernelLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.linear_op(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         dropout_p = self.attn_drop if self.training else 0.
-        if torch.jit.is_scripting():
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
-        else:
+        if not torch.jit.is_scripting():
             x = attention(q, k, v, scale=self.scale, dropout_p=dropout_p,
                           backend=self.kernel_backend)
+        else:
+            x = attention_reference(q, k, v, self.scale, dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.linear_op(x, self.proj.weight, self.proj.bias))
+
+
+class Mlp(KernelLayer):
+    """fc1 -> exact GELU -> dropout -> fc2 -> dropout, with timm's Mlp parameter names; fc1
+    and its GELU are one op call.
+
+    Args:
+        dim: input and output width.
+        hidden_dim: width between the two linears.
+        drop: dropout after each linear.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.linear_op(x, self.fc1.weight, self.fc1.bias, gelu=True))
+        return self.drop2(self.linear_op(x, self.fc2.weight, self.fc2.bias))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm ViT block; one DropPath serves both residual branches, as in the paper."""
+    """Pre-norm ViT block; one DropPath serves both residual branches, as in the paper.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width over `dim`.
+        qkv_bias: give the qkv projection a bias.
+        proj_drop: dropout after the attention projection and in the MLP.
+        attn_drop: dropout on the attention weights.
+        drop_path: stochastic depth rate of both residual branches.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = False,
                  proj_drop: float = 0., attn_drop: float = 0., drop_path: float = 0.):
@@ -101,7 +179,7 @@ class TransformerBlock(nn.Module):
                               proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = LayerNormEps6(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -114,6 +192,12 @@ class ConvBlock(KernelLayer):
     Split in two so a coupling unit can add into the 3x3 conv's input: `reduce` is the first
     1x1 conv, `expand` the rest; `forward(x, fusion)` runs both with `fusion` added between.
     `expand` returns the block output and the 3x3 conv's activation (the FCU down-path input).
+
+    Args:
+        in_chs: input channels.
+        out_chs: output channels (4x the bottleneck width).
+        stride: stride of the 3x3 conv and of the residual projection.
+        res_conv: project the shortcut with a 1x1 conv + BN (needed when the shape changes).
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, res_conv: bool = False):
@@ -137,36 +221,21 @@ class ConvBlock(KernelLayer):
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.fused_route(x):
-                return conv_bn_act(x, self.conv1.weight, *bn_affine(self.conv1, self.bn1),
-                                   backend=self.kernel_backend)
+            return conv_bn_relu(x, self.conv1, self.bn1, True, None, self.kernel_backend)
         return self.act1(self.bn1(self.conv1(x)))
 
     def expand(self, h: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if not torch.jit.is_scripting():
-            if self.fused_route(x):
-                return self._expand_fused(h, x)
+            backend = self.kernel_backend
+            shortcut = x
+            if isinstance(self.residual_conv, nn.Conv2d):
+                shortcut = conv_bn_relu(x, self.residual_conv, self.residual_bn, False, None,
+                                        backend)
+            x2 = conv_bn_relu(h, self.conv2, self.bn2, True, None, backend)
+            return conv_bn_relu(x2, self.conv3, self.bn3, True, shortcut, backend), x2
         shortcut = self.residual_bn(self.residual_conv(x))
         x2 = self.act2(self.bn2(self.conv2(h)))
-        return self.project(x2, shortcut), x2
-
-    def project(self, x2: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
-        """The last 1x1 conv, BN, residual add and ReLU; the CPU deploy path makes it one call."""
-        return self.act3(self.bn3(self.conv3(x2)) + shortcut)
-
-    @torch.jit.unused
-    def _expand_fused(self, h: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        backend = self.kernel_backend
-        shortcut = x
-        if isinstance(self.residual_conv, nn.Conv2d):
-            shortcut = conv_bn_act(
-                x, self.residual_conv.weight, *bn_affine(self.residual_conv, self.residual_bn),
-                stride=self.residual_conv.stride[0], relu=False, backend=backend)
-        x2 = conv_bn_act(h, self.conv2.weight, *bn_affine(self.conv2, self.bn2),
-                         stride=self.conv2.stride[0], backend=backend)
-        out = conv_bn_act(x2, self.conv3.weight, *bn_affine(self.conv3, self.bn3),
-                          residual=shortcut, backend=backend)
-        return out, x2
+        return self.act3(self.bn3(self.conv3(x2)) + shortcut), x2
 
     def forward(self, x: torch.Tensor,
                 fusion: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -177,34 +246,41 @@ class ConvBlock(KernelLayer):
 
 
 class FCUDown(KernelLayer):
-    """CNN feature map -> patch tokens: 1x1 conv, average pool onto the token grid, LN, GELU.
+    """CNN feature map -> patch tokens: average pool onto the token grid, 1x1 conv, LN, GELU
+    (`conformer.kernels.fcu_down`).
 
     The class token of the incoming token sequence is prepended unchanged. Pooling and a 1x1
-    conv are both linear, so this pools first: the same function as the paper's conv-then-pool,
+    conv are both linear, so pooling first is the same function as the paper's conv-then-pool,
     with a conv over (grid / map)^2 of the pixels (16x fewer in the first stage at 224 px).
+
+    Args:
+        in_chs: CNN channels.
+        embed_dim: token width.
     """
 
     def __init__(self, in_chs: int, embed_dim: int):
         super().__init__()
         self.conv_project = nn.Conv2d(in_chs, embed_dim, 1)
         self.ln = LayerNormEps6(embed_dim)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        args = (x, self.conv_project.weight, self.conv_project.bias, grid, self.ln.weight,
+                self.ln.bias, self.ln.eps)
         if not torch.jit.is_scripting():
-            if self.fused_route(x, inference_only=False):  # it backs off itself for autograd
-                tokens = fcu_down(x, self.conv_project.weight, self.conv_project.bias, grid,
-                                  self.ln.weight, self.ln.bias, self.ln.eps,
-                                  backend=self.kernel_backend)
-                return torch.cat([x_t[:, :1], tokens], dim=1)
-        x = self.conv_project(F.adaptive_avg_pool2d(x, grid))
-        x = self.act(self.ln(x.flatten(2).transpose(1, 2)))
-        return torch.cat([x_t[:, :1], x], dim=1)
+            tokens = fcu_down(*args, backend=self.kernel_backend)
+        else:
+            tokens = fcu_down_reference(*args)
+        return torch.cat([x_t[:, :1], tokens], dim=1)
 
 
 class FCUUp(KernelLayer):
     """Patch tokens -> CNN feature map added into `add_to`: drop the class token, 1x1 conv,
-    BN, ReLU, nearest resize to `add_to`'s size."""
+    BN, ReLU, nearest resize to `add_to`'s size (`conformer.kernels.fcu_up`).
+
+    Args:
+        embed_dim: token width.
+        out_chs: CNN channels of the map the result is added to.
+    """
 
     def __init__(self, embed_dim: int, out_chs: int):
         super().__init__()
@@ -214,18 +290,10 @@ class FCUUp(KernelLayer):
 
     def forward(self, x_t: torch.Tensor, grid: Tuple[int, int],
                 add_to: torch.Tensor) -> torch.Tensor:
-        out_hw = (add_to.shape[2], add_to.shape[3])
         if not torch.jit.is_scripting():
-            if self.fused_route(x_t):
-                return fcu_up(x_t[:, 1:], grid, self.conv_project.weight, *self._affine_args(),
-                              out_hw, add_to, backend=self.kernel_backend)
+            return fcu_up_bn(x_t[:, 1:], grid, self.conv_project, self.bn, add_to,
+                             self.kernel_backend)
         B, _, C = x_t.shape
         x = x_t[:, 1:].transpose(1, 2).reshape(B, C, grid[0], grid[1])
         x = self.act(self.bn(self.conv_project(x)))
-        return add_to + F.interpolate(x, size=out_hw, mode='nearest')
-
-    @torch.jit.unused
-    def _affine_args(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(bias, scale, shift) for the kernel: the conv bias is applied before BN there."""
-        scale, shift = bn_affine(self.conv_project, self.bn)
-        return torch.zeros_like(shift), scale, shift
+        return add_to + F.interpolate(x, size=(add_to.shape[2], add_to.shape[3]), mode='nearest')
