@@ -5,6 +5,7 @@ the paper's bare state_dict, DeiT-style training checkpoints, mmpretrain's (lega
 `backbone.`/`head.` prefixes, mmcv names), conformer-zoo training checkpoints and safetensors.
 """
 import argparse
+import inspect
 import logging
 import os
 import struct
@@ -482,3 +483,30 @@ def test_model_from_weights_without_a_record(tmp_path):
     assert data_config['std'] == pytest.approx((sum(IMAGENET_DEFAULT_STD) / 3,))
     transform = timm.data.create_transform(**data_config)
     assert transform(Image.new('L', (40, 40), 128)).shape == (1, 32, 32)
+
+
+def test_the_timm_step_replaced_for_conformers_is_as_expected():
+    """The loader routes through a private timm step; a timm that changed it fails here (and
+    pyproject.toml keeps timm below 1.1)."""
+    from timm.models import _builder
+    from conformer.weights.loading import TIMM_LOADER_PARAMS
+    assert getattr(_builder.load_pretrained, 'conformer_zoo', False)
+    timms_own = _builder.load_pretrained.__wrapped__
+    assert tuple(inspect.signature(timms_own).parameters) == TIMM_LOADER_PARAMS
+    assert callable(_builder._resolve_pretrained_source)
+    # build_model_with_cfg looks the step up in its module each time a model is built
+    assert 'load_pretrained(' in inspect.getsource(_builder.build_model_with_cfg)
+
+
+def test_a_changed_timm_step_is_left_alone_with_a_warning(monkeypatch):
+    from timm.models import _builder
+    from conformer.weights import install_timm_loader
+
+    def load_pretrained(model, pretrained_cfg=None, *, device=None):
+        pass
+
+    monkeypatch.setattr(_builder, 'load_pretrained', load_pretrained)
+    with pytest.warns(RuntimeWarning, match=r'timm .* changed the private loading step .*'
+                                            r'pip install "timm>=1.0,<1.1"'):
+        install_timm_loader()
+    assert _builder.load_pretrained is load_pretrained

@@ -8,14 +8,18 @@ those) timm's ``load_pretrained`` step is replaced: timm still resolves where th
 from (``state_dict`` > ``file`` > ``hf_hub_id`` > ``url``, ``hf-hub:`` / ``local-dir:`` names),
 then this package fetches and reads the file, the model's ``checkpoint_filter_fn`` maps keys,
 heads and stem, and the result is loaded with a shape check that explains what does not fit.
+That step is private to timm: pyproject.toml keeps timm in the 1.0 series, and a timm that
+changed the step is left alone with a warning (see `install_timm_loader`).
 """
+import inspect
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import timm
 import torch
 from timm.models import _builder
-from timm.models._builder import _resolve_pretrained_source
 
 from conformer.models import Conformer
 from conformer.models.conformer import STEM_STRIDES, checkpoint_filter_fn
@@ -27,6 +31,10 @@ __all__ = ['weights_file', 'load_weights', 'load_state_dict_checked', 'describe_
            'install_timm_loader']
 
 _logger = logging.getLogger(__name__)
+
+# the parameters of the timm step replaced for Conformer models (timm.models._builder)
+TIMM_LOADER_PARAMS = ('model', 'pretrained_cfg', 'num_classes', 'in_chans', 'filter_fn', 'strict',
+                      'cache_dir')
 
 StateDict = Dict[str, torch.Tensor]
 FilterFn = Callable[[StateDict, torch.nn.Module], StateDict]
@@ -75,7 +83,7 @@ def load_pretrained_cfg(model: Conformer, pretrained_cfg: Optional[Dict[str, Any
                         cache_dir: Optional[Union[str, Path]] = None) -> None:
     """Load the weights a timm pretrained_cfg points at (what `pretrained=True` does)."""
     cfg = pretrained_cfg or model.pretrained_cfg
-    load_from, location = _resolve_pretrained_source(cfg)
+    load_from, location = _builder._resolve_pretrained_source(cfg)
     if load_from == 'state_dict':
         state_dict, origin = location, 'the state_dict in pretrained_cfg'
     elif load_from:
@@ -208,10 +216,23 @@ def plain_keys(state_dict: StateDict) -> StateDict:
 def install_timm_loader() -> None:
     """Make timm's `pretrained=True` load Conformer weights through `load_pretrained_cfg`.
 
-    Other models still go to timm's own `load_pretrained`. Idempotent.
+    Other models still go to timm's own `load_pretrained`. Idempotent. The step replaced is
+    private to timm (pyproject.toml bounds timm to the 1.0 series, where it is stable); if an
+    installed timm changed it, it is left alone and a warning says what that means.
     """
-    timm_load_pretrained = _builder.load_pretrained
+    timm_load_pretrained = getattr(_builder, 'load_pretrained', None)
     if getattr(timm_load_pretrained, 'conformer_zoo', False):
+        return
+    params = (tuple(inspect.signature(timm_load_pretrained).parameters)
+              if callable(timm_load_pretrained) else None)
+    if params != TIMM_LOADER_PARAMS or not hasattr(_builder, '_resolve_pretrained_source'):
+        warnings.warn(
+            f'timm {timm.__version__} changed the private loading step conformer-zoo routes '
+            f'Conformer weights through (timm.models._builder.load_pretrained{params or ""}), so '
+            f'timm.create_model(..., pretrained=True) loads them with timm\'s own loader, '
+            f'without the hash, damage and NaN checks; conformer.weights.load_weights(model, '
+            f'source) still makes them. Install a timm this release supports: '
+            f'pip install "timm>=1.0,<1.1"', RuntimeWarning, stacklevel=2)
         return
 
     def load_pretrained(model, pretrained_cfg=None, num_classes=1000, in_chans=3,
@@ -225,5 +246,6 @@ def install_timm_loader() -> None:
                                     strict, cache_dir)
 
     load_pretrained.__doc__ = timm_load_pretrained.__doc__
+    load_pretrained.__wrapped__ = timm_load_pretrained
     load_pretrained.conformer_zoo = True
     _builder.load_pretrained = load_pretrained
