@@ -301,6 +301,37 @@ def test_ema_weights_are_where_timm_finds_them_and_old_files_still_read(folder, 
     assert plain['loss'] != results[0]['loss']
 
 
+def test_threads_default_to_the_cores_this_process_may_use(monkeypatch):
+    from conformer.engine.build import set_threads
+    assert compose_cfg('experiment=quickstart').trainer.threads is None  # no pinned count
+    before = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2}, raising=False)
+    try:
+        set_threads(None)
+        assert torch.get_num_threads() == 3
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv('OMP_NUM_THREADS', '2')  # the launcher's choice is kept
+        set_threads(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_on_shared_cores_warns_once(folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(time, 'process_time', lambda: 0.0)  # the process gets no CPU time
+    before = torch.get_num_threads()
+    try:
+        train(compose_cfg(*[o for o in TINY if not o.startswith('trainer.threads')],
+                          'trainer.threads=2', f'data.root={folder}', 'trainer.epochs=2'), tmp_path)
+    finally:
+        torch.set_num_threads(before)
+    assert caplog.text.count('training ran 2 threads but got 0.0 cores of CPU time: the cores '
+                             'are shared') == 1
+    assert 'trainer.threads=1 is often faster' in caplog.text
+
+
 def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
     from conformer.engine import dual_head_loss
     conv, trans = torch.randn(4, 5), torch.randn(4, 5)

@@ -24,6 +24,21 @@ def model_kwargs(model_cfg) -> dict:
     return {k: model_cfg[k] for k in ARCH_KEYS if model_cfg[k] is not None}
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """torch's intra-op threads: `threads`, else the cores this process may use (its CPU
+    affinity: a container's or a job's share, not the whole machine), unless OMP_NUM_THREADS
+    sets them (torchrun sets it to 1 for several processes per node)."""
+    if threads is None and 'OMP_NUM_THREADS' in os.environ:
+        return
+    torch.set_num_threads(threads or available_cores())
+
+
+def available_cores() -> int:
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
     """timm.create_model; pretrained weights come from the variant's default source or, with
     model.checkpoint, from a local file of any supported format (a new head is made when the

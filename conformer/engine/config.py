@@ -116,7 +116,7 @@ class TrainerConfig:
     ema_warmup: bool = False
     seed: int = 0
     deterministic: bool = False
-    threads: Optional[int] = None  # torch intra-op threads per process (None: torch default)
+    threads: Optional[int] = None  # torch intra-op threads (None: the cores this process may use)
     eval_every: int = 1  # epochs
     ckpt_every_steps: Optional[int] = None  # also checkpoint mid-epoch (preemptible machines)
     keep_last: int = 2

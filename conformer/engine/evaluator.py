@@ -6,7 +6,7 @@ import torch
 
 from conformer.data import build_datasets
 from conformer.weights import load_state_dict_checked
-from .build import build_model, check_classes, eval_loader, saved_ema
+from .build import build_model, check_classes, eval_loader, saved_ema, set_threads
 from .checkpoint import check_data, load
 from .config import check
 from .distributed import init_distributed
@@ -15,8 +15,7 @@ from .evaluate import evaluate, resolve_amp
 
 def evaluate_checkpoint(cfg) -> Dict[str, Any]:
     check(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     env = init_distributed(cfg.device)
     amp = resolve_amp(cfg.amp, env.device)
     state = load(cfg.checkpoint, 'checkpoint', required=('model',)) if cfg.checkpoint else None

@@ -39,7 +39,7 @@ from conformer.runtime import keep_freed_memory
 from conformer.weights import load_state_dict_checked
 from . import checkpoint as ckpt
 from .build import (EMA_KEY, build_model, check_classes, eval_loader, freeze_backbone,
-                    model_kwargs, saved_ema, set_train_mode, train_loader)
+                    model_kwargs, saved_ema, set_threads, set_train_mode, train_loader)
 from .config import check
 from .distributed import DistEnv, all_sum, barrier, init_distributed, launched_rank, shutdown
 from .evaluate import autocast, correct_counts, dual_head_loss, evaluate, resolve_amp
@@ -103,8 +103,7 @@ class StopRequested:
 def setup_runtime(t, env: DistEnv) -> None:
     if env.device.type == 'cpu':
         keep_freed_memory()
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    set_threads(t.threads)
     if t.deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         torch.use_deterministic_algorithms(True)
@@ -229,7 +228,9 @@ class MetricWindow:
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)
-        self.tic = time.perf_counter()
+        self.tic, self.cpu_tic = time.perf_counter(), time.process_time()
+        self.windows = 0  # logged so far
+        self.warned = False
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, outputs, target: torch.Tensor) -> None:
@@ -245,7 +246,11 @@ class MetricWindow:
 
     def reset(self) -> None:
         self.sums.zero_()
-        self.tic = time.perf_counter()
+        self.tic, self.cpu_tic = time.perf_counter(), time.process_time()
+
+    def cores_used(self) -> float:
+        """This process's CPU time per second since the reset: the cores it got."""
+        return (time.process_time() - self.cpu_tic) / max(time.perf_counter() - self.tic, 1e-9)
 
 
 def train(cfg, run_dir: Path) -> Dict[str, Any]:
@@ -498,9 +503,26 @@ def log_train(run: Run, state: RunState, window: MetricWindow, bar: tqdm) -> Non
                   lr=run.optimizer.param_groups[-1]['lr'],
                   images_per_s=seen / max(time.perf_counter() - window.tic, 1e-9))
     run.logger.log('train', state.step, **record)
+    warn_if_cores_shared(run, window)
     bar.set_postfix(epoch=state.epoch, loss=f'{record["loss"]:.3f}', acc=f'{record["top1"]:.1f}',
                     img_s=f'{record["images_per_s"]:.0f}')
     window.reset()
+
+
+def warn_if_cores_shared(run: Run, window: MetricWindow) -> None:
+    """Once per run: training on CPU got less than half the cores its threads could use
+    (judged after the first window, which includes warm-up)."""
+    window.windows += 1
+    threads = torch.get_num_threads()
+    if run.env.device.type != 'cpu' or window.warned or window.windows == 1 or threads == 1:
+        return
+    cores = window.cores_used()
+    if cores < 0.5 * threads:
+        window.warned = True
+        _logger.warning('training ran %d threads but got %.1f cores of CPU time: the cores are '
+                        'shared with other work (or data loading is the bottleneck: raise '
+                        'data.num_workers). With busy cores, trainer.threads=1 is often faster.',
+                        threads, cores)
 
 
 def check_finite(state: RunState, sums: List[float]) -> None:
