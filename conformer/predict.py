@@ -1,25 +1,24 @@
 """Classify image files: top-k labels with probabilities (``conformer-predict`` runs this).
 
-Images go through the model's own ``pretrained_cfg`` eval transform (resize, centre crop,
-normalisation) in batches. A file that cannot be read as an image is reported and skipped;
-the rest are still classified.
+Images are read as the training data is (:func:`conformer.data.read_image`: EXIF orientation,
+high bit depths, transparency) and go through the model's own ``pretrained_cfg`` eval transform
+(resize, centre crop, normalisation) in batches. A file that cannot be read as an image is
+reported and skipped; the rest are still classified.
 """
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence
 
 import timm
 import torch
-from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
 import conformer  # noqa: F401  (registers the variants with timm)
-from conformer.data.folder import to_mode
+from conformer.data import READ_ERRORS, read_image
 from conformer.models import check_model_name
 from conformer.weights import model_from_weights
 
-__all__ = ['DEFAULT_MODEL', 'READ_ERRORS', 'create_model', 'load_labels', 'predict',
-           'read_image']
+__all__ = ['DEFAULT_MODEL', 'create_model', 'load_labels', 'predict']
 
 DEFAULT_MODEL = 'conformer_small_patch16'
 
@@ -78,18 +77,6 @@ def load_labels(spec: str, model: nn.Module) -> List[str]:
         raise ValueError(f'labels file {spec} has {len(labels)} labels but the model has '
                          f'{num_classes} classes')
     return labels
-
-
-# what a damaged, unsupported or oversized (PIL's decompression-bomb guard) file raises
-READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-
-
-def read_image(path: Union[str, Path], in_chans: int) -> Image.Image:
-    """An image file in the model's input mode, converted as the training data is
-    (:func:`conformer.data.folder.to_mode`: 16-bit scaled to 8 bits, transparency on white)."""
-    with Image.open(path) as img:
-        img.load()
-        return to_mode(img, in_chans)
 
 
 def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk: int = 5,

@@ -6,7 +6,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
-from conformer.data.folder import IMAGE_EXTENSIONS
+from conformer.data import IMAGE_SUFFIXES
 from conformer.outputs import writable_file
 from conformer.predict import DEFAULT_MODEL, create_model
 from conformer.weights import DownloadError
@@ -64,7 +64,7 @@ def find_images(paths: Sequence[Union[str, Path]]) -> List[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found += sorted(f for f in p.rglob('*')
-                            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             found.append(p)
     return found

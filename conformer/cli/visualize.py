@@ -12,7 +12,8 @@ from conformer.cli.common import (
     model_inputs,
     output_file,
 )
-from conformer.predict import READ_ERRORS, load_labels, read_image
+from conformer.data import READ_ERRORS, read_image
+from conformer.predict import load_labels
 from conformer.viz import (
     branch_activation_maps,
     class_activation_maps,
