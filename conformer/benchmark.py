@@ -21,7 +21,7 @@ within each round, so drifting machine load hits every mode alike. FLOPs are cou
 batch size with ``FlopCounterMode`` (2 per multiply-add) in each mode's own op order; "% of
 peak" compares the achieved rate to a large GEMM in the mode's dtype that runs in the same
 rounds (the median of per-round rate ratios, like the speed-ups), by the fastest route
-PyTorch has to a GEMM on this machine: on a CPU with oneDNN both ``a @ b`` and oneDNN's
+PyTorch has to a GEMM where it runs: on a CPU with oneDNN both ``a @ b`` and oneDNN's
 inner product are timed at the start, since on AMD CPUs MKL's fp32 ``a @ b`` runs well below
 what the cores can do.
 
