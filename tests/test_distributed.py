@@ -105,13 +105,14 @@ def _sums_barriers_and_bn(rank):
     summed = distributed.all_sum(torch.tensor([rank + 1.0, 2.0], dtype=torch.float64))
     assert summed.tolist() == [3.0, 4.0] and summed.device.type == 'cpu'
     distributed.barrier()
-    model = _bn_model(rank)
+    model, ema = _bn_model(rank), _bn_model(rank)
     weight = model[0].weight.clone()
-    distributed.distribute_bn(model)
-    for i, bn in enumerate((model[1], model[2][0])):
-        torch.testing.assert_close(bn.running_mean, torch.full((bn.num_features,), 0.5 + i))
-        torch.testing.assert_close(bn.running_var, torch.full((bn.num_features,), 2.5))
-        assert bn.num_batches_tracked.item() == 10 * (rank + 1)  # a count, not a statistic
+    distributed.distribute_bn(model, None, ema)
+    for module in (model, ema):
+        for i, bn in enumerate((module[1], module[2][0])):
+            torch.testing.assert_close(bn.running_mean, torch.full((bn.num_features,), 0.5 + i))
+            torch.testing.assert_close(bn.running_var, torch.full((bn.num_features,), 2.5))
+            assert bn.num_batches_tracked.item() == 10 * (rank + 1)  # a count, not a statistic
     assert torch.equal(model[0].weight, weight)
 
 

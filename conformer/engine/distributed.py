@@ -159,16 +159,20 @@ def barrier() -> None:
 
 
 @torch.no_grad()
-def distribute_bn(model: nn.Module) -> None:
-    """Average BatchNorm running statistics over ranks.
+def distribute_bn(*models: Optional[nn.Module]) -> None:
+    """Average BatchNorm running statistics over ranks, in one all-reduce.
 
-    Under DDP or FSDP each rank updates its own running mean and variance from its own images;
-    averaging them before evaluation and before a checkpoint is written gives every rank (and
-    the saved weights) one set. A no-op without a process group.
+    Under DDP or FSDP each rank updates its own running mean and variance from its own images
+    (and an EMA copy follows its own rank's); averaging them before evaluation and before a
+    checkpoint is written gives every rank, and the saved weights, one set. As timm's
+    `distribute_bn(reduce=True)`. A no-op without a process group.
+
+    Args:
+        models: the modules to average; None entries (e.g. no EMA) are skipped.
     """
     if not _group_active() or dist.get_world_size() == 1:
         return
-    stats = [buf for name, buf in model.named_buffers()
+    stats = [buf for model in models if model is not None for name, buf in model.named_buffers()
              if name.rsplit('.', 1)[-1] in ('running_mean', 'running_var')]
     if not stats:
         return

@@ -41,7 +41,8 @@ from . import checkpoint as ckpt
 from .build import (EMA_KEY, build_model, check_classes, eval_loader, freeze_backbone,
                     model_kwargs, saved_ema, set_threads, set_train_mode, train_loader)
 from .config import check
-from .distributed import DistEnv, all_sum, barrier, init_distributed, launched_rank, shutdown
+from .distributed import (DistEnv, all_sum, barrier, distribute_bn, init_distributed,
+                          launched_rank, shutdown)
 from .evaluate import autocast, correct_counts, dual_head_loss, evaluate, resolve_amp
 from .logger import RunLogger
 
@@ -550,6 +551,7 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     """Every rank takes part (collectives), rank 0 writes; never after a non-finite loss.
     HOST SYNC."""
     check_finite(state, window.totals())
+    distribute_bn(run.model, run.ema.module if run.ema is not None else None)
     model_state = get_model_state_dict(run.trained, options=FULL)
     # a finite loss can still step to non-finite weights; rank 0 holds them all
     bad = [name for name, value in model_state.items()
@@ -598,6 +600,7 @@ def evaluate_run(run: Run, state: RunState, window: MetricWindow, epoch: int, ba
 
 def run_eval(cfg, env: DistEnv, amp: str, model, ema, eval_set, epoch: int, step: int,
              logger: RunLogger) -> Dict[str, float]:
+    distribute_bn(model, ema.module if ema is not None else None)  # one set over ranks
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
     with unsharded(model):
         metrics = evaluate(model, loader, env.device, amp, cfg.model.channels_last)
