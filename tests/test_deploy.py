@@ -1,16 +1,16 @@
 """conformer.deploy: BatchNorm folding, the deployed model's API and its documented tolerances."""
-import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
+import copy
+import pickle
 
+import pytest
 import timm
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
 import conformer  # noqa: F401
-from timm.layers import Mlp
-from conformer.deploy import (FusedConvBlock, InferenceModel, OneDNNConv2d, OneDNNLinear,
-                              fold_batchnorm, optimize_for_inference, use_onednn_convs,
-                              use_onednn_linears)
-from conformer.layers import ConvBlock
+from conformer.deploy import InferenceModel, fold_batchnorm, optimize_for_inference
+from conformer.layers import KernelLayer
 from conformer.runtime import native_bf16
 
 NATIVE_BF16 = native_bf16(torch.device('cpu'))
@@ -65,120 +65,54 @@ def test_fp32_deploy_matches_eager_on_every_method():
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('approximate, fused', [('none', True), ('tanh', False)])
-def test_onednn_linears_match_nn_linear_and_fuse_only_the_exact_gelu(approximate, fused,
-                                                                     monkeypatch):
-    torch.manual_seed(0)
-    mlp = Mlp(16, 40, act_layer=lambda: nn.GELU(approximate=approximate)).eval()
-    x = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        expected = mlp(x)
-        assert use_onednn_linears(mlp) == 2
-        assert isinstance(mlp.fc1, OneDNNLinear) and isinstance(mlp.fc2, OneDNNLinear)
-        assert mlp.fc1.fuse_gelu is fused and isinstance(mlp.act, nn.Identity) is fused
-        torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-5)
-    assert list(mlp.state_dict()) == ['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias']
-    # off the CPU (here: the meta device, shapes only) it runs the plain PyTorch ops
-    for name in ('onednn_linear', '_linear_pointwise'):  # calling either would raise
-        monkeypatch.setattr(f'conformer.deploy.{name}', None)
-    assert mlp.to('meta')(x.to('meta')).shape == expected.shape
+def onednn_ops(fn):
+    """The oneDNN ops (packed convolution, inner product, the compiled linear) ``fn()`` runs."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = ('mkldnn::_convolution_pointwise', 'mkldnn::_linear_pointwise',
+             'conformer::onednn_linear')
+    return {event.key for event in prof.key_averages() if event.key in names}
 
 
-@pytest.mark.parametrize('dtype, compile, onednn_linears, onednn_convs', [
-    (torch.float32, False, True, True), (torch.bfloat16, False, NATIVE_BF16, NATIVE_BF16),
-    (torch.float32, True, True, False),  # inductor's freezing packs convolutions itself
-    (torch.bfloat16, True, False, False)])  # and bf16 linears
+@pytest.mark.parametrize('dtype, compile, onednn', [
+    (torch.float32, False, {'mkldnn::_convolution_pointwise', 'mkldnn::_linear_pointwise'}),
+    (torch.bfloat16, False, {'mkldnn::_convolution_pointwise', 'mkldnn::_linear_pointwise'}
+     if NATIVE_BF16 else set()),
+    pytest.param(torch.float32, True, {'conformer::onednn_linear'}, marks=pytest.mark.slow),
+    # inductor's freezing packs convolutions and bf16 linears itself
+    pytest.param(torch.bfloat16, True, set(), marks=pytest.mark.slow)],
+    ids=['fp32', 'bf16', 'fp32-compiled', 'bf16-compiled'])
 @BF16_EMULATED
-def test_cpu_deploy_runs_layers_through_onednn_unless_inductor_packs_them(
-        dtype, compile, onednn_linears, onednn_convs):
+def test_cpu_deploy_runs_layers_through_onednn_unless_inductor_packs_them(dtype, compile,
+                                                                         onednn):
     deployed = optimize_for_inference(make_model(), dtype=dtype, compile=compile)
-    linears = [m for m in deployed.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
-    assert linears and all(isinstance(m, OneDNNLinear) is onednn_linears for m in linears)
-    convs = [m for m in deployed.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(isinstance(m, OneDNNConv2d) is onednn_convs for m in convs)
-    assert all(m.weight.dtype == dtype for m in linears + convs)
+    layers = [m for m in deployed.modules() if isinstance(m, KernelLayer)]
+    assert layers and all(m.kernel_backend == 'onednn' for m in layers)
+    x = torch.randn(2, 3, 32, 32)
+    deployed(x)  # compiles first
+    ran = onednn_ops(lambda: deployed(x))
+    if compile:  # inductor's own kernels may call oneDNN on weights it packed
+        ran &= {'conformer::onednn_linear'}
+    assert ran == onednn
+    weights = [m.weight for m in deployed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(w.dtype == dtype for w in weights)
 
 
-@pytest.mark.parametrize('dtype, tolerance', [
-    (torch.float32, 1e-5),
-    pytest.param(torch.bfloat16, 1e-2, marks=pytest.mark.skipif(
-        not NATIVE_BF16, reason='oneDNN takes bf16 only on CPUs with native bf16'))],
-    ids=['fp32', 'bf16'])
-@pytest.mark.parametrize('conv', [
-    nn.Conv2d(8, 16, 3, stride=2, padding=1),
-    nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4, bias=False),
-    nn.Conv2d(8, 16, 1)], ids=['strided', 'dilated-grouped', 'pointwise'])
-def test_onednn_conv_matches_nn_conv2d_as_the_input_shape_and_layout_change(
-        conv, dtype, tolerance):
-    import copy
-    torch.manual_seed(0)
-    conv = copy.deepcopy(conv).eval().to(dtype)
-    holder = nn.Sequential(copy.deepcopy(conv).requires_grad_(False))
-    assert use_onednn_convs(holder) == 1
-    fast = holder[0]
-    assert isinstance(fast, OneDNNConv2d) and list(fast.state_dict()) == list(conv.state_dict())
-    with torch.no_grad():
-        # each new shape repacks the weight; going back to an old one must repack again
-        for shape in [(2, 8, 9, 11), (1, 8, 16, 16), (2, 8, 9, 11)]:
-            for channels_last in (True, False):
-                x = torch.randn(shape, dtype=dtype)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                torch.testing.assert_close(fast(x), conv(x), atol=tolerance, rtol=tolerance)
-        # the fused residual add and ReLU, with the residual in NCHW
-        fast.fuse_relu = True
-        residual = torch.randn_like(conv(x), memory_format=torch.contiguous_format)
-        torch.testing.assert_close(fast(x, add=residual), F.relu(conv(x) + residual),
-                                   atol=tolerance, rtol=tolerance)
-        torch.testing.assert_close(fast(x), F.relu(conv(x)), atol=tolerance, rtol=tolerance)
-        # off the CPU (here: the meta device, shapes only) it runs the plain PyTorch ops
-        fast, x, residual = fast.to('meta'), x.to('meta'), residual.to('meta')
-        assert fast(x, add=residual).shape == residual.shape
-
-
-def test_cpu_deploy_fuses_every_relu_into_its_conv_and_still_copies():
-    import copy
-    import pickle
-    model = make_model()
-    deployed = optimize_for_inference(model)
-    assert not any(type(m) is nn.ReLU for m in deployed.modules())
-    blocks = [m for m in deployed.modules() if isinstance(m, ConvBlock)]
-    assert blocks and all(type(b) is FusedConvBlock and b.conv3.fuse_relu for b in blocks)
+def test_cpu_deploy_follows_new_weights_and_still_copies():
+    """The packed weights are a cache beside the model: they follow load_state_dict, and
+    deepcopy / pickle work after a call has packed them."""
+    model, other = make_model(), make_model()
+    for p in other.parameters():
+        p.data.mul_(-1)
+    deployed, other_deployed = optimize_for_inference(model), optimize_for_inference(other)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        want = model(x)
-        for clone in (deployed, copy.deepcopy(deployed), pickle.loads(pickle.dumps(deployed))):
-            torch.testing.assert_close(clone(x), want, atol=1e-4, rtol=0)
-
-
-def test_onednn_conv_leaves_convs_it_cannot_run_alone(monkeypatch):
-    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: False)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding='same'),
-                          nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect'),
-                          nn.Conv2d(4, 4, 3).to(torch.bfloat16))  # no native bf16
-    assert use_onednn_convs(model) == 0
-    assert all(type(m) is nn.Conv2d for m in model)
-
-
-@pytest.mark.parametrize('make, fast_layer, shape', [
-    (lambda: nn.Linear(16, 8), OneDNNLinear, (3, 16)),
-    (lambda: nn.Conv2d(16, 8, 3, padding=1), OneDNNConv2d, (2, 16, 7, 7))],
-    ids=['linear', 'conv'])
-def test_packed_weight_follows_a_changed_weight_and_survives_copies(make, fast_layer, shape):
-    """The packed copy of the weight must follow load_state_dict, and deepcopy/pickle must
-    work after a call has packed it (an opaque oneDNN tensor copies neither way)."""
-    import copy
-    import pickle
-    torch.manual_seed(0)
-    linear, other = make().eval(), make().eval()
-    x = torch.randn(shape)
-    fast = fast_layer(copy.deepcopy(linear)).requires_grad_(False)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
-        fast.load_state_dict(other.state_dict())
-        torch.testing.assert_close(fast(x), other(x), atol=1e-5, rtol=1e-5)
-        for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
-            torch.testing.assert_close(clone(x), other(x), atol=1e-5, rtol=1e-5)
+        want, other_want = model(x), other(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    for clone in (deployed, copy.deepcopy(deployed), pickle.loads(pickle.dumps(deployed))):
+        torch.testing.assert_close(clone(x), want, atol=1e-4, rtol=0)
+    deployed.model.load_state_dict(other_deployed.model.state_dict())
+    torch.testing.assert_close(deployed(x), other_want, atol=1e-4, rtol=0)
 
 
 def test_deploy_leaves_the_original_model_alone_and_forwards_attributes():
@@ -227,15 +161,14 @@ def test_bf16_deploy_runs_every_layer_in_bf16_and_takes_fp32_inputs_on_every_met
     assert all(t.dtype == torch.float32 for t in torch.utils._pytree.tree_leaves(intermediates))
 
 
-def test_bf16_deploy_without_native_bf16_warns_and_keeps_plain_linears(monkeypatch):
+def test_bf16_deploy_without_native_bf16_warns_and_keeps_layers_off_onednn(monkeypatch):
     """oneDNN refuses bf16 weights on such CPUs: the deploy must not hand them to it."""
-    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: False)
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
     model = make_model()
     with pytest.warns(UserWarning, match='without native bf16.*dtype=torch.float32'):
         deployed = optimize_for_inference(model, dtype=torch.bfloat16)
-    linears = [m for m in deployed.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
-    assert linears and all(type(m) is nn.Linear for m in linears)
     x = torch.randn(2, 3, 32, 32)
+    assert not onednn_ops(lambda: deployed(x))
     with torch.no_grad():
         want = model(x)
     assert (deployed(x) - want).abs().max() < 0.05 * want.abs().max()
