@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import onednn
-from .backend import dispatch, dot_precision, kernel, tensor_limit, tl, triton
+from .backend import Launch, dispatch, dot_precision, kernel, tensor_limit, tl, triton
 
 
 def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu=True):
@@ -30,21 +30,27 @@ def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu
     return F.relu(y) if relu else y
 
 
-@kernel(key=["M", "C_IN", "C_OUT", "KSIZE", "STRIDE"], interpret=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
-        configs=[
+@kernel(key=['M', 'C_IN', 'C_OUT', 'KSIZE', 'STRIDE', 'PRECISION'],
+        interpret=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), configs=[
             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
             dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+        ], ieee_configs=[
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
         ])
 def _conv_bn_act_kernel(X, W, SCALE, SHIFT, RES, OUT, M, H, W_IN, C_IN, H_OUT, W_OUT, C_OUT,
-                        sxb, sxc, sxh, sxw, swo, swi, swh, sww, srb, src, srh, srw, sob, soc, soh, sow,
-                        KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """One (BLOCK_M pixels x BLOCK_N channels) output tile. A 1-D grid puts the channel blocks of
-    a pixel block next to each other, so they share its x tiles in L2."""
+                        x_stride_batch, x_stride_channel, x_stride_row, x_stride_col,
+                        w_stride_out, w_stride_in, w_stride_row, w_stride_col,
+                        res_stride_batch, res_stride_channel, res_stride_row, res_stride_col,
+                        out_stride_batch, out_stride_channel, out_stride_row, out_stride_col,
+                        KSIZE: tl.constexpr, STRIDE: tl.constexpr, HAS_RES: tl.constexpr,
+                        RELU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M pixels x BLOCK_N channels) output tile. A 1-D grid puts the channel blocks
+    of a pixel block next to each other, so they share its x tiles in L2."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(C_OUT, BLOCK_N)
     pid_m, pid_n = pid // n_blocks, pid % n_blocks
@@ -52,7 +58,7 @@ def _conv_bn_act_kernel(X, W, SCALE, SHIFT, RES, OUT, M, H, W_IN, C_IN, H_OUT, W
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < C_OUT
-    b = offs_m // (H_OUT * W_OUT)
+    b = (offs_m // (H_OUT * W_OUT)).to(tl.int64)  # batch offsets of large inputs pass 2**31
     ho = offs_m % (H_OUT * W_OUT) // W_OUT
     wo = offs_m % W_OUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -61,54 +67,72 @@ def _conv_bn_act_kernel(X, W, SCALE, SHIFT, RES, OUT, M, H, W_IN, C_IN, H_OUT, W
         for kw in tl.static_range(KSIZE):
             wi = wo * STRIDE + kw - KSIZE // 2
             pix_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W_IN)  # zero padding
-            x_ptrs = X + b * sxb + hi * sxh + wi * sxw
-            w_ptrs = W + offs_n * swo + kh * swh + kw * sww
+            x_ptrs = X + b * x_stride_batch + hi * x_stride_row + wi * x_stride_col
+            w_ptrs = W + offs_n * w_stride_out + kh * w_stride_row + kw * w_stride_col
             for c in range(0, C_IN, BLOCK_K):
                 cs = c + offs_k
                 c_ok = cs < C_IN
-                a = tl.load(x_ptrs[:, None] + cs[None, :] * sxc, mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs[None, :] + cs[:, None] * swi, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                a = tl.load(x_ptrs[:, None] + cs[None, :] * x_stride_channel,
+                            mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs[None, :] + cs[:, None] * w_stride_in,
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
     scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     y = acc * scale[None, :] + shift[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:
-        r_ptrs = RES + (b * srb + ho * srh + wo * srw)[:, None] + offs_n[None, :] * src
-        y += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        res_pixels = b * res_stride_batch + ho * res_stride_row + wo * res_stride_col
+        res_ptrs = RES + res_pixels[:, None] + offs_n[None, :] * res_stride_channel
+        y += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.maximum(y, 0.0)
-    o_ptrs = OUT + (b * sob + ho * soh + wo * sow)[:, None] + offs_n[None, :] * soc
-    tl.store(o_ptrs, y.to(OUT.dtype.element_ty), mask=mask)
+    out_pixels = b * out_stride_batch + ho * out_stride_row + wo * out_stride_col
+    out_ptrs = OUT + out_pixels[:, None] + offs_n[None, :] * out_stride_channel
+    tl.store(out_ptrs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _limit(x, weight, stride, residual):
     if x.dim() != 4 or weight.dim() != 4:
-        return f"x and weight must be 4-D (got {x.dim()}-D and {weight.dim()}-D)"
+        return f'x and weight must be 4-D (got {x.dim()}-D and {weight.dim()}-D)'
     if weight.shape[2] != weight.shape[3] or weight.shape[2] not in (1, 3):
-        return f"the kernel must be 1x1 or 3x3 (got {weight.shape[2]}x{weight.shape[3]})"
+        return f'the kernel must be 1x1 or 3x3 (got {weight.shape[2]}x{weight.shape[3]})'
     if weight.shape[1] != x.shape[1]:
-        return f"groups must be 1: weight takes {weight.shape[1]} input channels, x has {x.shape[1]}"
+        return (f'groups must be 1: weight takes {weight.shape[1]} input channels, '
+                f'x has {x.shape[1]}')
     if stride not in (1, 2):
-        return f"stride must be 1 or 2 (got {stride})"
+        return f'stride must be 1 or 2 (got {stride})'
     return tensor_limit(x, weight, residual)
+
+
+def _output(x, weight, stride):
+    """The channels_last output of the conv of ``x`` (padding k // 2, k odd)."""
+    B, _, H, W = x.shape
+    H_out, W_out = (H - 1) // stride + 1, (W - 1) // stride + 1
+    return torch.empty(B, weight.shape[0], H_out, W_out, device=x.device, dtype=x.dtype,
+                       memory_format=torch.channels_last)
+
+
+def conv_launch(x, weight, scale, shift, out, stride, residual, relu, precision):
+    """The kernel's :class:`Launch` writing ``out``; ``precision`` as from ``dot_precision``."""
+    B, C_in, H, W = x.shape
+    _, C_out, H_out, W_out = out.shape
+    res = out if residual is None else residual  # any strides; a dummy pointer when absent
+    M = B * H_out * W_out
+    grid = lambda meta: (triton.cdiv(M, meta['BLOCK_M']) * triton.cdiv(C_out, meta['BLOCK_N']),)
+    args = (x, weight, scale, shift, res, out, M, H, W, C_in, H_out, W_out, C_out,
+            *x.stride(), *weight.stride(), *res.stride(), *out.stride())
+    return Launch(_conv_bn_act_kernel, grid, args,
+                  dict(KSIZE=weight.shape[-1], STRIDE=stride, HAS_RES=residual is not None,
+                       RELU=relu, PRECISION=precision))
 
 
 def _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu):
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous(memory_format=torch.channels_last)
-    B, C_in, H, W = x.shape
-    C_out, k = weight.shape[0], weight.shape[-1]
-    H_out, W_out = (H - 1) // stride + 1, (W - 1) // stride + 1  # padding k // 2, k odd
-    out = torch.empty(B, C_out, H_out, W_out, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    res = out if residual is None else residual  # any strides; a dummy pointer when absent
-    M = B * H_out * W_out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
-    _conv_bn_act_kernel[grid](
-        x, weight, scale, shift, res, out, M, H, W, C_in, H_out, W_out, C_out,
-        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
-        KSIZE=k, STRIDE=stride, HAS_RES=residual is not None, RELU=relu,
-        PRECISION=dot_precision(x.dtype, torch.backends.cudnn.allow_tf32))
+    out = _output(x, weight, stride)
+    precision = dot_precision(x.dtype, torch.backends.cudnn.allow_tf32)
+    conv_launch(x, weight, scale, shift, out, stride, residual, relu, precision).run()
     return out
 
 
