@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .backend import dispatch, dot_precision, kernel, next_pow2, tensor_limit, tl, triton
+from .backend import (Launch, dispatch, dot_precision, jit, kernel, next_pow2, tensor_limit, tl,
+                      triton)
 
 
 def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -40,55 +41,90 @@ def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, 
     return add_to + F.interpolate(x, size=out_hw, mode="nearest")
 
 
-@kernel(key=["C_IN", "C_OUT", "PH", "PW"], interpret=dict(BLOCK_M=32, BLOCK_K=16), configs=[
-    dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-    dict(BLOCK_M=16, BLOCK_K=64, num_warps=8, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_K=16, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
-])
+@jit
+def _ln_gelu_store(OUT, rows, rows_ok, cols, centred, rstd, LN_W, LN_B, C_OUT):
+    """Scale and shift ``centred`` (rows x cols of a token row, mean already subtracted) by
+    ``rstd`` and the LayerNorm affine, apply exact GELU and store the real channels."""
+    cols_ok = cols < C_OUT
+    ln_w = tl.load(LN_W + cols, mask=cols_ok, other=0.0).to(tl.float32)
+    ln_b = tl.load(LN_B + cols, mask=cols_ok, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+    y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    tl.store(OUT + rows.to(tl.int64)[:, None] * C_OUT + cols[None, :],
+             y.to(OUT.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+@kernel(key=['C_IN', 'C_OUT', 'PH', 'PW', 'PRECISION'], interpret=dict(BLOCK_M=32, BLOCK_K=16),
+        configs=[
+            dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=2),
+            dict(BLOCK_M=64, BLOCK_K=16, num_warps=4, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=2),
+        ], ieee_configs=[
+            dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_K=16, num_warps=8, num_stages=2),
+        ])
 def _fcu_down_kernel(X, W, BIAS, LN_W, LN_B, OUT, M, L, GW, C_IN, C_OUT, PH, PW, eps,
-                     sxb, sxc, sxh, sxw, swo, swi,
-                     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    """BLOCK_M tokens x all C_out channels (padded to BLOCK_N), so LayerNorm sees whole rows."""
+                     x_stride_batch, x_stride_channel, x_stride_row, x_stride_col,
+                     w_stride_out, w_stride_in,
+                     HEAD_N: tl.constexpr, TAIL_N: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BLOCK_M tokens x all C_out channels, so LayerNorm sees whole rows. The row is two
+    power-of-two blocks, HEAD_N + TAIL_N (384 = 256 + 128, 576 = 512 + 64), so a row that is
+    not a power of two is not padded to the next one."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # token index over B * L
-    offs_n = tl.arange(0, BLOCK_N)
+    head = tl.arange(0, HEAD_N)
+    tail = HEAD_N + tl.arange(0, TAIL_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = offs_m < M, offs_n < C_OUT
-    b, gy, gx = offs_m // L, offs_m % L // GW, offs_m % GW
-    x_ptrs = X + b * sxb + gy * PH * sxh + gx * PW * sxw  # top-left pixel of each token's window
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    m_ok, head_ok, tail_ok = offs_m < M, head < C_OUT, tail < C_OUT
+    b = (offs_m // L).to(tl.int64)  # batch offsets of large inputs pass 2**31
+    gy, gx = offs_m % L // GW, offs_m % GW
+    # top-left pixel of each token's window
+    x_ptrs = X + b * x_stride_batch + gy * PH * x_stride_row + gx * PW * x_stride_col
+    acc_head = tl.zeros([BLOCK_M, HEAD_N], tl.float32)
+    acc_tail = tl.zeros([BLOCK_M, TAIL_N], tl.float32)
     for c in range(0, C_IN, BLOCK_K):
         cs = c + offs_k
         c_ok = cs < C_IN
-        ptrs = x_ptrs[:, None] + cs[None, :] * sxc
+        ptrs = x_ptrs[:, None] + cs[None, :] * x_stride_channel
         mask = m_ok[:, None] & c_ok[None, :]
         pooled = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
         for dy in range(PH):
             for dx in range(PW):
-                pooled += tl.load(ptrs + dy * sxh + dx * sxw, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + offs_n[None, :] * swo + cs[:, None] * swi, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot((pooled / (PH * PW)).to(w.dtype), w, acc, input_precision=PRECISION)
-    y = acc + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    mean = tl.sum(y, 1) / C_OUT  # padded channels hold exact zeros
-    diff = tl.where(n_ok[None, :], y - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(diff * diff, 1) / C_OUT + eps)
-    ln_w = tl.load(LN_W + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    ln_b = tl.load(LN_B + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    y = diff * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
-    y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    tl.store(OUT + offs_m[:, None] * C_OUT + offs_n[None, :], y.to(OUT.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+                pooled += tl.load(ptrs + dy * x_stride_row + dx * x_stride_col, mask=mask,
+                                  other=0.0).to(tl.float32)
+        pooled = (pooled / (PH * PW)).to(W.dtype.element_ty)
+        w_ptrs = W + cs[:, None] * w_stride_in
+        w_head = tl.load(w_ptrs + head[None, :] * w_stride_out,
+                         mask=c_ok[:, None] & head_ok[None, :], other=0.0)
+        w_tail = tl.load(w_ptrs + tail[None, :] * w_stride_out,
+                         mask=c_ok[:, None] & tail_ok[None, :], other=0.0)
+        acc_head = tl.dot(pooled, w_head, acc_head, input_precision=PRECISION)
+        acc_tail = tl.dot(pooled, w_tail, acc_tail, input_precision=PRECISION)
+    y_head = acc_head + tl.load(BIAS + head, mask=head_ok, other=0.0).to(tl.float32)[None, :]
+    y_tail = acc_tail + tl.load(BIAS + tail, mask=tail_ok, other=0.0).to(tl.float32)[None, :]
+    mean = (tl.sum(y_head, 1) + tl.sum(y_tail, 1)) / C_OUT  # padded channels hold exact zeros
+    d_head = tl.where(head_ok[None, :], y_head - mean[:, None], 0.0)
+    d_tail = tl.where(tail_ok[None, :], y_tail - mean[:, None], 0.0)
+    var = (tl.sum(d_head * d_head, 1) + tl.sum(d_tail * d_tail, 1)) / C_OUT
+    rstd = tl.rsqrt(var + eps)
+    _ln_gelu_store(OUT, offs_m, m_ok, head, d_head, rstd, LN_W, LN_B, C_OUT)
+    _ln_gelu_store(OUT, offs_m, m_ok, tail, d_tail, rstd, LN_W, LN_B, C_OUT)
 
 
-@kernel(key=["C_IN", "C_OUT", "PH", "PW"], interpret=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), configs=[
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-])
+@kernel(key=['C_IN', 'C_OUT', 'PH', 'PW', 'PRECISION'],
+        interpret=dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), configs=[
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        ], ieee_configs=[
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+        ])
 def _fcu_up_kernel(T, W, BIAS, SCALE, SHIFT, ADD, OUT, M, L, GW, C_IN, C_OUT, PH, PW,
-                   stb, stl, stc, swo, swi, sab, sac, sah, saw, sob, soc, soh, sow,
+                   t_stride_batch, t_stride_token, t_stride_channel, w_stride_out, w_stride_in,
+                   add_stride_batch, add_stride_channel, add_stride_row, add_stride_col,
+                   out_stride_batch, out_stride_channel, out_stride_row, out_stride_col,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """BLOCK_M tokens x BLOCK_N channels, each written PH x PW times into the output."""
@@ -98,72 +134,108 @@ def _fcu_up_kernel(T, W, BIAS, SCALE, SHIFT, ADD, OUT, M, L, GW, C_IN, C_OUT, PH
     offs_n = pid % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < C_OUT
-    b, l = offs_m // L, offs_m % L
+    b, l = (offs_m // L).to(tl.int64), offs_m % L  # batch offsets of large inputs pass 2**31
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    t_ptrs = T + (b * t_stride_batch + l * t_stride_token)[:, None]
     for c in range(0, C_IN, BLOCK_K):
         cs = c + offs_k
         c_ok = cs < C_IN
-        t = tl.load(T + (b * stb + l * stl)[:, None] + cs[None, :] * stc, mask=m_ok[:, None] & c_ok[None, :],
+        t = tl.load(t_ptrs + cs[None, :] * t_stride_channel, mask=m_ok[:, None] & c_ok[None, :],
                     other=0.0)
-        w = tl.load(W + offs_n[None, :] * swo + cs[:, None] * swi, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(W + offs_n[None, :] * w_stride_out + cs[:, None] * w_stride_in,
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(t, w, acc, input_precision=PRECISION)
     bias = tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     y = tl.maximum((acc + bias[None, :]) * scale[None, :] + shift[None, :], 0.0)
     y0, x0 = l // GW * PH, l % GW * PW  # top-left pixel of each token's window
-    a_ptrs = ADD + (b * sab + y0 * sah + x0 * saw)[:, None] + offs_n[None, :] * sac
-    o_ptrs = OUT + (b * sob + y0 * soh + x0 * sow)[:, None] + offs_n[None, :] * soc
+    add_ptrs = ADD + (b * add_stride_batch + y0 * add_stride_row + x0 * add_stride_col)[:, None] \
+        + offs_n[None, :] * add_stride_channel
+    out_ptrs = OUT + (b * out_stride_batch + y0 * out_stride_row + x0 * out_stride_col)[:, None] \
+        + offs_n[None, :] * out_stride_channel
     mask = m_ok[:, None] & n_ok[None, :]
     for dy in range(PH):
         for dx in range(PW):
-            a = tl.load(a_ptrs + dy * sah + dx * saw, mask=mask, other=0.0).to(tl.float32)
-            tl.store(o_ptrs + dy * soh + dx * sow, (a + y).to(OUT.dtype.element_ty), mask=mask)
+            a = tl.load(add_ptrs + dy * add_stride_row + dx * add_stride_col, mask=mask,
+                        other=0.0).to(tl.float32)
+            tl.store(out_ptrs + dy * out_stride_row + dx * out_stride_col,
+                     (a + y).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _grid_limit(map_hw, grid_hw):
     if map_hw[0] % grid_hw[0] or map_hw[1] % grid_hw[1]:
-        return (f"the map size {map_hw[0]}x{map_hw[1]} must be a multiple of the token grid "
-                f"{grid_hw[0]}x{grid_hw[1]}")
+        return (f'the map size {map_hw[0]}x{map_hw[1]} must be a multiple of the token grid '
+                f'{grid_hw[0]}x{grid_hw[1]}')
     return None
 
 
 def _conv1x1_limit(weight):
     if weight.dim() != 4 or weight.shape[2:] != (1, 1):
-        return f"weight must be a 1x1 conv weight (C_out, C_in, 1, 1), got {tuple(weight.shape)}"
+        return ('weight must be a 1x1 conv weight (C_out, C_in, 1, 1), '
+                f'got {tuple(weight.shape)}')
     return None
 
 
 def _fcu_down_limit(x, weight, grid_hw):
     if weight.shape[0] > 1024:
-        return f"at most 1024 output channels (got {weight.shape[0]}): a LayerNorm row must fit one tile"
+        return (f'at most 1024 output channels (got {weight.shape[0]}): a LayerNorm row must fit '
+                'one tile')
     return _conv1x1_limit(weight) or _grid_limit(x.shape[-2:], grid_hw) or tensor_limit(x, weight)
 
 
 def _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to):
-    return _conv1x1_limit(weight) or _grid_limit(out_hw, grid_hw) or tensor_limit(tokens, weight, add_to)
+    return (_conv1x1_limit(weight) or _grid_limit(out_hw, grid_hw)
+            or tensor_limit(tokens, weight, add_to))
+
+
+def row_split(channels):
+    """(HEAD_N, TAIL_N): two power-of-two blocks (each >= 16, tl.dot's minimum) covering a
+    LayerNorm row of ``channels``, the head the largest power of two below it."""
+    head = max(16, 1 << (channels - 1).bit_length() - 1)
+    return head, next_pow2(max(channels - head, 1))
+
+
+def _fcu_down_output(x, weight, grid_hw):
+    return x.new_empty(x.shape[0], grid_hw[0] * grid_hw[1], weight.shape[0])
+
+
+def fcu_down_launch(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, out, precision):
+    """FCU-down's :class:`Launch` writing ``out``; ``precision`` as from ``dot_precision``."""
+    B, C_in, H, W = x.shape
+    C_out, L = weight.shape[0], grid_hw[0] * grid_hw[1]
+    head, tail = row_split(C_out)
+    args = (x, weight, bias, ln_weight, ln_bias, out, B * L, L, grid_hw[1], C_in, C_out,
+            H // grid_hw[0], W // grid_hw[1], ln_eps, *x.stride(), weight.stride(0),
+            weight.stride(1))
+    return Launch(_fcu_down_kernel, lambda meta: (triton.cdiv(B * L, meta['BLOCK_M']),), args,
+                  dict(HEAD_N=head, TAIL_N=tail, PRECISION=precision))
+
+
+def fcu_up_launch(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, out,
+                  precision):
+    """FCU-up's :class:`Launch` writing ``out``; ``precision`` as from ``dot_precision``."""
+    B, L, C_in = tokens.shape
+    C_out = weight.shape[0]
+    grid = lambda meta: (triton.cdiv(B * L, meta['BLOCK_M']) * triton.cdiv(C_out, meta['BLOCK_N']),)
+    args = (tokens, weight, bias, bn_scale, bn_shift, add_to, out, B * L, L, grid_hw[1], C_in,
+            C_out, out_hw[0] // grid_hw[0], out_hw[1] // grid_hw[1], *tokens.stride(),
+            weight.stride(0), weight.stride(1), *add_to.stride(), *out.stride())
+    return Launch(_fcu_up_kernel, grid, args, dict(PRECISION=precision))
 
 
 def _fcu_down_triton(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps):
-    B, C_in, H, W = x.shape
-    C_out, L = weight.shape[0], grid_hw[0] * grid_hw[1]
-    out = torch.empty(B, L, C_out, device=x.device, dtype=x.dtype)
-    _fcu_down_kernel[lambda meta: (triton.cdiv(B * L, meta["BLOCK_M"]),)](
-        x, weight, bias, ln_weight, ln_bias, out, B * L, L, grid_hw[1], C_in, C_out,
-        H // grid_hw[0], W // grid_hw[1], ln_eps, *x.stride(), weight.stride(0), weight.stride(1),
-        BLOCK_N=next_pow2(C_out), PRECISION=dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32))
+    out = _fcu_down_output(x, weight, grid_hw)
+    precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
+    fcu_down_launch(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, out, precision).run()
     return out
 
 
 def _fcu_up_triton(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to):
-    B, L, C_in = tokens.shape
-    C_out = weight.shape[0]
     out = torch.empty_like(add_to)
-    grid = lambda meta: (triton.cdiv(B * L, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
-    _fcu_up_kernel[grid](
-        tokens, weight, bias, bn_scale, bn_shift, add_to, out, B * L, L, grid_hw[1], C_in, C_out,
-        out_hw[0] // grid_hw[0], out_hw[1] // grid_hw[1], *tokens.stride(), weight.stride(0), weight.stride(1),
-        *add_to.stride(), *out.stride(), PRECISION=dot_precision(tokens.dtype, torch.backends.cuda.matmul.allow_tf32))
+    precision = dot_precision(tokens.dtype, torch.backends.cuda.matmul.allow_tf32)
+    fcu_up_launch(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, out,
+                  precision).run()
     return out
 
 
