@@ -27,8 +27,11 @@ from .backend import (Launch, dispatch, dot_precision, jit, kernel, next_pow2, t
 def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        grid_hw: Tuple[int, int], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        ln_eps: float) -> torch.Tensor:
-    """The PyTorch path: conv, adaptive average pool to ``grid_hw``, LayerNorm, GELU."""
-    x = F.adaptive_avg_pool2d(F.conv2d(x, weight, bias), grid_hw)
+    """FCU-down in PyTorch: average pool to ``grid_hw`` (adaptively when the map is not a
+    multiple of it), 1x1 conv, LayerNorm, GELU. The paper's code convolves before pooling; both
+    are linear and the pool's weights sum to one, so pooling first is the same function with
+    (grid / map)^2 of the conv's work."""
+    x = F.conv2d(F.adaptive_avg_pool2d(x, grid_hw), weight, bias)
     x = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], ln_weight, ln_bias, ln_eps)
     return F.gelu(x)
 
