@@ -152,6 +152,8 @@ def tensor_limit(*tensors):
     indexable), else the reason."""
     tensors = [t for t in tensors if t is not None]
     dtypes = {t.dtype for t in tensors}
+    if not tensors:
+        return None
     if len(dtypes) != 1 or not dtypes <= {torch.float16, torch.bfloat16, torch.float32}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         return f"tensors must share one dtype among float16, bfloat16, float32 (got {names})"
@@ -160,6 +162,15 @@ def tensor_limit(*tensors):
     if any(t.numel() >= 2**31 for t in tensors):
         return "tensors must have fewer than 2**31 elements (the kernels index in 32 bits)"
     return None
+
+
+def compute_dtype(x):
+    """The dtype an op on activation ``x`` computes in: autocast's for x's device when autocast
+    is on (as F.conv2d and F.linear would), else x's. Weights and affine parameters are cast to
+    it, so fp32 parameters under fp16/bf16 autocast still reach the kernels."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def dot_precision(dtype, allow_tf32):

@@ -7,9 +7,11 @@ block by channel block, so the im2col matrix never exists; the epilogue runs on 
 accumulator before the single store.
 
 Contract: x (B, C_in, H, W), weight (C_out, C_in, k, k) with k in {1, 3}, padding k // 2,
-stride 1 or 2, groups 1, no bias; any B, H, W and channel counts (masked). fp16, bf16, fp32
-(fp32 uses TF32 only if ``torch.backends.cudnn.allow_tf32``, as cuDNN would). x and weight are
-made channels_last (free if they already are) and the output is channels_last, so a chain of
+stride 1 or 2, groups 1, no bias; any B, H, W and channel counts (masked). fp16, bf16, fp32;
+it computes in x's dtype, or autocast's when autocast is on, casting the weight to it (scale,
+shift and residual may be any float dtype). fp32 dots are TF32 (10-bit mantissa inputs, errors
+near fp16's) only if ``torch.backends.cudnn.allow_tf32``, as cuDNN would, else IEEE fp32 (FMA
+loops on smaller tiles: no spills). x and weight are made channels_last (free if they already are) and the output is channels_last, so a chain of
 these convs stays NHWC. No backward: when autograd needs one, the PyTorch path runs.
 NVIDIA compile needs tl.dot blocks >= 16 (all configs are) and power-of-two blocks.
 """
@@ -18,12 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from . import onednn
-from .backend import Launch, dispatch, dot_precision, kernel, tensor_limit, tl, triton
+from .backend import (Launch, compute_dtype, dispatch, dot_precision, kernel, tensor_limit, tl,
+                      triton)
 
 
 def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu=True):
-    """The PyTorch path: F.conv2d, per-channel affine, residual add, ReLU."""
-    y = F.conv2d(x, weight, stride=stride, padding=weight.shape[-1] // 2)
+    """Conv + folded BatchNorm + residual + ReLU in PyTorch: F.conv2d in x's dtype (autocast's
+    when on), per-channel affine, residual add, ReLU."""
+    y = F.conv2d(x, weight.to(x.dtype), stride=stride, padding=weight.shape[-1] // 2)
     y = y * scale.to(y.dtype)[:, None, None] + shift.to(y.dtype)[:, None, None]
     if residual is not None:
         y = y + residual
@@ -102,7 +106,7 @@ def _limit(x, weight, stride, residual):
                 f'x has {x.shape[1]}')
     if stride not in (1, 2):
         return f'stride must be 1 or 2 (got {stride})'
-    return tensor_limit(x, weight, residual)
+    return tensor_limit(x) or tensor_limit(weight) or tensor_limit(residual)
 
 
 def _output(x, weight, stride):
@@ -128,8 +132,9 @@ def conv_launch(x, weight, scale, shift, out, stride, residual, relu, precision)
 
 
 def _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu):
-    x = x.contiguous(memory_format=torch.channels_last)
-    weight = weight.contiguous(memory_format=torch.channels_last)
+    dtype = compute_dtype(x)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
     out = _output(x, weight, stride)
     precision = dot_precision(x.dtype, torch.backends.cudnn.allow_tf32)
     conv_launch(x, weight, scale, shift, out, stride, residual, relu, precision).run()

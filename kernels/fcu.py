@@ -1,18 +1,21 @@
 """Conformer's feature-coupling units, each one kernel (inference only).
 
-FCU-down (CNN map -> tokens): 1x1 conv (bias) -> average pool to the token grid -> LayerNorm ->
-GELU (erf). Pooling and a 1x1 conv are both linear, so the kernel pools first and runs the GEMM
-on a dw*dw times smaller matrix; a program owns whole token rows, so the LayerNorm and GELU run
-on the accumulator before the only store.
+FCU-down (CNN map -> tokens): average pool to the token grid -> 1x1 conv (bias) -> LayerNorm ->
+GELU (erf); the paper convolves before pooling, the same function (both are linear) with dw*dw
+times the GEMM work. A program owns whole token rows, as two power-of-two blocks (384 = 256 +
+128, 576 = 512 + 64: no padding), so the LayerNorm and GELU run on the accumulators before the
+only store.
 FCU-up (tokens -> CNN map): 1x1 conv (bias) -> BatchNorm (folded) -> ReLU -> nearest upsample ->
 add to a feature map. A program computes a tile of tokens once and writes it, added to
 ``add_to``, to every pixel of the tokens' windows; the upsampled map never exists.
 
 Both kernels need the map size to be a multiple of the token grid; other sizes (adaptive pooling,
-uneven nearest upsampling) run in PyTorch under "auto". fp16, bf16, fp32 (fp32 dots use TF32
-only if ``torch.backends.cuda.matmul.allow_tf32``). No backward: when autograd needs one, the
-PyTorch path runs. NVIDIA compile needs tl.dot blocks >= 16 (all are) and power-of-two blocks:
-FCU-down holds a whole padded channel row, so it takes at most 1024 output channels.
+uneven nearest upsampling) run in PyTorch under "auto". fp16, bf16, fp32; each computes in its
+input's dtype, or autocast's when autocast is on, casting the conv weight to it. fp32 dots are
+TF32 (10-bit mantissa inputs, errors near fp16's) only if
+``torch.backends.cuda.matmul.allow_tf32``, else IEEE fp32 (on smaller tiles). No backward: when
+autograd needs one, the PyTorch path runs. NVIDIA compile needs tl.dot blocks >= 16 (all are)
+and power-of-two blocks; FCU-down takes at most 1024 output channels (a row in registers).
 """
 
 from typing import Optional, Tuple
@@ -20,8 +23,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .backend import (Launch, dispatch, dot_precision, jit, kernel, next_pow2, tensor_limit, tl,
-                      triton)
+from .backend import (Launch, compute_dtype, dispatch, dot_precision, jit, kernel, next_pow2,
+                      tensor_limit, tl, triton)
 
 
 def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -31,15 +34,16 @@ def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     multiple of it), 1x1 conv, LayerNorm, GELU. The paper's code convolves before pooling; both
     are linear and the pool's weights sum to one, so pooling first is the same function with
     (grid / map)^2 of the conv's work."""
-    x = F.conv2d(F.adaptive_avg_pool2d(x, grid_hw), weight, bias)
+    x = F.conv2d(F.adaptive_avg_pool2d(x, grid_hw), weight.to(x.dtype), bias.to(x.dtype))
     x = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], ln_weight, ln_bias, ln_eps)
     return F.gelu(x)
 
 
 def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to):
-    """The PyTorch path: tokens to a map, conv, affine, ReLU, nearest upsample, add."""
+    """FCU-up in PyTorch: tokens to a map, 1x1 conv in the tokens' dtype (autocast's when on),
+    affine, ReLU, nearest upsample, add."""
     x = tokens.transpose(1, 2).unflatten(2, grid_hw)
-    x = F.conv2d(x, weight, bias)
+    x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))
     x = F.relu(x * bn_scale.to(x.dtype)[:, None, None] + bn_shift.to(x.dtype)[:, None, None])
     return add_to + F.interpolate(x, size=out_hw, mode="nearest")
 
@@ -184,12 +188,13 @@ def _fcu_down_limit(x, weight, grid_hw):
     if weight.shape[0] > 1024:
         return (f'at most 1024 output channels (got {weight.shape[0]}): a LayerNorm row must fit '
                 'one tile')
-    return _conv1x1_limit(weight) or _grid_limit(x.shape[-2:], grid_hw) or tensor_limit(x, weight)
+    return (_conv1x1_limit(weight) or _grid_limit(x.shape[-2:], grid_hw) or tensor_limit(x)
+            or tensor_limit(weight))
 
 
 def _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to):
-    return (_conv1x1_limit(weight) or _grid_limit(out_hw, grid_hw)
-            or tensor_limit(tokens, weight, add_to))
+    return (_conv1x1_limit(weight) or _grid_limit(out_hw, grid_hw) or tensor_limit(tokens)
+            or tensor_limit(weight) or tensor_limit(add_to))
 
 
 def row_split(channels):
@@ -228,6 +233,8 @@ def fcu_up_launch(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add
 
 
 def _fcu_down_triton(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps):
+    dtype = compute_dtype(x)
+    x, weight = x.to(dtype), weight.to(dtype)
     out = _fcu_down_output(x, weight, grid_hw)
     precision = dot_precision(x.dtype, torch.backends.cuda.matmul.allow_tf32)
     fcu_down_launch(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, out, precision).run()
@@ -235,6 +242,8 @@ def _fcu_down_triton(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps):
 
 
 def _fcu_up_triton(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to):
+    dtype = compute_dtype(tokens)
+    tokens, weight = tokens.to(dtype), weight.to(dtype)
     out = torch.empty_like(add_to)
     precision = dot_precision(tokens.dtype, torch.backends.cuda.matmul.allow_tf32)
     fcu_up_launch(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, out,

@@ -1,17 +1,19 @@
 """Fused feature-coupling units (Triton, interpreted on CPU) against the PyTorch path.
 
-The reference runs in fp32 on the same (rounded) inputs. Tolerances: fp32 1e-4 abs + 1e-4 rel
-(FCU-down pools before its 1x1 conv, a reordering of the same sums); fp16 1e-2 abs + 1e-2 rel
-(16-bit GEMM inputs, LayerNorm-scaled outputs of magnitude ~3, one fp16 rounding).
+The reference runs in fp64 on the same (rounded) inputs. Tolerances: fp32 (IEEE dots; the
+interpreter does not emulate TF32) 2e-5 abs + 2e-5 rel; fp16 1e-2 abs + 1e-2 rel (16-bit GEMM
+inputs, LayerNorm-scaled outputs of magnitude ~3, one fp16 rounding).
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from conformer.kernels import fcu_down, fcu_up
-from conformer.kernels.fcu import fcu_down_reference, fcu_up_reference
+from conformer.kernels.fcu import fcu_down_reference, fcu_up_reference, row_split
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 
 
@@ -33,8 +35,8 @@ def _up_args(B, grid_hw, C_in, C_out, out_hw, dtype, channels_last=False):
     return tokens, grid_hw, weight, bias, scale, shift, out_hw, add_to
 
 
-def _fp32(args):
-    return [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+def _fp64(args):
+    return [a.double() if isinstance(a, torch.Tensor) else a for a in args]
 
 
 @DTYPES
@@ -47,7 +49,7 @@ def test_fcu_down_matches_reference(B, C_in, H, W, C_out, grid_hw, dtype):
     args = _down_args(B, C_in, H, W, C_out, grid_hw, dtype)
     out = fcu_down(*args, backend="triton")
     assert out.shape == (B, grid_hw[0] * grid_hw[1], C_out) and out.dtype == dtype
-    torch.testing.assert_close(out.float(), fcu_down_reference(*_fp32(args)), **TOL[dtype])
+    torch.testing.assert_close(out.double(), fcu_down_reference(*_fp64(args)), **TOL[dtype])
 
 
 @DTYPES
@@ -61,7 +63,7 @@ def test_fcu_up_matches_reference(B, grid_hw, C_in, C_out, out_hw, channels_last
     out = fcu_up(*args, backend="triton")
     assert out.shape == args[-1].shape and out.dtype == dtype
     assert out.stride() == args[-1].stride()  # laid out like add_to
-    torch.testing.assert_close(out.float(), fcu_up_reference(*_fp32(args)), **TOL[dtype])
+    torch.testing.assert_close(out.double(), fcu_up_reference(*_fp64(args)), **TOL[dtype])
 
 
 def test_fcu_down_uneven_map_uses_adaptive_pooling():
@@ -88,3 +90,45 @@ def test_fcu_up_rejects_class_token():
     with_cls = torch.cat([tokens[:, :1], tokens], 1)
     with pytest.raises(ValueError, match="drop the class token"):
         fcu_up(with_cls, grid_hw, *rest)
+
+
+@pytest.mark.parametrize('C_out', [384, 576])
+def test_fcu_down_rows_of_conformer_widths_split_without_padding(C_out):
+    head, tail = row_split(C_out)
+    assert head + tail == C_out and head & (head - 1) == 0 and tail & (tail - 1) == 0
+
+
+def test_fcu_down_reference_pools_before_its_conv():
+    """The one PyTorch FCU-down (the model's and the benchmark's) convolves the pooled map: the
+    paper's conv-then-pool function, with (grid / map)^2 of its conv FLOPs."""
+    torch.manual_seed(0)
+    x, weight, bias, grid_hw, ln_w, ln_b, eps = _fp64(_down_args(2, 24, 8, 12, 40, (2, 3),
+                                                                  torch.float32))
+    with FlopCounterMode(display=False) as counter:
+        got = fcu_down_reference(x, weight, bias, grid_hw, ln_w, ln_b, eps)
+    assert counter.get_total_flops() == 2 * 2 * 6 * 24 * 40  # B * tokens * C_in * C_out MACs
+    conv_first = F.adaptive_avg_pool2d(F.conv2d(x, weight, bias), grid_hw)
+    want = F.gelu(F.layer_norm(conv_first.flatten(2).transpose(1, 2), (40,), ln_w, ln_b, eps))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize('autocast', [True, False], ids=['autocast-fp16', 'fp16-x-fp32-weight'])
+def test_fcu_kernels_cast_fp32_weights_to_the_compute_dtype(autocast):
+    """Mixed precision: fp32 conv weights meet fp16 activations (or fp16 autocast), and the
+    kernels still run, in fp16, instead of refusing the dtypes."""
+    torch.manual_seed(0)
+    half = lambda args, i: [a.half() if j in i else a for j, a in enumerate(args)]
+    down = _down_args(2, 24, 8, 12, 40, (2, 3), torch.float32)
+    up = half(_up_args(2, (3, 5), 40, 24, (9, 15), torch.float32), (7,))  # add_to: a CNN map
+    if autocast:
+        with torch.autocast('cpu', dtype=torch.float16):
+            got_down, got_up = fcu_down(*down, backend='triton'), fcu_up(*up, backend='triton')
+    else:
+        got_down = fcu_down(*half(down, (0,)), backend='triton')
+        got_up = fcu_up(*half(up, (0,)), backend='triton')
+    assert got_down.dtype == got_up.dtype == torch.float16
+    rounded = lambda args, i: _fp64(half(args, i))
+    torch.testing.assert_close(got_down.double(), fcu_down_reference(*rounded(down, (0, 1))),
+                               **TOL[torch.float16])
+    torch.testing.assert_close(got_up.double(), fcu_up_reference(*rounded(up, (0, 2, 7))),
+                               **TOL[torch.float16])
