@@ -332,6 +332,49 @@ def test_training_on_shared_cores_warns_once(folder, tmp_path, monkeypatch, capl
     assert 'trainer.threads=1 is often faster' in caplog.text
 
 
+def compose_as_typed(config, *overrides):
+    """A config as the command line gives it, with Hydra's record of what was typed."""
+    with initialize_config_dir(config_dir(), version_base='1.3'):
+        return compose(config, overrides=list(overrides), return_hydra_config=True)
+
+
+def test_eval_takes_model_preprocessing_and_classes_from_the_checkpoint(short_run, tmp_path,
+                                                                        caplog):
+    from conformer.engine.evaluator import evaluate_checkpoint
+    last = short_run / 'checkpoints' / 'last.pth'
+    trained = json.loads((short_run / 'metrics.json').read_text())
+    # the data has a fourth class: the three the model was trained on are evaluated
+    four = make_folder(tmp_path / 'four', classes=4)
+    cfg = compose_as_typed('eval', f'data.root={four}', 'aug=small', 'data.num_workers=0',
+                           f'checkpoint={last}')
+    result = evaluate_checkpoint(cfg)
+    assert result['top1'] == pytest.approx(trained['ema_top1'])
+    assert result['classes'] == ['class0', 'class1', 'class2'] and result['count'] == 18
+    assert cfg.model.name == 'conformer_nano_patch4' and cfg.model.embed_dim == 16
+    assert cfg.data.input_size == 16
+    # what is typed wins; a value that differs from the record is named
+    cfg = compose_as_typed('eval', f'data.root={four}', 'aug=small', 'data.num_workers=0',
+                           f'checkpoint={last}', 'data.input_size=20')
+    evaluate_checkpoint(cfg)
+    assert cfg.data.input_size == 20
+    assert f'data.input_size=20 is not what checkpoint={last} was trained with (16); kept' \
+        in caplog.text
+
+
+def test_finetuning_takes_the_architecture_from_model_checkpoint(short_run, tmp_path):
+    two_classes = make_folder(tmp_path / 'two', classes=2)
+    last = short_run / 'checkpoints' / 'last.pth'
+    cfg = compose_as_typed('train', f'data.root={two_classes}', f'model.checkpoint={last}',
+                           'aug=small', 'data.batch_size=8', 'data.num_workers=0',
+                           'trainer.max_steps=1', 'trainer.threads=1', 'logging.progress=false')
+    train(cfg, tmp_path / 'run')
+    meta = load(tmp_path / 'run' / 'checkpoints' / 'last.pth')['meta']
+    recorded = load(last)['meta']
+    assert meta['variant'] == recorded['variant'] == 'conformer_nano_patch4'
+    assert meta['model_kwargs'] == recorded['model_kwargs'] and meta['input_size'] == 16
+    assert meta['classes'] == ['class0', 'class1']
+
+
 def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
     from conformer.engine import dual_head_loss
     conv, trans = torch.randn(4, 5), torch.randn(4, 5)

@@ -1,10 +1,12 @@
 """Model, data loaders, optimizer and schedule from a config: shared by train and eval."""
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Set
 
 import timm
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -22,6 +24,60 @@ ARCH_KEYS = ('stem_type', 'patch_size', 'base_channel', 'channel_ratio', 'embed_
 def model_kwargs(model_cfg) -> dict:
     """The architecture settings that override the variant's defaults."""
     return {k: model_cfg[k] for k in ARCH_KEYS if model_cfg[k] is not None}
+
+
+def explicit_keys(cfg) -> Optional[Set[str]]:
+    """The keys set on the command line, from Hydra's record of it (`model=...` sets
+    model.name); None for a config composed without that record."""
+    task = OmegaConf.select(cfg, 'hydra.overrides.task')
+    if task is None and HydraConfig.initialized():
+        task = HydraConfig.get().overrides.task
+    if task is None:
+        return None
+    keys = {override.split('=', 1)[0].lstrip('+~') for override in task}
+    return keys | ({'model.name'} if 'model' in keys else set())
+
+
+def recorded_settings(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The config values a weights record (conformer.weights.weights_record, or a training
+    checkpoint's meta) gives: model name, architecture, input channels, preprocessing."""
+    values = {'model.name': record['variant'], 'data.in_chans': record['in_chans']}
+    values.update({f'model.{k}': (record.get('model_kwargs') or {}).get(k) for k in ARCH_KEYS})
+    size = record.get('input_size')
+    if isinstance(size, (list, tuple)) and size[-1] == size[-2]:  # timm's (chans, H, W)
+        size = size[-1]
+    if isinstance(size, int):
+        values['data.input_size'] = size
+    values.update({f'data.{k}': record[k] for k in ('interpolation', 'crop_pct')
+                   if record.get(k) is not None})
+    values.update({f'data.{k}': list(record[k]) for k in ('mean', 'std')
+                   if record.get(k) and len(record[k]) == record['in_chans']})
+    return values
+
+
+def describe_from_weights(cfg, key: str, record: Dict[str, Any]) -> None:
+    """Set the model, architecture, input channels and preprocessing to what the weights that
+    `key` names were trained with, except the keys set on the command line: those win, and
+    one that differs from the record is named in a warning."""
+    explicit = explicit_keys(cfg)
+    taken = []
+    for name, value in recorded_settings(record).items():
+        current = OmegaConf.select(cfg, name)
+        if OmegaConf.is_config(current):
+            current = OmegaConf.to_container(current)
+        if current == value:
+            continue
+        if explicit is None or name in explicit:
+            _logger.warning('%s=%s is not what %s=%s was trained with (%s); kept, as set',
+                            name, current, key, OmegaConf.select(cfg, key), value)
+        elif name.startswith('data.') and name[5:] in ('mean', 'std') and \
+                len(value) != OmegaConf.select(cfg, 'data.in_chans'):
+            continue  # per-channel values for another channel count, set explicitly
+        else:
+            OmegaConf.update(cfg, name, value)
+            taken.append(f'{name}={value}')
+    if taken:
+        _logger.info('from %s=%s: %s', key, OmegaConf.select(cfg, key), ', '.join(taken))
 
 
 def set_threads(threads: Optional[int]) -> None:

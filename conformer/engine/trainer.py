@@ -37,9 +37,11 @@ from conformer.data import GlobalBatchSampler, build_datasets
 from conformer.models import ConvTransBlock
 from conformer.runtime import keep_freed_memory
 from conformer.weights import load_state_dict_checked
+from conformer.weights.rebuild import weights_record
 from . import checkpoint as ckpt
-from .build import (EMA_KEY, build_model, check_classes, eval_loader, freeze_backbone,
-                    model_kwargs, saved_ema, set_threads, set_train_mode, train_loader)
+from .build import (EMA_KEY, build_model, check_classes, describe_from_weights, eval_loader,
+                    freeze_backbone, model_kwargs, saved_ema, set_threads, set_train_mode,
+                    train_loader)
 from .config import check
 from .distributed import (DistEnv, all_sum, barrier, distribute_bn, init_distributed,
                           launched_rank, shutdown)
@@ -256,6 +258,7 @@ class MetricWindow:
 
 def train(cfg, run_dir: Path) -> Dict[str, Any]:
     """Train as configured; returns the final metrics (also written to run_dir/metrics.json)."""
+    describe_from_pretrained(cfg)
     check(cfg)
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as cleanup:  # undoes what it is given, last first
@@ -313,6 +316,14 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         if env.is_main:
             (run_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
         return result
+
+
+def describe_from_pretrained(cfg) -> None:
+    """Fine-tuning from model.checkpoint takes the model, architecture, input channels and
+    preprocessing from what the file records (explicit settings win)."""
+    path = os.path.expanduser(cfg.model.checkpoint or '')
+    if path and os.path.isfile(path):  # else build_model names the missing file
+        describe_from_weights(cfg, 'model.checkpoint', weights_record(path)[1])
 
 
 def finished(cfg, saved: Dict[str, Any]) -> bool:

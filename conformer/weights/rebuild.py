@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .download import DownloadError, fetch_hf
 from .loading import describe_architecture, load_state_dict_checked, plain_keys, weights_file
 
-__all__ = ['model_from_weights', 'known_release']
+__all__ = ['model_from_weights', 'known_release', 'weights_record']
 
 
 def model_from_weights(source: Union[str, Path], model_name: Optional[str] = None,
@@ -49,12 +49,10 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
     CheckpointError (a ValueError) for weights it cannot use, ValueError for an unknown
     `model_name`, DownloadError for a source it cannot fetch.
     """
-    checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
-    record = _record(checkpoint, source, cache_dir)
-    release = known_release(checkpoint.path.name)
-    name = check_model_name(model_name or release or _recorded_variant(checkpoint, record))
+    checkpoint, record = weights_record(source, model_name, use_ema, cache_dir)
+    name, release = record['variant'], record['release']
     variant = name.split('.')[0]
-    trained_classes, in_chans = _trained_heads_and_stem(checkpoint)
+    trained_classes, in_chans = record['num_classes'], record['in_chans']
     if num_classes not in (None, 0, trained_classes):
         trained = (f'were trained for {trained_classes} classes' if trained_classes
                    else 'have no classifier heads')
@@ -85,6 +83,23 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
     if classes and len(classes) == model.num_classes:
         cfg['label_names'] = tuple(classes)
     return model.eval(), checkpoint
+
+
+def weights_record(source: Union[str, Path], model_name: Optional[str] = None,
+                   use_ema: bool = True, cache_dir: Optional[Union[str, Path]] = None
+                   ) -> Tuple[Checkpoint, Dict[str, Any]]:
+    """The weights at `source` and what they tell of the model they were trained as, under
+    conformer-train's meta names: ``variant`` (`model_name`, else the hosted ``release``, else
+    the record, else the file name), ``num_classes`` and ``in_chans`` (from the heads and the
+    stem), and as recorded ``model_kwargs``, ``classes``, ``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``."""
+    checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
+    record = _record(checkpoint, source, cache_dir)
+    release = known_release(checkpoint.path.name)
+    name = check_model_name(model_name or release or _recorded_variant(checkpoint, record))
+    num_classes, in_chans = _trained_heads_and_stem(checkpoint)
+    return checkpoint, dict(record, variant=name, release=release, num_classes=num_classes,
+                            in_chans=in_chans)
 
 
 def known_release(filename: str) -> Optional[str]:
