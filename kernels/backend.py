@@ -44,9 +44,10 @@ def _interpreting():
     kernel is decorated, so reading it when this module is imported tells what the kernels are."""
     if triton is None:
         return False
-    if hasattr(triton, "knobs"):
+    if hasattr(triton, 'knobs'):
         return bool(triton.knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # older Triton
+    # Triton before knobs
+    return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'yes', 'on', 'y')
 
 
 INTERPRET = _interpreting()
@@ -155,12 +156,12 @@ def tensor_limit(*tensors):
     if not tensors:
         return None
     if len(dtypes) != 1 or not dtypes <= {torch.float16, torch.bfloat16, torch.float32}:
-        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
-        return f"tensors must share one dtype among float16, bfloat16, float32 (got {names})"
+        names = ', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))
+        return f'tensors must share one dtype among float16, bfloat16, float32 (got {names})'
     if any(t.numel() == 0 for t in tensors):
-        return "tensors must not be empty"
+        return 'tensors must not be empty'
     if any(t.numel() >= 2**31 for t in tensors):
-        return "tensors must have fewer than 2**31 elements (the kernels index in 32 bits)"
+        return 'tensors must have fewer than 2**31 elements (the kernels index in 32 bits)'
     return None
 
 
@@ -176,7 +177,7 @@ def compute_dtype(x):
 def dot_precision(dtype, allow_tf32):
     """``input_precision`` for ``tl.dot``: fp32 inputs use TF32 only where PyTorch would
     (``allow_tf32`` is the matching torch.backends flag); 16-bit inputs ignore it."""
-    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+    return 'ieee' if dtype == torch.float32 and not allow_tf32 else 'tf32'
 
 
 def next_pow2(n, minimum=16):

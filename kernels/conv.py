@@ -11,9 +11,10 @@ stride 1 or 2, groups 1, no bias; any B, H, W and channel counts (masked). fp16,
 it computes in x's dtype, or autocast's when autocast is on, casting the weight to it (scale,
 shift and residual may be any float dtype). fp32 dots are TF32 (10-bit mantissa inputs, errors
 near fp16's) only if ``torch.backends.cudnn.allow_tf32``, as cuDNN would, else IEEE fp32 (FMA
-loops on smaller tiles: no spills). x and weight are made channels_last (free if they already are) and the output is channels_last, so a chain of
-these convs stays NHWC. No backward: when autograd needs one, the PyTorch path runs.
-NVIDIA compile needs tl.dot blocks >= 16 (all configs are) and power-of-two blocks.
+loops, on smaller tiles). x and weight are made channels_last (free if they already are) and
+the output is channels_last, so a chain of these convs stays NHWC. No backward: when autograd
+needs one, the PyTorch path runs. NVIDIA compile needs tl.dot blocks >= 16 (all configs are)
+and power-of-two blocks.
 """
 
 import torch

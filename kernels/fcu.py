@@ -10,7 +10,7 @@ add to a feature map. A program computes a tile of tokens once and writes it, ad
 ``add_to``, to every pixel of the tokens' windows; the upsampled map never exists.
 
 Both kernels need the map size to be a multiple of the token grid; other sizes (adaptive pooling,
-uneven nearest upsampling) run in PyTorch under "auto". fp16, bf16, fp32; each computes in its
+uneven nearest upsampling) run in PyTorch under 'auto'. fp16, bf16, fp32; each computes in its
 input's dtype, or autocast's when autocast is on, casting the conv weight to it. fp32 dots are
 TF32 (10-bit mantissa inputs, errors near fp16's) only if
 ``torch.backends.cuda.matmul.allow_tf32``, else IEEE fp32 (on smaller tiles). No backward: when
@@ -45,7 +45,7 @@ def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, 
     x = tokens.transpose(1, 2).unflatten(2, grid_hw)
     x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))
     x = F.relu(x * bn_scale.to(x.dtype)[:, None, None] + bn_shift.to(x.dtype)[:, None, None])
-    return add_to + F.interpolate(x, size=out_hw, mode="nearest")
+    return add_to + F.interpolate(x, size=out_hw, mode='nearest')
 
 
 @jit
@@ -275,10 +275,11 @@ def fcu_up(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, ba
     """
     grid_hw, out_hw = tuple(grid_hw), tuple(out_hw)
     if tokens.shape[1] != grid_hw[0] * grid_hw[1]:
-        raise ValueError(f"fcu_up: {tokens.shape[1]} tokens do not fill the {grid_hw[0]}x{grid_hw[1]} grid "
-                         "(drop the class token first)")
+        raise ValueError(f'fcu_up: {tokens.shape[1]} tokens do not fill the '
+                         f'{grid_hw[0]}x{grid_hw[1]} grid (drop the class token first)')
     if tuple(add_to.shape[-2:]) != out_hw:
-        raise ValueError(f"fcu_up: out_hw {out_hw} differs from the size of add_to {tuple(add_to.shape[-2:])}")
+        raise ValueError(f'fcu_up: out_hw {out_hw} differs from the size of add_to '
+                         f'{tuple(add_to.shape[-2:])}')
     args = (tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to)
     if dispatch('fcu_up', backend, (tokens, weight, bias, bn_scale, bn_shift, add_to),
                 triton_limit=lambda: _fcu_up_limit(tokens, weight, out_hw, grid_hw, add_to)

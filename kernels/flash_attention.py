@@ -7,8 +7,10 @@ accumulates dK and dV per key block, another dQ per query block (no atomics, det
 
 Contract: q, k, v of one shape (B, H, N, D), any strides. Any N (rows and columns past N are
 masked: 197 tokens at 224 px); D <= 128, its arange padded to a power of two (96 -> 128) and
-masked. fp16, bf16, fp32; softmax statistics and accumulators are fp32. fp32 inputs use TF32
-only if ``torch.backends.cuda.matmul.allow_tf32`` is set. NVIDIA compile needs every tl.dot
+masked. fp16, bf16, fp32; softmax statistics and accumulators are fp32. fp32 dots are TF32
+(10-bit mantissa inputs, errors near fp16's) only if ``torch.backends.cuda.matmul.allow_tf32``
+is set, else IEEE fp32 (FMA loops, on smaller tiles). The grid is 1-D and batch/head offsets
+are int64, so any batch size works. NVIDIA compile needs every tl.dot
 dimension >= 16 for 16-bit inputs (K >= 8 for fp32) and power-of-two aranges: all blocks
 below are >= 16 and the padded head dim is >= 16.
 """
@@ -32,7 +34,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batched matmuls at Conformer's token counts (17-197 tokens, forward and backward), so
     there the scores are materialised: the softmax accumulates in fp32 and rounds once.
     """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and dropout_p == 0:
+    if q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and dropout_p == 0:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return ((q * scale) @ k.transpose(-2, -1)).softmax(-1) @ v
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
@@ -306,10 +308,10 @@ class FlashAttention(torch.autograd.Function):
 
 def _limit(q, k, v):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        return ("q, k, v must be (B, H, N, D) tensors of one shape (self-attention); got "
-                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        return ('q, k, v must be (B, H, N, D) tensors of one shape (self-attention); got '
+                f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
     if q.shape[-1] > 128:
-        return f"head dim D must be at most 128 (got {q.shape[-1]})"
+        return f'head dim D must be at most 128 (got {q.shape[-1]})'
     return tensor_limit(q, k, v)
 
 
