@@ -47,13 +47,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import conformer  # noqa: F401  (registers the variants with timm)
 from conformer import runtime
-from conformer.deploy import onednn_runs, optimize_for_inference
-from conformer.engine.trainer import dual_head_loss
+from conformer.deploy import optimize_for_inference
+from conformer.engine.evaluate import dual_head_loss
+from conformer.kernels import onednn
 from conformer.kernels.fcu import fcu_down_reference
 from conformer.kernels.flash_attention import attention_reference
 from conformer.layers import Attention, FCUDown
@@ -134,8 +134,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def gemm_routes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
     """The ways PyTorch can run a ``dtype`` GEMM here: ``matmul`` (``a @ b``: MKL for fp32 on
     x86, whose fast paths are Intel-only) and, on CPUs where oneDNN runs the dtype, ``onednn``
-    (its inner product on a pre-packed weight, the op the deploy path uses)."""
-    if device.type == 'cpu' and onednn_runs(dtype):
+    (:func:`conformer.kernels.onednn.linear`: its inner product on a packed weight, as deploy
+    runs linears)."""
+    if device.type == 'cpu' and onednn.takes_dtype(dtype):
         return ('matmul', 'onednn')
     return ('matmul',)
 
@@ -146,8 +147,7 @@ def gemm_call(dtype: torch.dtype, size: int, device: torch.device,
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     if route == 'onednn':
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), size)  # a @ b
-        call = partial(torch.ops.mkldnn._linear_pointwise, a, packed, None, 'none', [], '')
+        call = partial(onednn.linear, a, b.t().contiguous())  # a @ b, the weight packed once
     else:
         call = partial(torch.matmul, a, b)
     call()
@@ -180,7 +180,7 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     def step() -> float:
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            loss = dual_head_loss(model(x), target, F.cross_entropy)
+            loss = dual_head_loss(model(x), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

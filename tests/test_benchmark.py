@@ -98,7 +98,8 @@ def test_every_gemm_route_computes_the_same_product(dtype):
 
 
 def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monkeypatch):
-    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: False)
+    # a CPU without native bf16, as oneDNN and PyTorch see it (AVX2 only)
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
     cpu = torch.device('cpu')
     assert unavailable('bf16', cpu) == NO_NATIVE_BF16 and unavailable('fp32', cpu) is None
     assert gemm_routes(cpu, torch.bfloat16) == ('matmul',)  # oneDNN refuses bf16 there
@@ -106,8 +107,8 @@ def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monke
                  gemm_size=64, skip_training=True, model_kwargs=dict(num_classes=10))
     assert [r['status'] for r in result['variants'][0]['inference']] == ['ok', NO_NATIVE_BF16]
     assert list(result['matmul_peak_gflops']) == ['float32']
-    monkeypatch.setattr('conformer.runtime.native_bf16', lambda device: True)
-    assert unavailable('bf16', cpu) is None
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert unavailable('bf16', cpu) is None and gemm_routes(cpu, torch.bfloat16)[-1] == 'onednn'
 
 
 def test_eager_mode_is_required():
