@@ -138,6 +138,23 @@ def test_url_download_shows_progress_on_stderr(server, weights, torch_home, capf
     assert '100%' not in capfd.readouterr().err
 
 
+def test_partial_downloads_of_killed_processes_are_removed(server, weights, torch_home):
+    """A download killed outright (SIGKILL, power loss) leaves its partial file, which can be
+    hundreds of MB; the next download of that file removes it."""
+    _, data, name, _ = weights
+    server.routes[f'/{name}'] = data
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    torch_home.mkdir(parents=True)
+    killed = torch_home / f'.{name}.{dead}-x1y2.partial'
+    running = torch_home / f'.{name}.{os.getpid()}-z3.partial'  # a download still running
+    other = torch_home / f'.other.pth.{dead}-x1y2.partial'  # another file's: left to its own
+    for path in (killed, running, other):
+        path.write_bytes(data[:100])
+    from_url(f'{server.url}/{name}')
+    assert sorted(os.listdir(torch_home)) == sorted([name, running.name, other.name])
+
+
 def test_hash_mismatch_is_a_clear_error_and_caches_nothing(server, weights, torch_home):
     _, data, name, _ = weights
     damaged = bytearray(data)

@@ -13,15 +13,15 @@ import errno
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from conformer.weights.checkpoint import CheckpointError, read_file, tensors_in
+from conformer.weights.checkpoint import (CheckpointError, read_file,
+                                         remove_stale_tmp_files, tensors_in)
 
 _logger = logging.getLogger(__name__)
 
@@ -105,28 +105,6 @@ def _state_bytes(obj: Any) -> int:
     return sum(storages.values())
 
 
-def remove_stale_tmp_files(directory: Path) -> List[Path]:
-    """Delete the temporary files that writers killed mid-write left in `directory` (their
-    names end in the PID, see `_tmp_name`); files of live processes are kept. Returns them."""
-    removed = []
-    for tmp in Path(directory).glob('.*.tmp*'):
-        match = re.fullmatch(r'\..+\.tmp(\d+)', tmp.name)
-        if match and not _alive(int(match.group(1))):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 class CheckpointManager:
     """Writes `step-<n>.pth`, keeps the newest `keep_last` of them, plus last.pth and best.pth.
 
@@ -140,7 +118,7 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
-        stale = remove_stale_tmp_files(self.dir)
+        stale = remove_stale_tmp_files(self.dir, r'\..+\.tmp(?P<pid>\d+)')  # see _tmp_name
         if stale:
             _logger.info('removed %d temporary checkpoint files of writers that were killed: %s',
                          len(stale), ', '.join(p.name for p in stale))

@@ -26,6 +26,7 @@ Key names inside the state_dict (paper, mmpretrain, DDP prefixes) are mapped by 
 """
 import argparse
 import logging
+import os
 import pickle
 import re
 import struct
@@ -38,8 +39,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-__all__ = ['Checkpoint', 'CheckpointError', 'read_checkpoint', 'read_file', 'tensors_in',
-           'EMA_KEYS', 'MODEL_KEYS']
+__all__ = ['Checkpoint', 'CheckpointError', 'read_checkpoint', 'read_file',
+           'remove_stale_tmp_files', 'tensors_in', 'EMA_KEYS', 'MODEL_KEYS']
 
 _logger = logging.getLogger(__name__)
 
@@ -256,3 +257,26 @@ def _pick_weights(obj: Any, path: Path,
     else:
         _logger.info(f'{path.name}: using the weights under {key!r}')
     return obj[key], key
+
+
+def remove_stale_tmp_files(directory: Union[str, Path], pattern: str) -> List[Path]:
+    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
+    `directory`: names matching the regex `pattern`, whose group ``pid`` is the writer's PID,
+    and whose writer is gone. Files of live processes are kept. Returns the deleted files."""
+    removed = []
+    for tmp in Path(directory).iterdir():
+        match = re.fullmatch(pattern, tmp.name)
+        if match and not _alive(int(match.group('pid'))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import logging
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,7 +27,7 @@ from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError,
                                    are_progress_bars_disabled)
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, remove_stale_tmp_files
 
 __all__ = ['DownloadError', 'default_cache_dir', 'fetch_url', 'fetch_hf', 'find_weights_file',
            'sha256_file']
@@ -85,7 +86,10 @@ def fetch_url(url: str, cache_dir: Optional[Union[str, Path]] = None,
 
 def _download(url: str, dst: Path, prefix: Optional[str], hint: str, progress: bool) -> None:
     """Stream `url` into a temporary file beside `dst`; move it there only once verified."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.partial')
+    # a download killed outright leaves its file: the next download of the name removes it
+    remove_stale_tmp_files(dst.parent, rf'\.{re.escape(dst.name)}\.(?P<pid>\d+)-.*\.partial')
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.{os.getpid()}-',
+                               suffix='.partial')
     try:
         digest = hashlib.sha256()
         received = 0
