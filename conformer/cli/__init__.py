@@ -1,20 +1,19 @@
 """The command-line tools, one module each, installed as console scripts.
 
-==========================  =====================================  ==========================
-console script              module                                 what it does
-==========================  =====================================  ==========================
-``conformer-predict``       :mod:`conformer.cli.predict`           top-k labels for images
-``conformer-visualize``     :mod:`conformer.cli.visualize`         Figure 2 maps and CAMs
-``conformer-export``        :mod:`conformer.cli.export`            ONNX and torch.export files
-``conformer-convert``       :mod:`conformer.cli.convert`           weights to a Hub folder
-``conformer-benchmark``     :mod:`conformer.cli.benchmark`         speed of the deploy modes
-``conformer-model-table``   :mod:`conformer.cli.model_table`       parameters and MACs
-``conformer-train``/``-eval``  :mod:`conformer.engine.cli`         Hydra training and eval
-==========================  =====================================  ==========================
+- ``conformer-predict`` (:mod:`conformer.cli.predict`): top-k labels for image files and folders.
+- ``conformer-visualize`` (:mod:`conformer.cli.visualize`): the paper's Figure 2 maps and both
+  heads' class activation maps for one image.
+- ``conformer-export`` (:mod:`conformer.cli.export`): ONNX and torch.export files.
+- ``conformer-convert`` (:mod:`conformer.cli.convert`): weights to a Hugging Face Hub folder.
+- ``conformer-benchmark`` (:mod:`conformer.cli.benchmark`): the deploy modes against the eager
+  reference.
+- ``conformer-model-table`` (:mod:`conformer.cli.model_table`): parameters and MACs.
+- ``conformer-train`` and ``conformer-eval``: Hydra applications, in :mod:`conformer.engine.cli`.
 
-Each module holds only its argument parsing and printing; the work is done by the library
-(:mod:`conformer.predict`, :mod:`conformer.viz`, :mod:`conformer.export`, ...).
+Each module parses arguments and prints; the work is done by the library
+(:mod:`conformer.predict`, :mod:`conformer.viz`, :mod:`conformer.export`,
+:mod:`conformer.weights.convert`, :mod:`conformer.benchmark`, :mod:`conformer.models.profile`).
 :mod:`conformer.cli.common` holds what several tools share: the model and weights options,
-finding images, and output paths checked before any work. ``tools/*.py`` run the same mains
-from a source checkout.
+finding images, and output paths checked before any work (never one of the tool's inputs).
+``tools/*.py`` run the same mains from a source checkout.
 """
