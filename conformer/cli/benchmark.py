@@ -60,7 +60,7 @@ def _inference_table(rows: List[dict]) -> List[str]:
 
 def _training_table(rows: List[dict]) -> List[str]:
     return _markdown(
-        ('train mode', 'batch', 'checkpointing', 'img/s', 'step ms', 'peak MB', 'memory saved',
+        ('train mode', 'batch', 'grad checkpointing', 'img/s', 'step ms', 'peak MB', 'memory saved',
          'speed-up', 'loss diff'), rows, ('mode', 'batch', 'grad_checkpointing'),
         lambda r: [f"{r['images_per_s']:.3g}", f"{r['step_ms_p50']:.0f}",
                    f"{r['peak_memory_mb']:.0f}",
