@@ -552,7 +552,7 @@ def diverged(what: str, state: RunState) -> str:
 
 def stop_requested(stop: StopRequested, env: DistEnv) -> bool:
     """Did SIGTERM/SIGINT reach any rank? Without a process group a plain flag read; with one,
-    a one-value collective every step so that all ranks stop at the same step."""
+    a one-value collective every step so that all ranks stop at the same step (HOST SYNC)."""
     if not env.enabled:
         return stop.signal is not None
     return all_sum(torch.tensor([float(stop.signal is not None)], dtype=torch.float64))[0] > 0
