@@ -203,7 +203,7 @@ class Conformer(nn.Module):
 
     @torch.jit.ignore
     def set_kernel_backend(self, backend: Optional[str]) -> None:
-        """Pin this model's kernels to 'auto' | 'triton' | 'torch' (None: follow
+        """Pin this model's kernels to 'auto' | 'triton' | 'torch' | 'onednn' (None: follow
         `conformer.kernels.set_backend` / `use_backend`)."""
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'unknown kernel backend {backend!r}; choose one of {BACKENDS} or None')
