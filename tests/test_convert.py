@@ -1,4 +1,5 @@
 """conformer-convert: every input layout -> a Hub folder that timm loads back exactly."""
+import errno
 import json
 from pathlib import Path
 
@@ -109,6 +110,27 @@ def test_existing_files_are_kept_unless_overwrite(layouts, tmp_path, capsys):
     assert (repo / 'README.md').read_text().startswith('---\ntags:')
     assert load_file(repo / 'model.safetensors').keys() == expected.keys()
     assert (repo / 'train.py').exists()
+
+
+def test_a_conversion_cut_short_leaves_no_partial_files(layouts, tmp_path, monkeypatch):
+    """A full disk part-way through: no half-written model.safetensors that a second attempt
+    would then refuse to replace."""
+    path, expected = layouts['ours']
+    out = tmp_path / 'repo'
+
+    def disk_full(model, folder, **kwargs):
+        (Path(folder) / 'model.safetensors').write_bytes(b'\0' * 100)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr('conformer.weights.convert.save_for_hf', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        convert(path, out)
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    convert(path, out)
+    assert load_file(out / 'model.safetensors').keys() == expected.keys()
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json',
+                                                     'model.safetensors']
 
 
 @pytest.mark.parametrize('case', ['file', 'under_a_file', 'not_writable'])

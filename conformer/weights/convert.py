@@ -12,9 +12,12 @@ a training run recorded, a converted folder's ``config.json``, a variant name in
 name such as the paper's ``Conformer_small_patch16.pth``); num_classes and in_chans from the
 weights; architecture overrides, class names, input size, mean and std from conformer-train's
 ``meta`` or the ``config.json``. The card also takes the eval top-1 recorded with the weights.
-A folder already holding any of the three files is refused unless ``--overwrite`` is given.
+A folder already holding any of the three files is refused unless ``--overwrite`` is given; a
+conversion that fails part-way (a full disk) leaves the folder as it was.
 """
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Union
@@ -59,12 +62,20 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
     release = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get('tag') else None
     if license:
         cfg['license'] = license
-    save_for_hf(model, out_dir, safe_serialization=True,
-                model_config=dict(label_names=cfg['label_names']) if 'label_names' in cfg
-                else None)
     card = model_card(model, checkpoint, release, top1=top1, dataset=dataset,
                       repo_id=repo_id or f'ORG/{out_dir.resolve().name}')
-    (out_dir / 'README.md').write_text(card, encoding='utf-8')
+    # written beside, then moved in: a write that fails (a full disk) leaves no partial file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix='.conformer-convert-'))
+    try:
+        save_for_hf(model, staging, safe_serialization=True,
+                    model_config=dict(label_names=cfg['label_names']) if 'label_names' in cfg
+                    else None)
+        (staging / 'README.md').write_text(card, encoding='utf-8')
+        for name in OUT_FILES:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     _logger.info(f'Wrote {out_dir}/ ({", ".join(OUT_FILES)}); publish with: '
                  f'hf upload {repo_id or "ORG/NAME"} {out_dir}')
     return out_dir
