@@ -125,7 +125,8 @@ def test_every_image_mode_becomes_the_model_channels(tmp_path):
     by_name = {p.rsplit('/', 1)[1]: i for i, (p, _) in enumerate(rgb.samples)}
     assert rgb[by_name['cmyk.jpg']][0].getpixel((0, 0))[0] > 200  # cyan-free magenta+yellow = red
     assert rgb[by_name['rgba.png']][0].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
-    assert rgb[by_name['deep.png']][0].getpixel((0, 0)) == (255, 255, 255)  # 16-bit white stays white
+    # 16-bit white stays white
+    assert rgb[by_name['deep.png']][0].getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_unreadable_images_are_skipped_by_name_or_fail_in_strict_mode(tmp_path, caplog):
@@ -321,7 +322,8 @@ def test_a_batch_fetch_gives_each_image_its_own_seeded_view():
     """The DataLoader's __getitems__ path: same views as one-by-one fetches, in any batch
     grouping, and the global RNG streams are left where they were."""
     data = [(Image.new('L', (4, 4)), i) for i in range(4)]
-    view = SeededTransform(data, lambda _: (torch.rand(1).item(), np.random.rand(), random.random()))
+    view = SeededTransform(data,
+                           lambda _: (torch.rand(1).item(), np.random.rand(), random.random()))
     keys = [(0, 7), (1, 8), (2, 7), (3, 9)]
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     batch = view.__getitems__(keys)

@@ -174,7 +174,7 @@ def test_a_flattened_tensor_names_its_key_and_shapes(key, weights, tmp_path):
     assert 'flattened or reshaped' in str(e.value)
 
 
-FULL_DISK = '''
+FULL_DISK = """
 import os, resource, signal, sys
 from pathlib import Path
 import torch
@@ -197,7 +197,7 @@ try:  # the copy that replaces a hard link on file systems without them
     ckpt._link(folder / 'step-00000003.pth', folder / 'best.pth')
 except ckpt.NoSpaceError as e:
     print(e)
-'''
+"""
 
 
 def test_a_full_disk_is_named_and_leaves_no_partial_file(tmp_path):

@@ -387,8 +387,8 @@ def test_in1k_tags_point_at_the_hash_named_mmpretrain_files():
 
 
 def test_variant_without_weights_says_what_to_do():
-    with pytest.raises(RuntimeError, match=r"conformer_nano_patch4 has no pretrained weights; "
-                                           r"use pretrained=False"):
+    with pytest.raises(RuntimeError, match=r'conformer_nano_patch4 has no pretrained weights; '
+                                           r'use pretrained=False'):
         timm.create_model(NANO, pretrained=True)
 
 

@@ -195,7 +195,7 @@ def test_damaged_cached_file_is_reported_not_deleted(weights, torch_home):
 
 
 # huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HOME at import: run in a subprocess
-CHILD = r'''
+CHILD = r"""
 import sys, torch, timm, conformer
 from conformer.weights import DownloadError, model_from_weights
 out = {}
@@ -220,7 +220,7 @@ for name in sys.argv[4:]:
     except DownloadError as e:
         out[name] = str(e)
 torch.save(out, sys.argv[1])
-'''
+"""
 
 
 def run_child(tmp_path, env, url, *calls):

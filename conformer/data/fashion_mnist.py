@@ -70,7 +70,8 @@ def locate(root: Optional[str], download: bool) -> Path:
     for folder in candidates:
         if all(_find(folder, stem) for pair in FILES.values() for stem in pair):
             return folder
-    target = Path(root).expanduser() if root else Path.home() / '.cache' / 'conformer' / 'fashion-mnist'
+    target = (Path(root).expanduser() if root
+              else Path.home() / '.cache' / 'conformer' / 'fashion-mnist')
     if all(_find(target, stem) for pair in FILES.values() for stem in pair):
         return target
     fixes = (f'Install them with `apt-get install dataset-fashion-mnist` (puts them in '

@@ -17,7 +17,8 @@ def build_transform(aug, data, is_training: bool) -> Callable:
     if aug.train_crop == 'pad':
         return _pad_crop_transform(aug, data.input_size, mean, std, is_training)
     if not is_training:
-        return create_transform(data.input_size, is_training=False, interpolation=data.interpolation,
+        return create_transform(data.input_size, is_training=False,
+                                interpolation=data.interpolation,
                                 mean=mean, std=std, crop_pct=data.crop_pct)
     return create_transform(
         data.input_size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip,

@@ -149,7 +149,7 @@ def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Di
     NaN/inf, no pickled code); the errors name the setting and what to pass instead."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise IsADirectoryError(f'{key}={path} is a folder; pass a .pth file, e.g. a run\'s '
+        raise IsADirectoryError(f"{key}={path} is a folder; pass a .pth file, e.g. a run's "
                                 f'checkpoints/last.pth or checkpoints/best.pth')
     if not path.is_file():
         raise FileNotFoundError(f'{key}={path} does not exist; pass {key}=<path to a .pth '

@@ -158,8 +158,8 @@ def _torch_load(path: Path, file_format: str) -> Any:
                     path, f'the file holds pickled code ({", ".join(code)}) besides weights, so '
                           f'it was not loaded: loading it would run that code. If you trust the '
                           f'file, re-save just its weights: python -c "import torch; '
-                          f'c = torch.load(\'{path}\', weights_only=False); '
-                          f'torch.save(c.get(\'state_dict\', c.get(\'model\', c)), '
+                          f"c = torch.load('{path}', weights_only=False); "
+                          f"torch.save(c.get('state_dict', c.get('model', c)), "
                           f'\'weights.pth\')"') from e
             raise _corrupt(path, e) from e
         except (RuntimeError, EOFError, OSError, ValueError) as e:

@@ -39,7 +39,8 @@ PAPER = ('Conformer: Local Features Coupling Global Representations for Visual R
          '(Peng et al., ICCV 2021, arXiv:2105.03889)')
 CITATION = """@inproceedings{peng2021conformer,
   title={Conformer: Local Features Coupling Global Representations for Visual Recognition},
-  author={Peng, Zhiliang and Huang, Wei and Gu, Shanzhi and Xie, Lingxi and Wang, Yaowei and Jiao, Jianbin and Ye, Qixiang},
+  author={Peng, Zhiliang and Huang, Wei and Gu, Shanzhi and Xie, Lingxi and Wang, Yaowei and
+          Jiao, Jianbin and Ye, Qixiang},
   booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
   year={2021}
 }"""
@@ -109,7 +110,7 @@ def model_card(model: torch.nn.Module, checkpoint: Checkpoint, release: Optional
     results += _recorded_results(checkpoint)
     if top1 is not None:
         results.append(f'top-1 {top1:.2f}%' + (f' on {dataset}' if dataset else ''))
-    weights_from = (f"the {checkpoint.weights_key!r} entry" if checkpoint.weights_key
+    weights_from = (f'the {checkpoint.weights_key!r} entry' if checkpoint.weights_key
                     else 'the state_dict')
     params = sum(p.numel() for p in model.parameters()) / 1e6
     front = ['---', 'tags:', '- image-classification', '- timm', '- conformer',

@@ -156,7 +156,7 @@ def _check_dtypes_and_dims(state_dict: StateDict, own: StateDict, origin: str) -
     if reshaped:
         raise CheckpointError(
             f'{origin}: {len(reshaped)} tensors have another number of dimensions than the '
-            f'model\'s:\n{_listing(reshaped)}\nThe file was flattened or reshaped when it was '
+            f"model's:\n{_listing(reshaped)}\nThe file was flattened or reshaped when it was "
             f'written; save model.state_dict() as it is.')
 
 
@@ -229,7 +229,7 @@ def install_timm_loader() -> None:
         warnings.warn(
             f'timm {timm.__version__} changed the private loading step conformer-zoo routes '
             f'Conformer weights through (timm.models._builder.load_pretrained{params or ""}), so '
-            f'timm.create_model(..., pretrained=True) loads them with timm\'s own loader, '
+            f"timm.create_model(..., pretrained=True) loads them with timm's own loader, "
             f'without the hash, damage and NaN checks; conformer.weights.load_weights(model, '
             f'source) still makes them. Install a timm this release supports: '
             f'pip install "timm>=1.0,<1.1"', RuntimeWarning, stacklevel=2)

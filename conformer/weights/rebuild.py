@@ -165,6 +165,6 @@ def _trained_heads_and_stem(checkpoint: Checkpoint) -> Tuple[int, int]:
         if tensor is not None and tensor.dim() != dims:
             raise CheckpointError(
                 f'{checkpoint.path}: {key!r} has shape {tuple(tensor.shape)}, where a '
-                f'Conformer\'s is {expected}: the file was flattened or reshaped when it was '
+                f"Conformer's is {expected}: the file was flattened or reshaped when it was "
                 f'written; save model.state_dict() as it is')
     return (head.shape[0] if head is not None else 0), (stem.shape[1] if stem is not None else 3)
