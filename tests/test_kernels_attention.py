@@ -30,49 +30,51 @@ def _reference(q, k, v, grad, scale):
     return out, q.grad, k.grad, v.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("D", [64, 96])
-@pytest.mark.parametrize("B, H, N, packed", [(1, 2, 197, True), (3, 1, 50, False)], ids=["197tok", "50tok"])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+@pytest.mark.parametrize('D', [64, 96])
+@pytest.mark.parametrize('B, H, N, packed', [(1, 2, 197, True), (3, 1, 50, False)],
+                         ids=['197tok', '50tok'])
 def test_attention_matches_reference(B, H, N, packed, D, dtype):
     torch.manual_seed(0)
     q, k, v = _qkv(B, H, N, D, dtype, packed)
-    out = attention(q, k, v, backend="triton")
-    assert type(out.grad_fn).__name__ == "FlashAttentionBackward"
+    out = attention(q, k, v, backend='triton')
+    assert type(out.grad_fn).__name__ == 'FlashAttentionBackward'
     assert out.shape == (B, H, N, D) and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous()  # merging heads afterwards is a free view
     grad = torch.randn_like(out)
     out.backward(grad)
     expected = _reference(q, k, v, grad, D**-0.5)
-    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], expected):
-        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    for name, got, want in zip(['out', 'dq', 'dk', 'dv'], [out, q.grad, k.grad, v.grad], expected):
+        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m: f'{name}: {m}')
 
 
 def test_attention_custom_scale_matches_sdpa_path():
     torch.manual_seed(0)
     q, k, v = _qkv(2, 3, 20, 64, torch.float32, packed=False)
-    got = attention(q, k, v, scale=0.3, backend="triton")
-    torch.testing.assert_close(got, attention(q, k, v, scale=0.3, backend="torch"), **TOL[torch.float32])
+    got = attention(q, k, v, scale=0.3, backend='triton')
+    want = attention(q, k, v, scale=0.3, backend='torch')
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 def test_attention_dropout_runs_in_pytorch():
     q, k, v = _qkv(1, 2, 20, 64, torch.float32, packed=False)
-    out = attention(q, k, v, dropout_p=0.5, backend="triton")
-    assert "FlashAttention" not in type(out.grad_fn).__name__
+    out = attention(q, k, v, dropout_p=0.5, backend='triton')
+    assert 'FlashAttention' not in type(out.grad_fn).__name__
     out.sum().backward()
     assert q.grad is not None
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
 def test_cpu_low_precision_torch_path_matches_reference(dtype):
     """The matmul path bf16/fp16 take on the CPU instead of the fused SDPA kernel: outputs and
     gradients within one rounding of the inputs' precision (bf16 eps 2**-8, fp16 2**-11) of fp32."""
     torch.manual_seed(0)
     q, k, v = _qkv(3, 2, 197, 64, dtype, packed=True)
-    out = attention(q, k, v, scale=0.2, backend="torch")
-    assert out.dtype == dtype and "FlashAttention" not in type(out.grad_fn).__name__
+    out = attention(q, k, v, scale=0.2, backend='torch')
+    assert out.dtype == dtype and 'FlashAttention' not in type(out.grad_fn).__name__
     grad = torch.randn_like(out)
     out.backward(grad)
     expected = _reference(q, k, v, grad, 0.2)
     tol = dict(atol=4e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=5e-3, rtol=5e-3)
-    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, q.grad, k.grad, v.grad], expected):
-        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+    for name, got, want in zip(['out', 'dq', 'dk', 'dv'], [out, q.grad, k.grad, v.grad], expected):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f'{name}: {m}')

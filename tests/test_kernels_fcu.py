@@ -14,7 +14,7 @@ from conformer.kernels import fcu_down, fcu_up
 from conformer.kernels.fcu import fcu_down_reference, fcu_up_reference, row_split
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+DTYPES = pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
 
 
 def _down_args(B, C_in, H, W, C_out, grid_hw, dtype):
@@ -28,7 +28,8 @@ def _down_args(B, C_in, H, W, C_out, grid_hw, dtype):
 def _up_args(B, grid_hw, C_in, C_out, out_hw, dtype, channels_last=False):
     tokens = torch.randn(B, grid_hw[0] * grid_hw[1], C_in, dtype=dtype)
     weight = (torch.randn(C_out, C_in, 1, 1) / C_in**0.5).to(dtype)
-    bias, scale, shift = torch.randn(C_out, dtype=dtype), torch.rand(C_out) + 0.5, torch.randn(C_out)
+    bias = torch.randn(C_out, dtype=dtype)
+    scale, shift = torch.rand(C_out) + 0.5, torch.randn(C_out)
     add_to = torch.randn(B, C_out, *out_hw, dtype=dtype)
     if channels_last:
         add_to = add_to.to(memory_format=torch.channels_last)
@@ -40,27 +41,27 @@ def _fp64(args):
 
 
 @DTYPES
-@pytest.mark.parametrize("B, C_in, H, W, C_out, grid_hw", [
+@pytest.mark.parametrize('B, C_in, H, W, C_out, grid_hw', [
     (3, 24, 8, 12, 40, (2, 3)),  # dw_stride 4, non-square grid
     (1, 40, 7, 9, 24, (7, 9)),  # dw_stride 1 (Conformer's last stage), odd sizes
-], ids=["dw4", "dw1-odd"])
+], ids=['dw4', 'dw1-odd'])
 def test_fcu_down_matches_reference(B, C_in, H, W, C_out, grid_hw, dtype):
     torch.manual_seed(0)
     args = _down_args(B, C_in, H, W, C_out, grid_hw, dtype)
-    out = fcu_down(*args, backend="triton")
+    out = fcu_down(*args, backend='triton')
     assert out.shape == (B, grid_hw[0] * grid_hw[1], C_out) and out.dtype == dtype
     torch.testing.assert_close(out.double(), fcu_down_reference(*_fp64(args)), **TOL[dtype])
 
 
 @DTYPES
-@pytest.mark.parametrize("B, grid_hw, C_in, C_out, out_hw, channels_last", [
+@pytest.mark.parametrize('B, grid_hw, C_in, C_out, out_hw, channels_last', [
     (3, (3, 5), 40, 24, (9, 15), False),  # up_stride 3: nearest must match F.interpolate exactly
     (1, (7, 9), 24, 40, (14, 18), True),
-], ids=["x3", "x2-odd-nhwc"])
+], ids=['x3', 'x2-odd-nhwc'])
 def test_fcu_up_matches_reference(B, grid_hw, C_in, C_out, out_hw, channels_last, dtype):
     torch.manual_seed(0)
     args = _up_args(B, grid_hw, C_in, C_out, out_hw, dtype, channels_last)
-    out = fcu_up(*args, backend="triton")
+    out = fcu_up(*args, backend='triton')
     assert out.shape == args[-1].shape and out.dtype == dtype
     assert out.stride() == args[-1].stride()  # laid out like add_to
     torch.testing.assert_close(out.double(), fcu_up_reference(*_fp64(args)), **TOL[dtype])
@@ -69,8 +70,8 @@ def test_fcu_up_matches_reference(B, grid_hw, C_in, C_out, out_hw, channels_last
 def test_fcu_down_uneven_map_uses_adaptive_pooling():
     """13x13 onto a 4x4 grid: 'triton' names the limit, 'auto' runs adaptive pooling."""
     args = _down_args(1, 24, 13, 13, 40, (4, 4), torch.float32)
-    with pytest.raises(ValueError, match="multiple of the token grid 4x4"):
-        fcu_down(*args, backend="triton")
+    with pytest.raises(ValueError, match='multiple of the token grid 4x4'):
+        fcu_down(*args, backend='triton')
     x, weight, bias, grid_hw, *ln = args
     conv = torch.nn.functional.conv2d(x, weight, bias)
     pooled = torch.nn.functional.adaptive_avg_pool2d(conv, (4, 4)).flatten(2).transpose(1, 2)
@@ -80,15 +81,15 @@ def test_fcu_down_uneven_map_uses_adaptive_pooling():
 
 def test_fcu_up_uneven_map_falls_back():
     args = _up_args(1, (3, 5), 24, 40, (8, 13), torch.float32)
-    with pytest.raises(ValueError, match="map size 8x13 must be a multiple of the token grid 3x5"):
-        fcu_up(*args, backend="triton")
-    torch.testing.assert_close(fcu_up(*args, backend="auto"), fcu_up_reference(*args))
+    with pytest.raises(ValueError, match='map size 8x13 must be a multiple of the token grid 3x5'):
+        fcu_up(*args, backend='triton')
+    torch.testing.assert_close(fcu_up(*args, backend='auto'), fcu_up_reference(*args))
 
 
 def test_fcu_up_rejects_class_token():
     tokens, grid_hw, *rest = _up_args(1, (3, 5), 24, 40, (6, 10), torch.float32)
     with_cls = torch.cat([tokens[:, :1], tokens], 1)
-    with pytest.raises(ValueError, match="drop the class token"):
+    with pytest.raises(ValueError, match='drop the class token'):
         fcu_up(with_cls, grid_hw, *rest)
 
 
