@@ -35,6 +35,7 @@ TOOLS = Path(__file__).resolve().parent
 TOLERANCE = {'float16': 5e-3, 'bfloat16': 4e-2, 'tf32': 5e-3, 'ieee': 1e-5}
 TRAIN_STEPS = 300
 BATCH = 64
+DEVICE = 'cuda'
 
 
 def precisions():
@@ -54,8 +55,9 @@ def attention_errors(dtype):
 
     errors = {}
     for heads, D in ((6, 64), (9, 64)):  # Conformer-Ti/S, Conformer-B
-        qkv = torch.randn(BATCH, TOKENS, 3, heads, D, device='cuda', dtype=dtype)
-        q, k, v = (t.requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).detach().unbind(0))
+        qkv = torch.randn(BATCH, TOKENS, 3, heads, D, device=DEVICE, dtype=dtype)
+        # leaves that stay strided views of the packed qkv, as in the model
+        q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4).unbind(0))
         out = attention(q, k, v, backend='triton')
         grad = torch.randn_like(out)
         out.backward(grad)
@@ -75,11 +77,11 @@ def conv_errors(dtype):
 
     errors = {}
     for name, C_in, C_out, size, k, stride, residual, relu in CONV_CASES:
-        x = torch.randn(BATCH, C_in, size, size, device='cuda', dtype=dtype)
-        weight = torch.randn(C_out, C_in, k, k, device='cuda', dtype=dtype) / (C_in * k * k)**0.5
-        scale, shift = torch.rand(C_out, device='cuda') + 0.5, torch.randn(C_out, device='cuda')
+        x = torch.randn(BATCH, C_in, size, size, device=DEVICE, dtype=dtype)
+        weight = torch.randn(C_out, C_in, k, k, device=DEVICE, dtype=dtype) / (C_in * k * k)**0.5
+        scale, shift = torch.rand(C_out, device=DEVICE) + 0.5, torch.randn(C_out, device=DEVICE)
         size_out = (size - 1) // stride + 1
-        res = torch.randn(BATCH, C_out, size_out, size_out, device='cuda', dtype=dtype) \
+        res = torch.randn(BATCH, C_out, size_out, size_out, device=DEVICE, dtype=dtype) \
             if residual else None
         out = conv_bn_act(x, weight, scale, shift, stride, res, relu, backend='triton')
         want = conv_bn_act_reference(x.double(), weight.double(), scale.double(), shift.double(),
@@ -94,7 +96,7 @@ def fcu_errors(dtype):
     from conformer.kernels.fcu import fcu_down_reference, fcu_up_reference
 
     errors = {}
-    new = dict(device='cuda', dtype=dtype)
+    new = dict(device=DEVICE, dtype=dtype)
     for C_tok in FCU_EMBED_DIMS:
         for size, C_map in ((56, 64), (28, 128), (14, 256)):
             x = torch.randn(BATCH, C_map, size, size, **new)
@@ -103,7 +105,7 @@ def fcu_errors(dtype):
                     torch.randn(C_tok, **new), 1e-6)
             up = (torch.randn(BATCH, 196, C_tok, **new), (14, 14),
                   torch.randn(C_map, C_tok, 1, 1, **new) / C_tok**0.5, torch.randn(C_map, **new),
-                  torch.rand(C_map, device='cuda') + 0.5, torch.randn(C_map, device='cuda'),
+                  torch.rand(C_map, device=DEVICE) + 0.5, torch.randn(C_map, device=DEVICE),
                   (size, size), x)
             wide = lambda args: [a.double() if torch.is_tensor(a) else a for a in args]
             case = f'{size}x{size}x{C_map} <-> 14x14x{C_tok}'
