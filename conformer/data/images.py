@@ -46,13 +46,22 @@ def read_image(path: Union[str, Path], in_chans: int) -> Image.Image:
 
 def check_image_header(path: Union[str, Path]) -> None:
     """Raise one of `READ_ERRORS` unless `path` starts like an image PIL can read and is not a
-    decompression bomb: a cheap check (the header only) for listing a dataset."""
+    decompression bomb: a cheap check (the header only) for listing a dataset.
+
+    Args:
+        path: the image file.
+    """
     with Image.open(path):
         pass
 
 
 def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Convert any PIL mode to 'RGB' (in_chans=3) or 'L' (in_chans=1), as the module says."""
+    """Convert any PIL mode to 'RGB' or 'L', as the module docstring says.
+
+    Args:
+        img: a loaded image of any mode.
+        in_chans: 3 for 'RGB', 1 for 'L'.
+    """
     if in_chans not in _CHANNEL_MODES:
         raise ValueError(f'images are read with 1 or 3 channels, got in_chans={in_chans}')
     target = _CHANNEL_MODES[in_chans]

@@ -144,9 +144,14 @@ def latest(directory: Path) -> Optional[Path]:
 
 
 def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Dict[str, Any]:
-    """Read a checkpoint that `key` points at (train and eval name theirs) holding the entries
-    `required`, with the weights loader's checks (`conformer.weights.read_file`: CRC-32s,
-    NaN/inf, no pickled code); the errors name the setting and what to pass instead."""
+    """Read a checkpoint with the weights loader's checks (`conformer.weights.read_file`:
+    CRC-32s, NaN/inf, no pickled code); the errors name the setting and what to pass instead.
+
+    Args:
+        path: the .pth file.
+        key: the setting that named it (train and eval name theirs).
+        required: entries the file must hold.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{key}={path} is a folder; pass a .pth file, e.g. a run's "

@@ -76,13 +76,23 @@ def read_file(path: Union[str, Path]) -> Any:
     and checked: zip CRC-32s, and no NaN or infinity in any weights or optimizer state.
 
     The one reader of the project's files (weights, resume and eval checkpoints), so each file
-    gets the same checks and damage the same words. Raises CheckpointError naming the file.
+    gets the same checks and damage the same words.
+
+    Args:
+        path: a safetensors file, a PyTorch zip checkpoint or a legacy PyTorch pickle.
+
+    Raises CheckpointError naming the file, the problem and the fix.
     """
     return _read(Path(path))[0]
 
 
 def read_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Checkpoint:
-    """Read `path` as `read_file` does and return its (EMA by default) weights."""
+    """Read `path` as `read_file` does and return its weights.
+
+    Args:
+        path: the weight file (see `read_file`).
+        use_ema: take the EMA weights when the file holds both (the log says which were used).
+    """
     path = Path(path)
     obj, file_format = _read(path)
     if file_format == 'safetensors':
@@ -222,7 +232,12 @@ def _check_finite(obj: Any, path: Path) -> None:
 
 
 def tensors_in(obj: Any, prefix: str = '') -> Iterator[Tuple[str, torch.Tensor]]:
-    """(dotted key, tensor) for every tensor in nested dicts, lists and tuples."""
+    """(dotted key, tensor) for every tensor in nested dicts, lists and tuples.
+
+    Args:
+        obj: what a checkpoint file holds.
+        prefix: the dotted key of `obj` itself.
+    """
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
     elif isinstance(obj, dict):
@@ -260,9 +275,15 @@ def _pick_weights(obj: Any, path: Path,
 
 
 def remove_stale_tmp_files(directory: Union[str, Path], pattern: str) -> List[Path]:
-    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left in
-    `directory`: names matching the regex `pattern`, whose group ``pid`` is the writer's PID,
-    and whose writer is gone. Files of live processes are kept. Returns the deleted files."""
+    """Delete the temporary files that writers killed mid-write (SIGKILL, power loss) left.
+
+    Args:
+        directory: the folder they were written in.
+        pattern: a regex matching a whole temporary file name, whose group ``pid`` is the
+            writer's PID; files of processes still alive are kept.
+
+    Returns the deleted files.
+    """
     removed = []
     for tmp in Path(directory).iterdir():
         match = re.fullmatch(pattern, tmp.name)

@@ -107,7 +107,15 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
 
     The errors describe the file's own weights, not the mapped ones (whose stem and heads
     the filter may have fitted to the model). BatchNorm's `num_batches_tracked` counters may
-    be absent (some converters drop them).
+    be absent (some converters drop them). Integer or boolean tensors where the model has
+    floating-point ones, and tensors of another number of dimensions, are refused.
+
+    Args:
+        model: the model to load into.
+        state_dict: the weights as the file holds them.
+        origin: how errors name the weights (a path, or the setting that named it).
+        strict: refuse missing and unknown keys (else load the rest, with a warning).
+        filter_fn: maps the file's keys, heads and stem onto `model`.
     """
     own = model.state_dict()
     _check_dtypes_and_dims(state_dict, own, origin)
