@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conformer.kernels import attention
+from conformer.kernels.flash_attention import _forward_outputs, backward_launches, forward_launch
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
@@ -78,3 +79,17 @@ def test_cpu_low_precision_torch_path_matches_reference(dtype):
     tol = dict(atol=4e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=5e-3, rtol=5e-3)
     for name, got, want in zip(['out', 'dq', 'dk', 'dv'], [out, q.grad, k.grad, v.grad], expected):
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m: f'{name}: {m}')
+
+
+def test_attention_grid_is_one_axis_for_any_batch():
+    """B * H programs per row block on grid axis 0 (2**31 - 1), not axis 1 (65535): at B = 20000
+    with 6 heads the old (row blocks, B * H) grid could not launch."""
+    B, H, N, D = 20000, 6, 197, 64
+    q, k, v = torch.empty(B, N, 3, H, D, device='meta').permute(2, 0, 3, 1, 4).unbind(0)
+    o, lse = _forward_outputs(q)
+    grads = [torch.empty_like(t) for t in (o, lse, q, k, v)]
+    launches = [forward_launch(q, k, v, o, lse, D**-0.5, 'ieee'),
+                *backward_launches(q, k, v, o, lse, *grads, D**-0.5, 'ieee')]
+    for launch in launches:
+        grid = launch.grid(dict(BLOCK_M=64, BLOCK_N=64))
+        assert grid == (B * H * 4,) and grid[0] < 2**31
