@@ -36,7 +36,7 @@ def weights():
 
 def training_checkpoint(weights):
     """A checkpoint with every entry conformer-train writes (small optimizer state)."""
-    return dict(model=weights, ema={k: v.clone() for k, v in weights.items()},
+    return dict(model=weights, state_dict_ema={k: v.clone() for k, v in weights.items()},
                 optimizer={'state': {'conv1.weight': {'step': torch.tensor(3.),
                                                       'exp_avg': torch.zeros(4)}},
                            'param_groups': [{'lr': 1e-3, 'params': ['conv1.weight']}]},
@@ -80,7 +80,7 @@ def test_a_bit_flipped_weight_is_refused_by_resume_and_eval(key, required, weigh
     assert 'older step-*.pth' in message
 
 
-@pytest.mark.parametrize('entry', ['model', 'ema', 'optimizer'])
+@pytest.mark.parametrize('entry', ['model', 'state_dict_ema', 'ema', 'optimizer'])
 @pytest.mark.parametrize('key, required', READERS)
 def test_nan_in_weights_or_optimizer_state_is_refused(entry, key, required, weights, tmp_path):
     state = training_checkpoint(weights)
@@ -88,7 +88,9 @@ def test_nan_in_weights_or_optimizer_state_is_refused(entry, key, required, weig
         state['optimizer']['state']['conv1.weight']['exp_avg'][2] = float('nan')
         name = 'state.conv1.weight.exp_avg'
     else:
-        state[entry] = dict(state[entry], **{'conv1.weight': weights['conv1.weight'].clone()})
+        # 'ema': where conformer-train kept EMA weights before it used timm's key
+        state[entry] = dict(state.get(entry, weights),
+                            **{'conv1.weight': weights['conv1.weight'].clone()})
         state[entry]['conv1.weight'][0, 0, 0, 0] = float('inf')
         name = 'conv1.weight'
     path = tmp_path / 'step-00000003.pth'
