@@ -19,7 +19,7 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -69,14 +69,27 @@ class _Stop(BaseException):
         self.error, self.status = error, status
 
 
+def exit_status(error: BaseException) -> Optional[int]:
+    """2 for a usage error, 1 for another expected error (or one raised from it, such as a
+    RuntimeError naming an unreadable checkpoint), None for a bug, which keeps its traceback."""
+    while error is not None:
+        if isinstance(error, USAGE_ERRORS):
+            return 2
+        if isinstance(error, EXPECTED_ERRORS):
+            return 1
+        error = error.__cause__
+    return None
+
+
 @contextlib.contextmanager
 def _stop_on_expected_errors():
     try:
         yield
-    except USAGE_ERRORS as e:
-        raise _Stop(e, 2) from e
-    except EXPECTED_ERRORS as e:
-        raise _Stop(e, 1) from e
+    except Exception as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        raise _Stop(e, status) from e
 
 
 def _full_error() -> bool:
