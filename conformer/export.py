@@ -7,6 +7,12 @@ out the range the model supports (for example at least 8 px for the nano variant
 small stem halves the map three times) and records it in the program. The ONNX file is
 checked with onnxruntime against PyTorch on a batch of another size and shape than the one
 traced.
+
+Two ops get ONNX translations of their own, so the file keeps PyTorch's results at every size:
+the exporter's adaptive average pooling unrolls windows whose count and length it reads off
+the traced size, and ONNX ``Resize`` rounds some nearest-neighbour source pixels differently
+from PyTorch. Here pooling is two matrix products with window weights built from the input's
+shape, and nearest resizing gathers the rows and columns PyTorch reads.
 """
 from typing import Optional, Tuple
 
@@ -53,6 +59,57 @@ def check_program(program: ExportedProgram, model: nn.Module,
                          f'(default: {default[0]} {default[1]})') from None
 
 
+def _onnx_translations() -> dict:
+    """ONNX Script translations of the size-dependent ops, keyed by the ATen op they replace.
+    Sizes arrive as ints or as INT64 scalars of the graph."""
+    from onnxscript import FLOAT, INT64
+    from onnxscript import opset18 as op
+
+    rows, cols = [1], [0]  # Unsqueeze axes
+
+    def sizes(x, output_size, axis):
+        """(input size, output size) along spatial ``axis`` (0: height, 1: width)."""
+        size_in = op.Gather(op.Shape(x), 2 + axis)
+        size_out = output_size[axis]
+        return size_in, op.Constant(value_int=size_out) if isinstance(size_out, int) else size_out
+
+    def pool_weights(size_in, size_out, like):
+        """(out, in) matrix: row i averages inputs [floor(i*in/out), ceil((i+1)*in/out)),
+        PyTorch's adaptive pooling windows."""
+        i = op.Range(0, size_out, 1)
+        start = op.Div(op.Mul(i, size_in), size_out)
+        end = op.Div(op.Sub(op.Add(op.Mul(op.Add(i, 1), size_in), size_out), 1), size_out)
+        j = op.Unsqueeze(op.Range(0, size_in, 1), cols)
+        inside = op.And(op.GreaterOrEqual(j, op.Unsqueeze(start, rows)),
+                        op.Less(j, op.Unsqueeze(end, rows)))
+        return op.Div(op.CastLike(inside, like),
+                      op.Unsqueeze(op.CastLike(op.Sub(end, start), like), rows))
+
+    def adaptive_avg_pool2d(x, output_size):
+        weights_h = pool_weights(*sizes(x, output_size, 0), x)
+        weights_w = pool_weights(*sizes(x, output_size, 1), x)
+        return op.MatMul(op.MatMul(weights_h, x), op.Transpose(weights_w, perm=[1, 0]))
+
+    def nearest_index(size_in, size_out):
+        """PyTorch's source index: min(floor(i * float(in / out)), in - 1) in float32."""
+        scale = op.Div(op.Cast(size_in, to=FLOAT.dtype), op.Cast(size_out, to=FLOAT.dtype))
+        source = op.Floor(op.Mul(op.Cast(op.Range(0, size_out, 1), to=FLOAT.dtype), scale))
+        return op.Min(op.Cast(source, to=INT64.dtype), op.Sub(size_in, 1))
+
+    def upsample_nearest2d(x, output_size, *scales):
+        if output_size is None or any(s is not None for s in scales):
+            raise ValueError('nearest resizing by a scale factor is not supported by the ONNX '
+                             'export; resize to an explicit size')
+        x = op.Gather(x, nearest_index(*sizes(x, output_size, 0)), axis=2)
+        return op.Gather(x, nearest_index(*sizes(x, output_size, 1)), axis=3)
+
+    aten = torch.ops.aten
+    return {aten.adaptive_avg_pool2d.default: adaptive_avg_pool2d,
+            aten._adaptive_avg_pool2d.default: adaptive_avg_pool2d,
+            aten.upsample_nearest2d.default: upsample_nearest2d,
+            aten.upsample_nearest2d.vec: upsample_nearest2d}
+
+
 def export_onnx(model: nn.Module, path: str, size: Tuple[int, int] = (224, 224),
                 batch: int = 2, opset: Optional[int] = None,
                 program: Optional[ExportedProgram] = None) -> None:
@@ -70,7 +127,8 @@ def export_onnx(model: nn.Module, path: str, size: Tuple[int, int] = (224, 224),
                          f'{newest}; pick one in that range or leave --opset out')
     program = program or export_program(model, size, batch)
     onnx_program = torch.onnx.export(program, input_names=['images'], output_names=['logits'],
-                                     opset_version=opset, dynamo=True, verbose=False)
+                                     opset_version=opset, dynamo=True, verbose=False,
+                                     custom_translation_table=_onnx_translations())
     written = next(o.version for o in onnx_program.model_proto.opset_import if o.domain == '')
     if opset is not None and written != opset:
         raise ValueError(f'--opset {opset}: the exporter could not convert the model to that '
