@@ -434,6 +434,20 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(folder, tmp_path):
     assert state['step'] >= 2 and json.loads((tmp_path / 'metrics.json').read_text())['status'] == 'interrupted'
 
 
+def test_a_stop_request_at_the_last_step_still_finishes_the_run(folder, tmp_path, monkeypatch):
+    """Else its final evaluation would never run: a resume finds nothing left to train."""
+    from conformer.engine import trainer
+    requested = trainer.StopRequested.__init__
+
+    def requested_at_once(self):
+        requested(self)
+        self.signal = signal.SIGTERM
+
+    monkeypatch.setattr(trainer.StopRequested, '__init__', requested_at_once)
+    result = train(compose_cfg(*TINY, f'data.root={folder}', 'trainer.max_steps=1'), tmp_path)
+    assert result['status'] == 'finished' and result['count'] == 18
+
+
 def test_a_diverging_run_stops_and_names_only_a_checkpoint_saved_before(folder, tmp_path):
     cfg = compose_cfg(*TINY, f'data.root={folder}', 'optim.lr=1e12', 'trainer.amp=none',
                       'trainer.ckpt_every_steps=1', 'trainer.epochs=5', 'trainer.keep_last=50')

@@ -296,7 +296,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
                     log_train(run, state, window, bar)
                 if end_of_epoch:
                     state.epoch, state.step_in_epoch = epoch + 1, 0
-                if stop_requested(stop, env):
+                if not last_step and stop_requested(stop, env):  # the last one ends as usual
                     save_checkpoint(run, state, window)
                     state.status = 'interrupted'
                     break
