@@ -1,4 +1,5 @@
 """The Conformer family against the paper's code and the timm model contract."""
+import copy
 import re
 from pathlib import Path
 
@@ -7,10 +8,10 @@ import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
+from golden import GOLDEN_CASES, GOLDEN_FILE, fill_state_dict, golden_input
 
 import conformer  # noqa: F401  (registers the variants)
 from conformer.models import Conformer, check_model_name
-from golden import GOLDEN_CASES, GOLDEN_FILE, fill_state_dict, golden_input
 
 PAPER_VARIANTS = ['conformer_tiny_patch16', 'conformer_small_patch16',
                   'conformer_small_patch32', 'conformer_base_patch16']
@@ -118,7 +119,8 @@ def test_fcu_generalisation_reduces_to_paper_ops_on_divisible_sizes():
     torch.testing.assert_close(F.adaptive_avg_pool2d(x, (14, 7)), F.avg_pool2d(x, 4),
                                rtol=0, atol=1e-6)
     t = torch.randn(2, 8, 14, 7)
-    assert torch.equal(F.interpolate(t, size=(56, 28)), t.repeat_interleave(4, 2).repeat_interleave(4, 3))
+    assert torch.equal(F.interpolate(t, size=(56, 28)),
+                       t.repeat_interleave(4, 2).repeat_interleave(4, 3))
 
 
 def test_too_small_input_is_a_clear_error():
@@ -224,7 +226,8 @@ def test_features_only_gives_paper_detection_taps():
     assert model.feature_info.module_name() == [
         'conv_trans_4', 'conv_trans_8', 'conv_trans_11', 'conv_trans_12']
     maps = model(torch.randn(1, 3, 128, 96))
-    assert [tuple(m.shape[1:]) for m in maps] == [(16, 32, 24), (32, 16, 12), (64, 8, 6), (64, 4, 3)]
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (16, 32, 24), (32, 16, 12), (64, 8, 6), (64, 4, 3)]
     picked = timm.create_model('conformer_tiny_patch16', features_only=True, out_indices=(1, 3),
                                **{**SMALL_KW, 'num_classes': 1000})
     assert picked.feature_info.reduction() == [8, 32]
@@ -239,7 +242,8 @@ def test_forward_intermediates_match_block_outputs():
         getattr(model, name).register_forward_hook(
             lambda mod, inp, out, name=name: hooked.__setitem__(name, out[0]))
     features, maps = model.forward_intermediates(x)
-    assert all(torch.equal(m, hooked[n]) for m, n in zip(maps, sorted(hooked, key=lambda n: int(n.split('_')[-1]))))
+    by_block = sorted(hooked, key=lambda n: int(n.split('_')[-1]))
+    assert all(torch.equal(m, hooked[n]) for m, n in zip(maps, by_block))
     torch.testing.assert_close(model.forward_head(features), model(x))
     last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [m.shape for m in last_two] == [m.shape for m in maps[2:]]
@@ -312,6 +316,26 @@ def test_fx_trace_matches_eager_at_other_sizes():
     for hw in ((64, 64), (97, 130)):
         x = torch.randn(1, 3, *hw)
         torch.testing.assert_close(graph(x), model(x))
+
+
+def test_fx_graph_traced_in_eval_trains_with_batch_statistics():
+    """The layers hand BatchNorm to the ops as live modules, so a graph traced in eval mode
+    normalises with batch statistics, and updates them, once put in train mode."""
+    from conformer.layers import ConvBlock, FCUUp
+    torch.manual_seed(0)
+    block, up = ConvBlock(8, 16, res_conv=True).eval(), FCUUp(16, 4).eval()
+    for module, args in ((block, (torch.randn(2, 8, 6, 6),)),
+                         (up, (torch.randn(2, 10, 16), (3, 3), torch.randn(2, 4, 6, 6)))):
+        graph = torch.fx.symbolic_trace(
+            module, concrete_args={'fusion': None} if module is block else None)
+        torch.testing.assert_close(graph(*args), module(*args))
+        reference = copy.deepcopy(module).train()
+        graph.train()
+        torch.testing.assert_close(graph(*args), reference(*args))
+        stats = [[m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+                 for model in (module, reference)]
+        assert all(mean.abs().sum() > 0 for mean in stats[0])  # the graph's BNs updated them
+        torch.testing.assert_close(stats[0], stats[1])
 
 
 def test_channels_last_input_matches():
