@@ -146,9 +146,9 @@ def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True, bac
     """ReLU?(conv2d(x, weight, stride, padding=k//2) * scale + shift + residual?), NCHW in and out.
 
     x (B, C_in, H, W); weight (C_out, C_in, k, k), k in {1, 3}; scale, shift (C_out,) from the
-    folded BatchNorm; residual (B, C_out, Ho, Wo) or None. The Triton path is inference-only:
-    when autograd needs gradients the PyTorch path runs, whatever the backend. Its output is
-    channels_last (still NCHW-shaped).
+    folded BatchNorm; residual (B, C_out, Ho, Wo) or None. The Triton and oneDNN paths
+    (:mod:`.onednn`, any odd k) are inference-only: when autograd needs gradients the PyTorch
+    path runs, whatever the backend. Their output is channels_last (still NCHW-shaped).
     """
     route = dispatch('conv_bn_act', backend, (x, weight, scale, shift, residual),
                      triton_limit=lambda: _limit(x, weight, stride, residual),
