@@ -41,14 +41,17 @@ def _dtype_limit(x, weight):
     return None
 
 
+def _equal(a, b):
+    """Whether two optional tensors are both None or equal."""
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
+
+
 def _packed_weight(weight, layout_key, pack, scale=None):
     """``pack(weight scaled per output channel)``, cached until the weight, the scale's values
     or ``layout_key`` change."""
     key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, layout_key)
     cached = _packed.get(weight)
-    if cached is None or cached[0] != key or not (
-            scale is cached[1] is None or scale is not None and cached[1] is not None
-            and torch.equal(scale, cached[1])):
+    if cached is None or cached[0] != key or not _equal(cached[1], scale):
         scaled = weight if scale is None else (
             weight.float() * scale.float().view(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
         cached = (key, None if scale is None else scale.clone(), pack(scaled.detach()))
@@ -73,7 +76,7 @@ def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True):
     padding = [weight.shape[-1] // 2] * 2
     geometry = (padding, [stride, stride], [1, 1], 1)
     packed = _packed_weight(
-        weight, tuple(x.shape),
+        weight, (tuple(x.shape), stride),
         lambda w: torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, list(x.shape)),
         scale)
     bias, unary = shift.to(x.dtype), 'relu' if relu else 'none'
