@@ -73,8 +73,8 @@ def _program(H, N, BLOCK: tl.constexpr):
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-], ieee_configs=[
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+], ieee_configs=[  # 64 x 32 with 4 warps spills
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
 def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, N,
@@ -142,8 +142,8 @@ def _attn_bwd_delta(O, DO, DELTA, H, N,
     dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-], ieee_configs=[
-    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+], ieee_configs=[  # 32 x 64 with 4 warps spills
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, H, N,
@@ -198,8 +198,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, H, N,
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-], ieee_configs=[
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+], ieee_configs=[  # 64 x 32 with 4 warps spills
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, scale, qk_scale, H, N,
