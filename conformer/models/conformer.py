@@ -84,6 +84,17 @@ class Conformer(nn.Module):
     `model.set_dual_head_training()`, train-mode calls return `(conv_logits, trans_logits)`.
     `forward_features` returns `(cnn_map, tokens)`: the final CNN map (B, C, H/32, W/32) and
     the normalised token sequence (B, 1 + N, D) with the class token first.
+
+    Args:
+        patch_size: token stride in input pixels.
+        in_chans: input image channels.
+        num_classes: classes of both heads (0: `model(x)` returns the pooled features).
+        base_channel, channel_ratio: CNN widths are base_channel * channel_ratio * (1, 2, 4).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the transformer branch.
+        stem_type: 'imagenet' (7x7/2 conv + max pool), 'pooled' or 'small' (for tiny images).
+        drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: regularisation.
+        device, dtype: where and in which dtype to create the parameters (timm's
+            `create_model(..., device=, dtype=)`; 'meta' builds without memory).
     """
 
     def __init__(
@@ -103,6 +114,8 @@ class Conformer(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         _check_args(patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
@@ -174,6 +187,8 @@ class Conformer(nn.Module):
 
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -223,12 +238,15 @@ class Conformer(nn.Module):
                              f"pass global_pool=None or 'avg'")
         _check_args(num_classes=num_classes)
         self.num_classes = num_classes
-        self.conv_cls_head = (nn.Linear(self.conv_features, num_classes)
+        # new heads live where the model does (its device, dtype and train/eval mode)
+        like = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.conv_cls_head = (nn.Linear(self.conv_features, num_classes, **like)
                               if num_classes else nn.Identity())
-        self.trans_cls_head = (nn.Linear(self.embed_dim, num_classes)
+        self.trans_cls_head = (nn.Linear(self.embed_dim, num_classes, **like)
                                if num_classes else nn.Identity())
         for head in self.get_classifier():
             head.apply(_init_weights)
+            head.train(self.training)
 
     def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
         """Shared entry of both branches: the CNN stem and the first coupled step."""
