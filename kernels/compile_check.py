@@ -127,7 +127,7 @@ def jobs(archs=(80, 90), dtypes=('float16', 'bfloat16'), head_dims=(64,)):
         for dtype in dtypes:
             for precision in precisions(dtype):
                 work = [('attention', d) for d in head_dims] + [('conv', 0), ('fcu', 0)]
-                for family, head_dim in work:
+                for family, head_dim in work:  # head_dim matters to attention only
                     for case, launch in launches(family, dtype, precision, head_dim).items():
                         n = len(launch.kernel.configs_by_precision[precision])
                         found += [Job(family, case, arch, dtype, precision, head_dim, i)
@@ -150,6 +150,7 @@ def compile_launch(launch, config, arch):
     target = GPUTarget('cuda', arch, 32)
     backend = make_backend(target)
     kwargs = dict(launch.constexprs, **config.all_kwargs())
+    # what JITFunction.run does before it compiles (Triton 3.x internals, no public equivalent)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
