@@ -58,6 +58,8 @@ CASES = [  # tool, arguments ({t}: the test's folder), exit status, part of the 
     ('train', ['hydra.run.dir={t}/earlier'], 1, 'already holds the checkpoints of an earlier'),
     ('train', ['hydra.run.dir={t}/a_file'], 1, 'hydra.run.dir={t}/a_file is a file; choose a'),
     ('eval', [], 1, 'no weights to evaluate'),
+    ('eval', ['device=cuda', 'model.checkpoint={t}/garbage.pth'], 1,
+     'device=cuda but no CUDA GPU is visible; use device=cpu'),
     ('eval', ['checkpoint={t}/garbage.pth'], 1, 'cannot read checkpoint={t}/garbage.pth'),
     ('eval', ['chekpoint={t}/garbage.pth'], 2, "Key 'chekpoint' not in 'EvalConfig'"),
 ]

@@ -29,7 +29,7 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
         describe_from_weights(cfg, 'checkpoint', state['meta'])
     check(cfg)
     set_threads(cfg.threads)
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, 'device')
     amp = resolve_amp(cfg.amp, env.device)
     _, eval_set, classes = build_datasets(cfg.data)
     if state is not None and select_trained_classes(cfg, state, classes):
