@@ -163,11 +163,13 @@ def test_srun_variables_give_the_rank_world_size_and_master(monkeypatch):
     monkeypatch.setenv('SLURM_JOB_ID', '123456')
     monkeypatch.setenv('SLURM_NODELIST', 'gpu[07-08]')
     assert distributed.launch_env() == distributed.Launch(5, 8, 1)
-    assert os.environ['MASTER_ADDR'] == 'gpu07'
-    assert os.environ['MASTER_PORT'] == str(20000 + 123456 % 20000)
+    assert distributed.master_address() == ('gpu07', str(20000 + 123456 % 20000))
+    monkeypatch.setenv('MASTER_PORT', '1234')  # the user's choice wins
+    assert distributed.master_address() == ('gpu07', '1234')
     monkeypatch.setenv('WORLD_SIZE', '2')  # torchrun inside an allocation: its variables win
     monkeypatch.setenv('RANK', '1')
     assert distributed.launch_env() == distributed.Launch(1, 2, 0)
+    assert distributed.master_address() == ('127.0.0.1', '1234')
 
 
 RECORDER = '''

@@ -2,9 +2,10 @@
 
 Every epoch has one global order (a seeded permutation). Step b consumes global batch b;
 rank r takes the r-th contiguous slice of it, which its DataLoader splits into gradient
-accumulation micro-batches. With repeated augmentation the copies of an image within a global
-batch are placed apart, so that they land on different ranks. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the
+accumulation micro-batches. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the
 same images per step, and a resume on any world size continues from the next global batch.
+With repeated augmentation the copies of an image within a global batch are placed apart, so
+that they land on different ranks.
 
 Each sample travels with its own augmentation seed (from the seed, the epoch and its
 position in the global order); `SeededTransform` draws the random augmentation from it.

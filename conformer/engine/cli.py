@@ -190,7 +190,8 @@ def _train(cfg: DictConfig) -> float:
     if launched_rank() != 0:  # one summary per run, from the rank that wrote it
         return result.get('top1', float('nan'))
     if 'top1' not in result:
-        print(f'run {result["status"]} at step {result["step"]} | checkpoint {result["checkpoint"]}')
+        print(f'run {result["status"]} at step {result["step"]} | '
+              f'checkpoint {result["checkpoint"]}')
         return float('nan')
     which = 'EMA' if 'ema_top1' in result else 'model'
     top1 = result['ema_top1'] if which == 'EMA' else result['top1']

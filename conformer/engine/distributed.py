@@ -10,7 +10,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,22 +54,29 @@ def first_host(nodelist: str) -> str:
 
 def launch_env() -> Launch:
     """This process's place in the launch: torchrun's variables first (also when torchrun runs
-    under srun), then srun's, else a single process.
-
-    Under srun, MASTER_ADDR defaults to the first host of the job's node list and MASTER_PORT
-    to a port derived from the job id (so jobs sharing a node do not collide)."""
+    under srun), then srun's, else a single process."""
     env = os.environ
     if 'WORLD_SIZE' in env:
         return Launch(int(env.get('RANK', 0)), int(env['WORLD_SIZE']),
                       int(env.get('LOCAL_RANK', 0)))
     if 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
-        nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') \
-            or env.get('SLURM_NODELIST') or '127.0.0.1'
-        env.setdefault('MASTER_ADDR', first_host(nodes))
-        env.setdefault('MASTER_PORT', str(20000 + int(env.get('SLURM_JOB_ID', 0)) % 20000))
         return Launch(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']),
                       int(env.get('SLURM_LOCALID', 0)))
     return Launch(0, 1, 0)
+
+
+def master_address() -> Tuple[str, str]:
+    """Where rank 0 serves the rendezvous: MASTER_ADDR and MASTER_PORT when set; else under
+    srun the first host of the job's nodes and a port derived from the job id (so jobs sharing
+    a node do not collide); else this host."""
+    env = os.environ
+    if 'WORLD_SIZE' not in env and 'SLURM_PROCID' in env:
+        nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') \
+            or env.get('SLURM_NODELIST') or '127.0.0.1'
+        default = first_host(nodes), str(20000 + int(env.get('SLURM_JOB_ID', 0)) % 20000)
+    else:
+        default = '127.0.0.1', str(_DEFAULT_PORT)
+    return env.get('MASTER_ADDR') or default[0], env.get('MASTER_PORT') or default[1]
 
 
 def launched_rank() -> int:
@@ -82,8 +89,7 @@ def rendezvous_store(launch: Launch) -> dist.Store:
     torchrun's agent store), created once and reused by `init_distributed`."""
     global _store
     if _store is None:
-        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
-        os.environ.setdefault('MASTER_PORT', str(_DEFAULT_PORT))
+        os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = master_address()  # for env://
         _store, _, _ = next(dist.rendezvous('env://', rank=launch.rank,
                                             world_size=launch.world_size))
     return _store
