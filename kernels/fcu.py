@@ -18,7 +18,7 @@ autograd needs one, the PyTorch path runs. NVIDIA compile needs tl.dot blocks >=
 and power-of-two blocks; FCU-down takes at most 1024 output channels (a row in registers).
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from .backend import (Launch, compute_dtype, dispatch, dot_precision, jit, kerne
                       tensor_limit, tl, triton)
 
 
-def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        grid_hw: Tuple[int, int], ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        ln_eps: float) -> torch.Tensor:
     """FCU-down in PyTorch: average pool to ``grid_hw`` (adaptively when the map is not a

@@ -264,8 +264,10 @@ class FCUDown(KernelLayer):
         self.ln = LayerNormEps6(embed_dim)
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        args = (x, self.conv_project.weight, self.conv_project.bias, grid, self.ln.weight,
-                self.ln.bias, self.ln.eps)
+        bias = self.conv_project.bias
+        assert bias is not None  # built with one; TorchScript needs to be told
+        args = (x, self.conv_project.weight, bias, grid, self.ln.weight, self.ln.bias,
+                self.ln.eps)
         if not torch.jit.is_scripting():
             tokens = fcu_down(*args, backend=self.kernel_backend)
         else:
