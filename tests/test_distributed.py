@@ -131,7 +131,11 @@ def _cuda_only_group(rank):
         'all_gather_object': lambda: dist.all_gather_object([None, None], {'rng': rank}),
     }
     for name, helper in helpers.items():
-        # without a GPU the tensor cannot reach the CUDA device the group takes; what matters
+        if torch.cuda.is_available():  # the helpers then run on the GPU(s)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            helper()
+            continue
+        # without GPUs the tensor cannot reach the CUDA device the group takes; what matters
         # is that no helper hands the group a CPU tensor
         with pytest.raises(RuntimeError) as err:
             helper()
