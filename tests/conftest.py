@@ -8,3 +8,6 @@ import ``conformer``. With it, the Triton kernels run on CPU tensors and are tes
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+
+# weight files shared by the weights, convert and download tests (imported after the line above)
+from weight_files import layouts, quickstart, reference  # noqa: E402, F401

@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import conformer  # noqa: F401
-from conformer.weights import known_release, sha256_file
 from conformer.cli.convert import main
+from conformer.weights import known_release, sha256_file
 from conformer.weights.convert import convert
-from test_weights import (CLASSES, NANO, QUICKSTART, by_hand, layouts,  # noqa: F401 (fixtures)
-                          nano, quickstart, reference, to_mmpretrain)
+from weight_files import CLASSES, NANO, QUICKSTART, by_hand, nano, to_mmpretrain
 
 
 def assert_same_model(model, expected, x):

@@ -14,7 +14,7 @@ import torch
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.weights import DownloadError
 from conformer.weights.convert import convert
-from test_weights import NANO, nano, quickstart, to_mmpretrain  # noqa: F401 (fixture)
+from weight_files import NANO, nano, to_mmpretrain
 
 COMMIT = 'a' * 40
 
