@@ -58,8 +58,8 @@ def test_unreadable_checkpoints_name_the_callers_setting_and_the_fix(tmp_path, k
             ckpt.load(tmp_path / name, key)
         assert f'{key}={tmp_path / name}' in str(err.value)
         assert other not in str(err.value)
-    with pytest.raises(ValueError, match=f'not a checkpoint written by conformer-train.*'
-                                         f"lacks 'model'.*model.checkpoint="):
+    with pytest.raises(ValueError, match='not a checkpoint written by conformer-train.*'
+                                         "lacks 'model'.*model.checkpoint="):
         ckpt.load(tmp_path / 'a.pth', key, required=('model', 'step'))
 
 
@@ -67,10 +67,15 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     np.random.normal()  # leaves a cached gaussian in numpy's state
     ckpt.atomic_save({'rng': ckpt.capture_rng()}, tmp_path / 'r.pth')
-    expected = (torch.rand(3), np.random.normal(), np.random.rand(), random.random(), random.gauss(0, 1))
+
+    def draw():
+        return (torch.rand(3), np.random.normal(), np.random.rand(), random.random(),
+                random.gauss(0, 1))
+
+    expected = draw()
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
     ckpt.restore_rng(ckpt.load(tmp_path / 'r.pth')['rng'])
-    again = (torch.rand(3), np.random.normal(), np.random.rand(), random.random(), random.gauss(0, 1))
+    again = draw()
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
 

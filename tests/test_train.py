@@ -79,7 +79,8 @@ def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path)
     summary = json.loads((tmp_path / 'metrics.json').read_text())
     assert summary['top1'] == result['top1'] and summary['count'] == 18
     assert (tmp_path / 'curves.png').stat().st_size > 10_000
-    kinds = [json.loads(line)['kind'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    kinds = [json.loads(line)['kind']
+             for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     assert kinds.count('eval') == 2 and kinds.count('train') >= 4
     ckpts = tmp_path / 'checkpoints'
     assert sorted(p.name for p in ckpts.iterdir()) == ['best.pth', 'last.pth', 'step-00000008.pth']
@@ -97,9 +98,10 @@ def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path)
     assert evaluate_checkpoint(eval_cfg)['top1'] == pytest.approx(result['top1'])
     # predict, export and visualize rebuild the model from the file alone, with the eval
     # split's preprocessing
+    from timm.data import create_transform, resolve_data_config
+
     from conformer.data.transforms import build_transform
     from conformer.predict import create_model, read_image
-    from timm.data import create_transform, resolve_data_config
     rebuilt = create_model(checkpoint=str(ckpts / 'last.pth'))
     image = read_image(folder / 'val' / 'class1' / '0.png', rebuilt.in_chans)
     torch.testing.assert_close(create_transform(**resolve_data_config(model=rebuilt))(image),
@@ -247,7 +249,8 @@ def test_a_resume_with_a_new_schedule_follows_it_from_the_saved_step(folder, sho
     train(compose_cfg(*longer), tmp_path / 'fresh')  # configured so from the start
     resumed, fresh = (load(tmp_path / run / 'checkpoints' / 'last.pth') for run in ('run', 'fresh'))
     assert resumed['scheduler'] == fresh['scheduler']
-    assert resumed['optimizer']['param_groups'][0]['lr'] == fresh['optimizer']['param_groups'][0]['lr']
+    lr = [s['optimizer']['param_groups'][0]['lr'] for s in (resumed, fresh)]
+    assert lr[0] == lr[1]
 
 
 HOLD_LOCK = """
@@ -384,7 +387,8 @@ def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
         return (logits.exp().sum(1).log() - logits[torch.arange(4), target]).mean()
 
     expected = (nll(conv) + nll(trans)) / 2
-    assert torch.allclose(dual_head_loss((conv, trans), target, torch.nn.CrossEntropyLoss()), expected)
+    loss = dual_head_loss((conv, trans), target, torch.nn.CrossEntropyLoss())
+    assert torch.allclose(loss, expected)
 
 
 def wait_for(path: Path, proc, timeout=300):
@@ -431,7 +435,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(folder, tmp_path):
     assert proc.returncode == 0, out
     assert 'run interrupted' in out
     state = load(tmp_path / 'checkpoints' / 'last.pth')
-    assert state['step'] >= 2 and json.loads((tmp_path / 'metrics.json').read_text())['status'] == 'interrupted'
+    assert state['step'] >= 2
+    assert json.loads((tmp_path / 'metrics.json').read_text())['status'] == 'interrupted'
 
 
 def test_a_stop_request_at_the_last_step_still_finishes_the_run(folder, tmp_path, monkeypatch):
@@ -479,7 +484,8 @@ def test_linear_probe_trains_only_the_heads_and_finetune_makes_a_new_head(folder
             assert value.shape[0] == 2
         else:  # weights and BN statistics untouched
             assert torch.equal(value, pretrained[name]), name
-    assert not torch.equal(probed['trans_cls_head.weight'], torch.zeros_like(probed['trans_cls_head.weight']))
+    head = probed['trans_cls_head.weight']
+    assert not torch.equal(head, torch.zeros_like(head))
 
 
 def test_layer_decay_gives_early_blocks_smaller_learning_rates(folder):
@@ -492,8 +498,10 @@ def test_layer_decay_gives_early_blocks_smaller_learning_rates(folder):
         for p in group['params']:
             scales[p] = group['lr_scale']
     named = dict(model.named_parameters())
-    assert scales[named['conv1.weight']] < scales[named['conv_trans_2.cnn_block.conv1.weight']] \
-        < scales[named['conv_trans_6.cnn_block.conv1.weight']] < scales[named['conv_cls_head.weight']] == 1.0
+    ordered = ('conv1.weight', 'conv_trans_2.cnn_block.conv1.weight',
+               'conv_trans_6.cnn_block.conv1.weight', 'conv_cls_head.weight')
+    lrs = [scales[named[name]] for name in ordered]
+    assert lrs == sorted(set(lrs)) and lrs[-1] == 1.0
 
 
 def test_a_hydra_multirun_sweep_runs_every_job(folder, tmp_path):

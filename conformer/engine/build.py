@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import conformer  # noqa: F401  (registers the conformer_* variants with timm)
-from conformer.data import (GlobalBatchSampler, SeededTransform, ShardSampler, build_transform)
+from conformer.data import GlobalBatchSampler, SeededTransform, ShardSampler, build_transform
 
 _logger = logging.getLogger(__name__)
 # where a training checkpoint keeps its EMA weights: timm's key, which

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conformer import runtime
+
 from .distributed import all_sum
 
 _logger = logging.getLogger(__name__)

@@ -6,12 +6,17 @@ preprocessing and classes come from its record, unless set on the command line.
 """
 from typing import Any, Dict, List
 
-import torch
-
 from conformer.data import build_datasets
 from conformer.weights import load_state_dict_checked
-from .build import (build_model, check_classes, describe_from_weights, eval_loader, saved_ema,
-                    set_threads)
+
+from .build import (
+    build_model,
+    check_classes,
+    describe_from_weights,
+    eval_loader,
+    saved_ema,
+    set_threads,
+)
 from .checkpoint import check_data, load
 from .config import check
 from .distributed import init_distributed

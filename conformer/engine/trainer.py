@@ -27,10 +27,13 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 from tqdm import tqdm
 
 from conformer.data import GlobalBatchSampler, build_datasets
@@ -38,13 +41,31 @@ from conformer.models import ConvTransBlock
 from conformer.runtime import keep_freed_memory
 from conformer.weights import load_state_dict_checked
 from conformer.weights.rebuild import weights_record
+
 from . import checkpoint as ckpt
-from .build import (EMA_KEY, build_model, check_classes, describe_from_weights, eval_loader,
-                    freeze_backbone, model_kwargs, saved_ema, set_threads, set_train_mode,
-                    train_loader)
+from .build import (
+    EMA_KEY,
+    build_model,
+    check_classes,
+    describe_from_weights,
+    eval_loader,
+    freeze_backbone,
+    model_kwargs,
+    saved_ema,
+    set_threads,
+    set_train_mode,
+    train_loader,
+)
 from .config import check
-from .distributed import (DistEnv, all_sum, barrier, distribute_bn, init_distributed,
-                          launched_rank, shutdown)
+from .distributed import (
+    DistEnv,
+    all_sum,
+    barrier,
+    distribute_bn,
+    init_distributed,
+    launched_rank,
+    shutdown,
+)
 from .evaluate import autocast, correct_counts, dual_head_loss, evaluate, resolve_amp
 from .logger import RunLogger
 
