@@ -41,7 +41,9 @@ def explicit_keys(cfg) -> Optional[Set[str]]:
 def recorded_settings(record: Dict[str, Any]) -> Dict[str, Any]:
     """The config values a weights record (conformer.weights.weights_record, or a training
     checkpoint's meta) gives: model name, architecture, input channels, preprocessing."""
-    values = {'model.name': record['variant'], 'data.in_chans': record['in_chans']}
+    values = {'model.name': record['variant']}
+    if record.get('in_chans'):
+        values['data.in_chans'] = record['in_chans']
     values.update({f'model.{k}': (record.get('model_kwargs') or {}).get(k) for k in ARCH_KEYS})
     size = record.get('input_size')
     if isinstance(size, (list, tuple)) and size[-1] == size[-2]:  # timm's (chans, H, W)
@@ -51,7 +53,7 @@ def recorded_settings(record: Dict[str, Any]) -> Dict[str, Any]:
     values.update({f'data.{k}': record[k] for k in ('interpolation', 'crop_pct')
                    if record.get(k) is not None})
     values.update({f'data.{k}': list(record[k]) for k in ('mean', 'std')
-                   if record.get(k) and len(record[k]) == record['in_chans']})
+                   if record.get(k) and len(record[k]) == record.get('in_chans')})
     return values
 
 
