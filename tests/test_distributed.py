@@ -195,12 +195,24 @@ for name in ('all_reduce', 'broadcast', 'all_gather', 'all_gather_into_tensor', 
              'reduce_scatter_tensor', 'gather', 'scatter', 'all_to_all', 'barrier',
              'all_gather_object', 'broadcast_object_list', 'gather_object'):
     setattr(dist, name, record(name, getattr(dist, name)))
+# BatchNorm statistics of the trained model before and after each distribute_bn call
+import conformer.engine.trainer as trainer
+averaged = []
+average = trainer.distribute_bn
+
+def distribute_bn(model, *more):
+    name, stat = next((n, b) for n, b in model.named_buffers() if n.endswith('running_mean'))
+    before = stat.tolist()
+    average(model, *more)
+    averaged.append([name, before, stat.tolist()])
+
+trainer.distribute_bn = distribute_bn
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name='__main__')
 finally:
     with open(os.environ['RECORD'] + os.environ['SLURM_PROCID'], 'w') as f:
-        json.dump(seen, f)
+        json.dump(dict(collectives=seen, averaged=averaged), f)
 '''
 
 
@@ -267,8 +279,18 @@ def test_srun_ranks_started_a_second_apart_share_one_run_folder_and_collect_on_t
     state = torch.load(folders[0] / 'checkpoints' / 'last.pth', map_location='cpu',
                        weights_only=True)
     assert state['world_size'] == 2
-    for rank in range(2):
-        seen = json.loads((tmp_path / f'collectives{rank}').read_text())
-        assert any(name == 'all_reduce' for name, _ in seen)  # the recorder saw the run
-        devices = {device for _, device in seen if device is not None}
+    records = [json.loads((tmp_path / f'collectives{rank}').read_text()) for rank in range(2)]
+    for record in records:
+        assert any(name == 'all_reduce' for name, _ in record['collectives'])  # it saw the run
+        devices = {device for _, device in record['collectives'] if device is not None}
         assert devices == {'cpu'}  # env.device of a trainer.device=cpu run
+    # BatchNorm statistics: averaged over the ranks before the eval and the checkpoint, and
+    # the checkpoint holds the average
+    calls = [record['averaged'] for record in records]
+    assert len(calls[0]) == len(calls[1]) >= 2
+    assert calls[0][0][1] != calls[1][0][1]  # each rank's own images gave it its own statistics
+    for (name, before0, after0), (_, before1, after1) in zip(*calls):
+        mean = (torch.tensor(before0, dtype=torch.float64) + torch.tensor(before1)) / 2
+        torch.testing.assert_close(torch.tensor(after0, dtype=torch.float64), mean)
+        assert after0 == after1
+    torch.testing.assert_close(state['model'][name], torch.tensor(after0))
