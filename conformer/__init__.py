@@ -36,8 +36,8 @@ def _load_checkout_folder(name: str) -> None:
 _load_checkout_folder('kernels')
 _load_checkout_folder('configs')
 
+from . import weights  # noqa: E402, F401  (routes timm's pretrained=True for Conformer models)
 from .models import Conformer  # noqa: E402  (needs conformer.kernels)
-from . import weights  # noqa: E402  (routes timm's pretrained=True for Conformer models)
 
 __version__ = '0.1.0'
 __all__ = ['Conformer', '__version__']
