@@ -1,9 +1,10 @@
 """README.md cannot drift from the code: every ```bash and ```python block in it runs here.
 
 The blocks run in README order in one scratch folder, as a reader following the README
-would: later blocks use the run folders and files earlier ones made. A new block is picked
-up by itself. To keep the runs short and offline, the commands are changed only by
-appending arguments (Hydra and argparse both keep the last value of a key):
+would: later blocks use the run folders and files earlier ones made, so select the whole
+file (`-m slow`), not one block. A new block is picked up by itself. To keep the runs short
+and offline, the commands are changed only by appending arguments (Hydra and argparse both
+keep the last value of a key):
 
 - training commands get `trainer.max_steps=2`; train and eval commands that name no
   `data.root` get a Fashion-MNIST copy of 100 training and 10 test images per class, and
@@ -15,8 +16,9 @@ appending arguments (Hydra and argparse both keep the last value of a key):
   names are served from the scratch folder under `HF_ENDPOINT`.
 
 The two set-up commands install software, so they are compared with `.ci/run` (which runs
-the test command first) instead of run; only the quickstart at the end of the first runs. A block the test must not run is
-preceded by `<!-- readme-test: skip REASON -->` and must be listed in NOT_RUN below.
+the test command first) instead of run; only the quickstart at the end of the first runs.
+A block the test must not run is preceded by `<!-- readme-test: skip REASON -->` and must
+be listed in NOT_RUN below.
 """
 import gzip
 import io
@@ -36,10 +38,10 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from test_weights_http import LoopbackServer
 
 import conformer  # noqa: F401  registers the variants
 from conformer.data import fashion_mnist
-from test_weights_http import LoopbackServer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'
@@ -141,7 +143,7 @@ def test_blocks_not_run_are_listed_with_their_reasons():
 def test_the_test_setup_command_is_what_ci_runs_first():
     readme = commands(marked('ci').code)
     assert readme == commands(CI_SCRIPT.read_text())[:len(readme)], (
-        'the README\'s test command must be the first command of .ci/run')
+        "the README's test command must be the first command of .ci/run")
 
 
 def test_the_quickstart_setup_command_installs_as_ci_does_then_trains():
