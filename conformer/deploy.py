@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_map
 
 from conformer import runtime
 
-__all__ = ['InferenceModel', 'fold_batchnorm', 'onednn_runs', 'optimize_for_inference']
+__all__ = ['InferenceModel', 'fold_batchnorm', 'optimize_for_inference']
 
 # (conv, bn) attribute names where the BN is applied straight to the conv's output
 CONV_BNS = (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'),
@@ -83,14 +83,6 @@ def fold_batchnorm(model: nn.Module) -> int:
                 setattr(module, bn_name, nn.Identity())
                 folded += 1
     return folded
-
-
-def onednn_runs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's inner product and convolution take ``dtype`` on this CPU: fp32
-    wherever PyTorch has oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack
-    bf16 weights)."""
-    return torch.backends.mkldnn.is_available() and (
-        dtype != torch.bfloat16 or runtime.native_bf16(torch.device('cpu')))
 
 
 class InferenceModel(nn.Module):
