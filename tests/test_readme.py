@@ -54,6 +54,7 @@ NOT_RUN = {
     'hf upload ORG/nano-fmnist nano-fmnist':
         'uploads to the Hugging Face Hub (needs an account and network)',
     'python tools/bench_kernels.py --out bench.json': 'needs a CUDA GPU',
+    'python tools/gpu_check.py --out gpu_check.json': 'needs a CUDA GPU',
     'torchrun --standalone --nproc_per_node 8 tools/train.py '
     'experiment=imagenet_conformer_base_patch16 data.root=/data/imagenet':
         'needs 8 GPUs and ImageNet',
