@@ -1,7 +1,13 @@
-"""The wheel holds every subpackage, the kernels and the Hydra configs."""
+"""The wheel holds every subpackage, the kernels and the Hydra configs, and declares every
+package the library imports."""
+import ast
 import importlib
-import tomllib
+import importlib.metadata
+import re
+import sys
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +45,26 @@ def test_console_scripts_resolve():
     for name, target in scripts.items():
         module, func = target.split(':')
         assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def _distribution(requirement: str) -> str:
+    return re.sub(r'[-_.]+', '-', re.match(r'[A-Za-z0-9_.\-]+', requirement)[0]).lower()
+
+
+def test_every_imported_package_is_declared():
+    project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+    declared = {_distribution(r) for r in project['dependencies']}
+    declared |= {_distribution(r) for extra in project['optional-dependencies'].values()
+                 for r in extra}
+    imported = set()
+    for path in [*(ROOT / 'conformer').rglob('*.py'), *(ROOT / 'kernels').rglob('*.py')]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split('.')[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split('.')[0])
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {module: providers.get(module)
+                  for module in imported - set(sys.stdlib_module_names) - {'conformer'}
+                  if not declared & {_distribution(d) for d in providers.get(module, [])}}
+    assert not undeclared, f'imported but not in pyproject.toml dependencies: {undeclared}'
