@@ -176,7 +176,7 @@ def _ptxas_number(pattern, log):
 def multiplies_in_64_bits(ttir):
     """Whether Triton IR multiplies in int64: how the kernels scale a batch index by its
     stride, so that offsets past 2**31 do not wrap."""
-    return re.search(r'arith\.muli [^\n]*: (i64|tensor<[0-9x]*xi64>)$', ttir, re.M) is not None
+    return re.search(r'arith\.muli [^\n]*: (i64|tensor<[0-9x]*xi64>)(\s|$)', ttir) is not None
 
 
 def run_job(job, fresh=False):
