@@ -21,8 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from . import onednn
-from .backend import (Launch, compute_dtype, dispatch, dot_precision, kernel, tensor_limit, tl,
-                      triton)
+from .backend import (
+    Launch,
+    compute_dtype,
+    dispatch,
+    dot_precision,
+    kernel,
+    tensor_limit,
+    tl,
+    triton,
+)
 
 
 def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu=True):
@@ -124,7 +132,10 @@ def conv_launch(x, weight, scale, shift, out, stride, residual, relu, precision)
     _, C_out, H_out, W_out = out.shape
     res = out if residual is None else residual  # any strides; a dummy pointer when absent
     M = B * H_out * W_out
-    grid = lambda meta: (triton.cdiv(M, meta['BLOCK_M']) * triton.cdiv(C_out, meta['BLOCK_N']),)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta['BLOCK_M']) * triton.cdiv(C_out, meta['BLOCK_N']),)
+
     args = (x, weight, scale, shift, res, out, M, H, W, C_in, H_out, W_out, C_out,
             *x.stride(), *weight.stride(), *res.stride(), *out.stride())
     return Launch(_conv_bn_act_kernel, grid, args,

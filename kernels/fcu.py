@@ -23,8 +23,18 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .backend import (Launch, compute_dtype, dispatch, dot_precision, jit, kernel, next_pow2,
-                      tensor_limit, tl, triton)
+from .backend import (
+    Launch,
+    compute_dtype,
+    dispatch,
+    dot_precision,
+    jit,
+    kernel,
+    next_pow2,
+    tensor_limit,
+    tl,
+    triton,
+)
 
 
 def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -141,9 +151,9 @@ def _fcu_up_kernel(T, W, BIAS, SCALE, SHIFT, ADD, OUT, M, L, GW, C_IN, C_OUT, PH
     offs_n = pid % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < C_OUT
-    b, l = (offs_m // L).to(tl.int64), offs_m % L  # batch offsets of large inputs pass 2**31
+    b, token = (offs_m // L).to(tl.int64), offs_m % L  # batch offsets of large inputs pass 2**31
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    t_ptrs = T + (b * t_stride_batch + l * t_stride_token)[:, None]
+    t_ptrs = T + (b * t_stride_batch + token * t_stride_token)[:, None]
     for c in range(0, C_IN, BLOCK_K):
         cs = c + offs_k
         c_ok = cs < C_IN
@@ -156,7 +166,7 @@ def _fcu_up_kernel(T, W, BIAS, SCALE, SHIFT, ADD, OUT, M, L, GW, C_IN, C_OUT, PH
     scale = tl.load(SCALE + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     y = tl.maximum((acc + bias[None, :]) * scale[None, :] + shift[None, :], 0.0)
-    y0, x0 = l // GW * PH, l % GW * PW  # top-left pixel of each token's window
+    y0, x0 = token // GW * PH, token % GW * PW  # top-left pixel of each token's window
     add_ptrs = ADD + (b * add_stride_batch + y0 * add_stride_row + x0 * add_stride_col)[:, None] \
         + offs_n[None, :] * add_stride_channel
     out_ptrs = OUT + (b * out_stride_batch + y0 * out_stride_row + x0 * out_stride_col)[:, None] \
@@ -216,8 +226,10 @@ def fcu_down_launch(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, out, p
     args = (x, weight, bias, ln_weight, ln_bias, out, B * L, L, grid_hw[1], C_in, C_out,
             H // grid_hw[0], W // grid_hw[1], ln_eps, *x.stride(), weight.stride(0),
             weight.stride(1))
-    return Launch(_fcu_down_kernel, lambda meta: (triton.cdiv(B * L, meta['BLOCK_M']),), args,
-                  dict(HEAD_N=head, TAIL_N=tail, PRECISION=precision))
+    def grid(meta):
+        return (triton.cdiv(B * L, meta['BLOCK_M']),)
+
+    return Launch(_fcu_down_kernel, grid, args, dict(HEAD_N=head, TAIL_N=tail, PRECISION=precision))
 
 
 def fcu_up_launch(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, out,
@@ -225,7 +237,10 @@ def fcu_up_launch(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add
     """FCU-up's :class:`Launch` writing ``out``; ``precision`` as from ``dot_precision``."""
     B, L, C_in = tokens.shape
     C_out = weight.shape[0]
-    grid = lambda meta: (triton.cdiv(B * L, meta['BLOCK_M']) * triton.cdiv(C_out, meta['BLOCK_N']),)
+
+    def grid(meta):
+        return (triton.cdiv(B * L, meta['BLOCK_M']) * triton.cdiv(C_out, meta['BLOCK_N']),)
+
     args = (tokens, weight, bias, bn_scale, bn_shift, add_to, out, B * L, L, grid_hw[1], C_in,
             C_out, out_hw[0] // grid_hw[0], out_hw[1] // grid_hw[1], *tokens.stride(),
             weight.stride(0), weight.stride(1), *add_to.stride(), *out.stride())

@@ -20,8 +20,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .backend import (Launch, dispatch, dot_precision, jit, kernel, next_pow2, tensor_limit, tl,
-                      triton)
+from .backend import (
+    Launch,
+    dispatch,
+    dot_precision,
+    jit,
+    kernel,
+    next_pow2,
+    tensor_limit,
+    tl,
+    triton,
+)
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
@@ -77,7 +86,7 @@ def _program(H, N, BLOCK: tl.constexpr):
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
 ])
-def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, N,
+def _attn_fwd(Q, K, V, OUT, LSE, qk_scale, H, N,
               q_stride_batch, q_stride_head, q_stride_token, q_stride_dim,
               k_stride_batch, k_stride_head, k_stride_token, k_stride_dim,
               v_stride_batch, v_stride_head, v_stride_token, v_stride_dim,
@@ -113,14 +122,14 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale, H, N,
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    o_ptrs = _tile_ptrs(O + b * o_stride_batch + h * o_stride_head, rows, offs_d,
+    o_ptrs = _tile_ptrs(OUT + b * o_stride_batch + h * o_stride_head, rows, offs_d,
                         o_stride_token, o_stride_dim)
-    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * N + rows, m_i + tl.log2(l_i), mask=rows < N)
 
 
 @kernel(key=['N', 'HEAD_DIM'], interpret=dict(BLOCK_M=128), configs=[dict(BLOCK_M=64, num_warps=4)])
-def _attn_bwd_delta(O, DO, DELTA, H, N,
+def _attn_bwd_delta(OUT, DO, DELTA, H, N,
                     o_stride_batch, o_stride_head, o_stride_token, o_stride_dim,
                     do_stride_batch, do_stride_head, do_stride_token, do_stride_dim,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -129,7 +138,7 @@ def _attn_bwd_delta(O, DO, DELTA, H, N,
     rows = first_row + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = _tile_mask(rows, N, offs_d, HEAD_DIM)
-    o_ptrs = _tile_ptrs(O + b * o_stride_batch + h * o_stride_head, rows, offs_d,
+    o_ptrs = _tile_ptrs(OUT + b * o_stride_batch + h * o_stride_head, rows, offs_d,
                         o_stride_token, o_stride_dim)
     do_ptrs = _tile_ptrs(DO + b * do_stride_batch + h * do_stride_head, rows, offs_d,
                          do_stride_token, do_stride_dim)
