@@ -118,7 +118,10 @@ def test_fcu_kernels_cast_fp32_weights_to_the_compute_dtype(autocast):
     """Mixed precision: fp32 conv weights meet fp16 activations (or fp16 autocast), and the
     kernels still run, in fp16, instead of refusing the dtypes."""
     torch.manual_seed(0)
-    half = lambda args, i: [a.half() if j in i else a for j, a in enumerate(args)]
+
+    def half(args, i):
+        return [a.half() if j in i else a for j, a in enumerate(args)]
+
     down = _down_args(2, 24, 8, 12, 40, (2, 3), torch.float32)
     up = half(_up_args(2, (3, 5), 40, 24, (9, 15), torch.float32), (7,))  # add_to: a CNN map
     if autocast:
@@ -128,8 +131,7 @@ def test_fcu_kernels_cast_fp32_weights_to_the_compute_dtype(autocast):
         got_down = fcu_down(*half(down, (0,)), backend='triton')
         got_up = fcu_up(*half(up, (0,)), backend='triton')
     assert got_down.dtype == got_up.dtype == torch.float16
-    rounded = lambda args, i: _fp64(half(args, i))
-    torch.testing.assert_close(got_down.double(), fcu_down_reference(*rounded(down, (0, 1))),
+    torch.testing.assert_close(got_down.double(), fcu_down_reference(*_fp64(half(down, (0, 1)))),
                                **TOL[torch.float16])
-    torch.testing.assert_close(got_up.double(), fcu_up_reference(*rounded(up, (0, 2, 7))),
+    torch.testing.assert_close(got_up.double(), fcu_up_reference(*_fp64(half(up, (0, 2, 7)))),
                                **TOL[torch.float16])

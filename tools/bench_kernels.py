@@ -111,8 +111,10 @@ def conv_cases(device, dtype, batch, smoke):
     cases = []
     for H, C_in, C_out, k, stride, residual in CONV_SMOKE_SHAPES if smoke else CONV_SHAPES:
         B, H_out = batch, (H - 1) // stride + 1
-        nhwc = lambda *shape: torch.randn(shape, device=device, dtype=dtype).to(
-            memory_format=torch.channels_last)
+        def nhwc(*shape):
+            return torch.randn(shape, device=device, dtype=dtype).to(
+                memory_format=torch.channels_last)
+
         x = nhwc(B, C_in, H, H)
         weight = nhwc(C_out, C_in, k, k) / (C_in * k * k) ** 0.5
         res = nhwc(B, C_out, H_out, H_out) if residual else None
@@ -227,8 +229,11 @@ def run(args):
                 targets=TARGETS, results=rows)
 
 
+def _blank_or(value, spec=''):
+    return '' if value is None else format(value, spec)
+
+
 def print_table(report):
-    fmt = lambda v, spec: '' if v is None else format(v, spec)
     header = f"{'suite':<9} {'case':<44} {'impl':<32} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} " \
              f"{'%flops':>6} {'%bw':>5} {'speedup':>7} {'max err':>8}"
     print(f"{report['device']}, {report['dtype']}")
@@ -236,8 +241,8 @@ def print_table(report):
     print('-' * len(header))
     for r in report['results']:
         print(f"{r['suite']:<9} {r['case']:<44} {r['impl']:<32} {r['ms']:>9.3f} "
-              f"{r['tflops']:>8.2f} {r['gbs']:>8.1f} {fmt(r['pct_peak_flops'], '.1f'):>6} "
-              f"{fmt(r['pct_peak_bw'], '.1f'):>5} {fmt(r['speedup'], '.2f'):>7} "
+              f"{r['tflops']:>8.2f} {r['gbs']:>8.1f} {_blank_or(r['pct_peak_flops'], '.1f'):>6} "
+              f"{_blank_or(r['pct_peak_bw'], '.1f'):>5} {_blank_or(r['speedup'], '.2f'):>7} "
               f"{r['max_abs_err']:>8.1e}")
 
 
@@ -253,11 +258,10 @@ def compile_only(args):
              f"{'smem':>7} {'spills':>6}"
     print(header)
     print('-' * len(header))
-    fmt = lambda v: '' if v is None else str(v)
     for r in results:
         dtype = r['dtype'] + ('/ieee' if r['precision'] == 'ieee' else '')
         print(f"{r['case']:<44} sm_{r['arch']:<2} {dtype:<14} {r['config_name']:<48} "
-              f"{fmt(r['regs']):>4} {fmt(r['shared']):>7} {fmt(r['spills']):>6}"
+              f"{_blank_or(r['regs']):>4} {_blank_or(r['shared']):>7} {_blank_or(r['spills']):>6}"
               + ('' if r['error'] is None else f"  FAILED {r['error'].splitlines()[0]}"))
     homeless = [' '.join(map(str, key)) for key, (_, fits) in kept.items() if not fits]
     for case in homeless:

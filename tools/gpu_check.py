@@ -90,6 +90,10 @@ def conv_errors(dtype):
     return errors
 
 
+def _fp64(args):
+    return [a.double() if torch.is_tensor(a) else a for a in args]
+
+
 def fcu_errors(dtype):
     from conformer.kernels import fcu_down, fcu_up
     from conformer.kernels.compile_check import FCU_EMBED_DIMS
@@ -107,12 +111,11 @@ def fcu_errors(dtype):
                   torch.randn(C_map, C_tok, 1, 1, **new) / C_tok**0.5, torch.randn(C_map, **new),
                   torch.rand(C_map, device=DEVICE) + 0.5, torch.randn(C_map, device=DEVICE),
                   (size, size), x)
-            wide = lambda args: [a.double() if torch.is_tensor(a) else a for a in args]
             case = f'{size}x{size}x{C_map} <-> 14x14x{C_tok}'
             errors[f'fcu_down {case}'] = relative_error(fcu_down(*down, backend='triton'),
-                                                        fcu_down_reference(*wide(down)))
+                                                        fcu_down_reference(*_fp64(down)))
             errors[f'fcu_up {case}'] = relative_error(fcu_up(*up, backend='triton'),
-                                                      fcu_up_reference(*wide(up)))
+                                                      fcu_up_reference(*_fp64(up)))
     return errors
 
 
@@ -186,11 +189,13 @@ def check_bench():
                        check=True)
         report = json.loads(out.read_text())
     rows = [r for r in report['results'] if r['impl'] == 'triton']
-    speedups = lambda suite, prefix='': [r['speedup'] for r in rows
-                                         if r['suite'] == suite and r['case'].startswith(prefix)]
-    geomean = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
-    targets = {'attention': (geomean(speedups('attention', 'fwd ')), 1.0),
-               'conv': (geomean(speedups('conv')), 1.2)}
+
+    def geomean_speedup(suite, prefix=''):
+        xs = [r['speedup'] for r in rows if r['suite'] == suite and r['case'].startswith(prefix)]
+        return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+    targets = {'attention': (geomean_speedup('attention', 'fwd '), 1.0),
+               'conv': (geomean_speedup('conv'), 1.2)}
     met = {name: value is not None and value >= goal for name, (value, goal) in targets.items()}
     return all(met.values()), dict(speedups={k: v for k, (v, _) in targets.items()}, met=met,
                                    targets=report['targets'], device=report['device'])
