@@ -10,8 +10,8 @@ changes, or, for convolutions, the input shape does.
 
 Inference only: :func:`.backend.dispatch` sends calls that need autograd to PyTorch. Under
 torch.compile, convolutions are left to inductor, whose freezing packs weights itself, and
-linears run as the custom op ``conformer::onednn_linear`` on the plain weight (freezing makes
-it a constant).
+fp32 linears run as the custom op ``conformer::onednn_linear`` on the plain weight (freezing
+makes it a constant); bf16 linears are left to inductor too.
 """
 
 from typing import Optional
@@ -89,6 +89,8 @@ def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True):
 
 def linear_limit(x, weight):
     """None if :func:`linear` takes these inputs, else the reason."""
+    if torch.compiler.is_compiling() and x.dtype == torch.bfloat16:
+        return 'under torch.compile, inductor packs bf16 linear weights itself'
     return _dtype_limit(x, weight)
 
 
