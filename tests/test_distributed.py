@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
+from image_folders import make_folder
 
 from conformer.data import GlobalBatchSampler
 from conformer.engine import distributed
@@ -227,22 +227,9 @@ def listening(port: int) -> bool:
     return False
 
 
-def make_images(root: Path, classes=3, per_class=8, size=16) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (('train', per_class), ('val', per_class // 2)):
-        for c in range(classes):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-                pixels[..., c] = 220
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
-
-
 def test_srun_ranks_started_a_second_apart_share_one_run_folder_and_collect_on_the_device(
         tmp_path):
-    images = make_images(tmp_path / 'images')
+    images = make_folder(tmp_path / 'images', per_class=8)
     (tmp_path / 'recorder.py').write_text(RECORDER)
     work = tmp_path / 'work'
     work.mkdir()

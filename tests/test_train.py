@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
+from image_folders import make_folder
 
 from conformer.engine.cli import config_dir
 from conformer.engine.trainer import train
@@ -28,22 +27,6 @@ TINY = ['model=conformer_nano_patch4',
         'data.num_workers=0', 'data.batch_size=8', 'aug=small', 'aug.pad=2', 'aug.re_prob=0.5',
         'optim.lr=3e-3', 'trainer.threads=1', 'trainer.deterministic=true', 'trainer.ema=true',
         'trainer.ema_decay=0.9', 'logging.progress=false', 'logging.every_steps=2']
-
-
-def make_folder(root: Path, classes=3, per_class=12, size=16) -> Path:
-    """Each class is a noisy image of its own colour: learnable in a few steps."""
-    rng = np.random.default_rng(0)
-    for split, n in (('train', per_class), ('val', per_class // 2)):
-        for c in range(classes):
-            folder = root / split / f'class{c}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = np.zeros((size, size, 3))
-                base[..., c % 3] = 200
-                noise = rng.normal(0, 40, (size, size, 3))
-                Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(
-                    folder / f'{i}.png')
-    return root
 
 
 @pytest.fixture(scope='module')
