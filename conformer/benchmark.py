@@ -200,7 +200,7 @@ def unavailable(mode: str, device: torch.device) -> Optional[str]:
 
 def _build_modes(model: nn.Module, modes: Sequence[str], compile: bool, device: torch.device,
                  training: bool) -> Dict[str, nn.Module]:
-    """Each mode's model, for the modes this machine runs (see :func:`unavailable`)."""
+    """Each mode's model, for the modes the device can run (see :func:`unavailable`)."""
     built = {}
     for mode in modes:
         if unavailable(mode, device):
