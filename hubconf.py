@@ -9,7 +9,7 @@ import timm
 
 import conformer  # noqa: F401  (registers the variants)
 
-dependencies = ["torch", "timm"]
+dependencies = ['torch', 'timm']
 
 for _name in timm.list_models('conformer_*'):
     globals()[_name] = partial(timm.create_model, _name)

@@ -132,19 +132,19 @@ def dispatch(op, backend, tensors, triton_limit=None, onednn_limit=None, differe
     if name == 'auto':
         return 'triton' if triton is not None and on_cuda and triton_limit() is None else 'torch'
     if triton is None:
-        raise RuntimeError(f'{op}: backend=\'triton\' needs the triton package, which is not '
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package, which is not "
                            'installed; install it (it ships with CUDA builds of PyTorch) or use '
-                           'backend=\'auto\'')
+                           "backend='auto'")
     if not on_cuda and not INTERPRET:
         devices = sorted({str(t.device) for t in tensors})
         raise RuntimeError(f'{op}: backend=\'triton\' got tensors on {", ".join(devices)}; move '
                            'them to a CUDA device, or set TRITON_INTERPRET=1 in the environment '
                            'before importing conformer to run the kernels on CPU (slow, for '
-                           'tests), or use backend=\'auto\'')
+                           "tests), or use backend='auto'")
     reason = triton_limit()
     if reason is not None:
-        raise ValueError(f'{op}: backend=\'triton\' cannot run this input: {reason}; '
-                         'use backend=\'auto\' to fall back to PyTorch for it')
+        raise ValueError(f"{op}: backend='triton' cannot run this input: {reason}; "
+                         "use backend='auto' to fall back to PyTorch for it")
     return 'triton'
 
 

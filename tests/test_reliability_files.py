@@ -24,7 +24,7 @@ from conformer.engine import checkpoint as ckpt
 from conformer.weights import CheckpointError, load_weights, model_from_weights, read_checkpoint
 
 NANO = 'conformer_nano_patch4'
-# the two callers of the engine's reader: resume (trainer.py) and eval (evaluator.py)
+# the two callers of the engine's reader: resume (trainer.py) and eval (evaluate.py)
 READERS = [('trainer.resume', ckpt.TRAIN_STATE), ('checkpoint', ('model',))]
 
 

@@ -73,7 +73,7 @@ def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path)
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in state['model'])
     assert state['meta']['variant'] == 'conformer_nano_patch4' and state['meta']['num_classes'] == 3
     # the weights rebuild the model; its summed-head accuracy on val is the recorded one
-    from conformer.engine.evaluator import evaluate_checkpoint
+    from conformer.engine.evaluate import evaluate_checkpoint
     with initialize_config_dir(config_dir(), version_base='1.3'):
         eval_cfg = compose('eval', overrides=[
             *[o for o in TINY if o.split('=')[0].split('.')[0] in ('model', 'data', 'aug')],
@@ -179,7 +179,7 @@ def test_a_resume_that_cannot_continue_the_run_fails_before_training(folder, sho
 ])
 def test_eval_checkpoint_errors_name_evals_own_setting(folder, short_run, checkpoint, overrides,
                                                        error, message):
-    from conformer.engine.evaluator import evaluate_checkpoint
+    from conformer.engine.evaluate import evaluate_checkpoint
     cfg = compose_eval(f'data.root={folder}', f'checkpoint={short_run / checkpoint}', *overrides)
     with pytest.raises(error, match=message) as err:
         evaluate_checkpoint(cfg)
@@ -197,7 +197,7 @@ def other_classes(folder, tmp_path_factory):
 
 
 def test_resume_and_eval_refuse_data_with_other_class_names(short_run, other_classes, tmp_path):
-    from conformer.engine.evaluator import evaluate_checkpoint
+    from conformer.engine.evaluate import evaluate_checkpoint
     names = r'trained on the classes \[class0, class1, class2\], the configured data has ' \
             r'\[kind0, kind1, kind2\]'
     last = short_run / 'checkpoints' / 'last.pth'
@@ -265,7 +265,7 @@ def test_a_run_folder_belongs_to_one_process_at_a_time(folder, tmp_path):
 
 def test_ema_weights_are_where_timm_finds_them_and_old_files_still_read(folder, short_run,
                                                                        tmp_path):
-    from conformer.engine.evaluator import evaluate_checkpoint
+    from conformer.engine.evaluate import evaluate_checkpoint
     last = short_run / 'checkpoints' / 'last.pth'
     state = load(last)
     model = timm.create_model('conformer_nano_patch4', num_classes=3, base_channel=8, embed_dim=16,
@@ -326,7 +326,7 @@ def compose_as_typed(config, *overrides):
 
 def test_eval_takes_model_preprocessing_and_classes_from_the_checkpoint(short_run, tmp_path,
                                                                         caplog):
-    from conformer.engine.evaluator import evaluate_checkpoint
+    from conformer.engine.evaluate import evaluate_checkpoint
     last = short_run / 'checkpoints' / 'last.pth'
     trained = json.loads((short_run / 'metrics.json').read_text())
     # the data has a fourth class: the three the model was trained on are evaluated

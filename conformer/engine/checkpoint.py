@@ -20,8 +20,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from conformer.weights.checkpoint import (CheckpointError, read_file,
-                                         remove_stale_tmp_files, tensors_in)
+from conformer.weights.reader import CheckpointError, read_file, remove_stale_tmp_files, tensors_in
 
 _logger = logging.getLogger(__name__)
 

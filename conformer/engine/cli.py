@@ -203,7 +203,7 @@ def _train(cfg: DictConfig) -> float:
 
 
 def _eval(cfg: DictConfig) -> float:
-    from .evaluator import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
     result = evaluate_checkpoint(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / 'eval.json').write_text(json.dumps(result, indent=2) + '\n')

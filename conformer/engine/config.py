@@ -18,6 +18,7 @@ from timm.models import parse_model_name
 from timm.optim import list_optimizers
 
 from conformer.models import check_model_name
+
 from .build import model_kwargs
 from .distributed import launch_env
 

@@ -10,19 +10,26 @@ so its checkpoints load with `load_state_dict` as they are.
 """
 import logging
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.fx
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import (adapt_input_conv, build_model_with_cfg, clean_state_dict,
-                         generate_default_cfgs, list_models, list_pretrained, parse_model_name,
-                         register_model, split_model_name_tag)
+from timm.models import (
+    adapt_input_conv,
+    build_model_with_cfg,
+    clean_state_dict,
+    generate_default_cfgs,
+    list_models,
+    list_pretrained,
+    parse_model_name,
+    register_model,
+    split_model_name_tag,
+)
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from conformer.kernels import BACKENDS
 from conformer.layers import ConvBlock, FCUDown, FCUUp, KernelLayer, TransformerBlock
@@ -196,7 +203,8 @@ class Conformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """Parameter groups for layer-wise lr decay: block i = conv_1/trans_1 (i=1) or conv_trans_i."""
+        """Parameter groups for layer-wise lr decay: block i is conv_1/trans_1 (i=1) or
+        conv_trans_i."""
         return dict(
             stem=r'^cls_token|^conv1|^bn1|^trans_patch_conv',
             blocks=[(r'^(?:conv|trans)_(1)\.', None), (r'^conv_trans_(\d+)', None),
@@ -221,7 +229,8 @@ class Conformer(nn.Module):
         """Pin this model's kernels to 'auto' | 'triton' | 'torch' | 'onednn' (None: follow
         `conformer.kernels.set_backend` / `use_backend`)."""
         if backend is not None and backend not in BACKENDS:
-            raise ValueError(f'unknown kernel backend {backend!r}; choose one of {BACKENDS} or None')
+            raise ValueError(f'unknown kernel backend {backend!r}; choose one of {BACKENDS} '
+                             'or None')
         for module in self.modules():
             if isinstance(module, KernelLayer):
                 module.kernel_backend = backend
@@ -265,7 +274,7 @@ class Conformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x, x_t, grid = self._stem(x)
         for _, block in self.named_children():
-            if hasattr(block, "squeeze_block"):  # a ConvTransBlock
+            if hasattr(block, 'squeeze_block'):  # a ConvTransBlock
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
                 else:
@@ -315,7 +324,7 @@ class Conformer(nn.Module):
         intermediates: List[torch.Tensor] = []
         x, x_t, grid = self._stem(x)
         for name, block in self.named_children():
-            if hasattr(block, "squeeze_block"):  # a ConvTransBlock
+            if hasattr(block, 'squeeze_block'):  # a ConvTransBlock
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, x_t = checkpoint(block, x, x_t, grid, use_reentrant=False)
                 else:
@@ -396,7 +405,8 @@ _MMPRETRAIN_BLOCK_NAMES = {
 
 
 def _from_mmpretrain_key(key: str) -> str:
-    """`backbone.trans_1.ffn.layers.1.weight` -> `trans_1.mlp.fc2.weight`; all else is the paper's."""
+    """`backbone.trans_1.ffn.layers.1.weight` -> `trans_1.mlp.fc2.weight`; all other keys are
+    the paper's."""
     key = key.removeprefix('backbone.').removeprefix('head.')
     return _MMPRETRAIN_BLOCK_KEY.sub(lambda m: f'{m[1]}.{_MMPRETRAIN_BLOCK_NAMES[m[2]]}.', key)
 
@@ -415,7 +425,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     state_dict = clean_state_dict(state_dict)
     if any(k.startswith('backbone.') for k in state_dict):
         state_dict = {_from_mmpretrain_key(k): v for k, v in state_dict.items()}
-        _logger.info('Renamed mmpretrain Conformer keys to the paper\'s')
+        _logger.info("Renamed mmpretrain Conformer keys to the paper's")
     target = model.state_dict()
 
     stem, want = state_dict.get('conv1.weight'), target['conv1.weight']

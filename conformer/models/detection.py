@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional, Type
 
 import timm
 import torch
-from torch import nn
 from timm.models import group_parameters, split_model_name_tag
+from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -63,7 +63,7 @@ class ConformerFPN(nn.Module):
         if strides != DETECTION_STRIDES:
             raise ValueError(
                 f'the detection backbone needs CNN-branch taps at strides {DETECTION_STRIDES}, '
-                f'but this Conformer has them at {strides}; use stem_type=\'imagenet\' '
+                f"but this Conformer has them at {strides}; use stem_type='imagenet' "
                 f'(the stride-4 stem)')
         if not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f'out_channels must be a positive integer, got {out_channels!r}')
@@ -127,7 +127,7 @@ def _build_detector(detector_cls: Type[FasterRCNN], num_classes: Optional[int], 
                     kwargs: Dict[str, Any]) -> FasterRCNN:
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
         raise ValueError(f'num_classes counts the background class too: for K object classes '
-                         f'pass K + 1 (91 for COCO in torchvision\'s numbering); '
+                         f"pass K + 1 (91 for COCO in torchvision's numbering); "
                          f'got {num_classes!r}')
     backbone = conformer_fpn_backbone(variant, pretrained_backbone, **(backbone_kwargs or {}))
     cfg = backbone.body.pretrained_cfg

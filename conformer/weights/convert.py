@@ -25,8 +25,8 @@ from typing import List, Optional, Union
 import torch
 from timm.models import get_pretrained_cfg, save_for_hf
 
-from .checkpoint import EMA_KEYS, Checkpoint
 from .download import sha256_file
+from .reader import EMA_KEYS, Checkpoint
 from .rebuild import model_from_weights
 
 __all__ = ['OUT_FILES', 'convert', 'model_card']

@@ -23,11 +23,14 @@ from urllib.parse import urlparse
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
-from huggingface_hub.utils import (EntryNotFoundError, LocalEntryNotFoundError,
-                                   are_progress_bars_disabled)
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    are_progress_bars_disabled,
+)
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, remove_stale_tmp_files
+from .reader import CheckpointError, remove_stale_tmp_files
 
 __all__ = ['DownloadError', 'default_cache_dir', 'fetch_url', 'fetch_hf', 'find_weights_file',
            'sha256_file']

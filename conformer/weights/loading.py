@@ -24,8 +24,8 @@ from timm.models import _builder
 from conformer.models import Conformer
 from conformer.models.conformer import STEM_STRIDES, checkpoint_filter_fn
 
-from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .download import fetch_hf, fetch_url, find_weights_file
+from .reader import Checkpoint, CheckpointError, read_checkpoint
 
 __all__ = ['weights_file', 'load_weights', 'load_state_dict_checked', 'describe_architecture',
            'install_timm_loader']

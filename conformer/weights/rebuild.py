@@ -18,9 +18,9 @@ from torch import nn
 
 from conformer.models import check_model_name
 
-from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .download import DownloadError, fetch_hf
 from .loading import describe_architecture, load_state_dict_checked, plain_keys, weights_file
+from .reader import Checkpoint, CheckpointError, read_checkpoint
 
 __all__ = ['model_from_weights', 'known_release', 'weights_record']
 
