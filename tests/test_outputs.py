@@ -1,11 +1,11 @@
-"""conformer.outputs.writable_file: output paths are checked before the work, the check
+"""conformer.cli.outputs.writable_file: output paths are checked before the work, the check
 leaves nothing behind, and an output is never one of the inputs."""
 import os
 import re
 
 import pytest
 
-from conformer.outputs import refuse_inputs, writable_file
+from conformer.cli.outputs import refuse_inputs, writable_file
 
 
 def test_a_new_file_in_new_folders_is_fine_and_the_probe_is_removed(tmp_path):

@@ -14,6 +14,7 @@ Each module parses arguments and prints; the work is done by the library
 (:mod:`conformer.predict`, :mod:`conformer.viz`, :mod:`conformer.export`,
 :mod:`conformer.weights.convert`, :mod:`conformer.benchmark`, :mod:`conformer.models.profile`).
 :mod:`conformer.cli.common` holds what several tools share: the model and weights options,
-finding images, and output paths checked before any work (never one of the tool's inputs).
+finding images, and output paths checked before any work; :mod:`conformer.cli.outputs` makes
+sure an output is never one of the tool's inputs.
 ``tools/*.py`` run the same mains from a source checkout.
 """

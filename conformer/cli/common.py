@@ -6,8 +6,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
+from conformer.cli.outputs import writable_file
 from conformer.data import IMAGE_SUFFIXES
-from conformer.outputs import writable_file
 from conformer.predict import DEFAULT_MODEL, create_model
 from conformer.weights import DownloadError
 
@@ -72,7 +72,7 @@ def find_images(paths: Sequence[Union[str, Path]]) -> List[Path]:
 
 def output_file(parser: argparse.ArgumentParser, path: Union[str, Path], flag: str,
                 inputs: Iterable[Optional[Union[str, Path]]] = ()) -> Path:
-    """:func:`conformer.outputs.writable_file`, a usage error (exit status 2) if it fails.
+    """:func:`conformer.cli.outputs.writable_file`, a usage error (exit status 2) if it fails.
 
     Args:
         parser: the tool's parser, which reports the error.

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from conformer.outputs import refuse_inputs
+from conformer.cli.outputs import refuse_inputs
 from conformer.weights import DownloadError
 from conformer.weights.convert import OUT_FILES, convert
 
