@@ -35,7 +35,17 @@ from .backend import (
 
 def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu=True):
     """Conv + folded BatchNorm + residual + ReLU in PyTorch: F.conv2d in x's dtype (autocast's
-    when on), per-channel affine, residual add, ReLU."""
+    when on), per-channel affine, residual add, ReLU.
+
+    Args:
+        x: input (B, C_in, H, W).
+        weight: conv weight (C_out, C_in, k, k), k odd; cast to x's dtype.
+        scale: (C_out,) per-channel multiplier from the folded BatchNorm.
+        shift: (C_out,) per-channel offset from the folded BatchNorm.
+        stride: conv stride; padding is k // 2.
+        residual: (B, C_out, Ho, Wo) added before the ReLU, or None.
+        relu: apply ReLU to the result.
+    """
     y = F.conv2d(x, weight.to(x.dtype), stride=stride, padding=weight.shape[-1] // 2)
     y = y * scale.to(y.dtype)[:, None, None] + shift.to(y.dtype)[:, None, None]
     if residual is not None:
@@ -156,10 +166,19 @@ def _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu):
 def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True, backend=None):
     """ReLU?(conv2d(x, weight, stride, padding=k//2) * scale + shift + residual?), NCHW in and out.
 
-    x (B, C_in, H, W); weight (C_out, C_in, k, k), k in {1, 3}; scale, shift (C_out,) from the
-    folded BatchNorm; residual (B, C_out, Ho, Wo) or None. The Triton and oneDNN paths
-    (:mod:`.onednn`, any odd k) are inference-only: when autograd needs gradients the PyTorch
-    path runs, whatever the backend. Their output is channels_last (still NCHW-shaped).
+    The Triton and oneDNN paths (:mod:`.onednn`, any odd k) are inference-only: when autograd
+    needs gradients the PyTorch path runs, whatever the backend. Their output is channels_last
+    (still NCHW-shaped).
+
+    Args:
+        x: input (B, C_in, H, W).
+        weight: conv weight (C_out, C_in, k, k), k in {1, 3}; no bias.
+        scale: (C_out,) per-channel multiplier from the folded BatchNorm.
+        shift: (C_out,) per-channel offset from the folded BatchNorm.
+        stride: conv stride (1 or 2 on the Triton path); padding is k // 2.
+        residual: (B, C_out, Ho, Wo) added before the ReLU, or None.
+        relu: apply ReLU to the result.
+        backend: overrides the default backend (see :mod:`conformer.kernels.backend`).
     """
     route = dispatch('conv_bn_act', backend, (x, weight, scale, shift, residual),
                      triton_limit=lambda: _limit(x, weight, stride, residual),

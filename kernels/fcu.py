@@ -43,7 +43,17 @@ def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """FCU-down in PyTorch: average pool to ``grid_hw`` (adaptively when the map is not a
     multiple of it), 1x1 conv, LayerNorm, GELU. The paper's code convolves before pooling; both
     are linear and the pool's weights sum to one, so pooling first is the same function with
-    (grid / map)^2 of the conv's work."""
+    (grid / map)^2 of the conv's work.
+
+    Args:
+        x: CNN map (B, C_in, H, W).
+        weight: 1x1 conv weight (C_out, C_in, 1, 1); cast to x's dtype.
+        bias: conv bias (C_out,).
+        grid_hw: (Hg, Wg), the token grid.
+        ln_weight: LayerNorm weight (C_out,).
+        ln_bias: LayerNorm bias (C_out,).
+        ln_eps: LayerNorm epsilon.
+    """
     x = F.conv2d(F.adaptive_avg_pool2d(x, grid_hw), weight.to(x.dtype), bias.to(x.dtype))
     x = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], ln_weight, ln_bias, ln_eps)
     return F.gelu(x)
@@ -51,7 +61,18 @@ def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to):
     """FCU-up in PyTorch: tokens to a map, 1x1 conv in the tokens' dtype (autocast's when on),
-    affine, ReLU, nearest upsample, add."""
+    affine, ReLU, nearest upsample, add.
+
+    Args:
+        tokens: (B, Hg*Wg, C_in), without the class token.
+        grid_hw: (Hg, Wg), the token grid.
+        weight: 1x1 conv weight (C_out, C_in, 1, 1).
+        bias: conv bias (C_out,).
+        bn_scale: (C_out,) per-channel multiplier from the folded BatchNorm.
+        bn_shift: (C_out,) per-channel offset from the folded BatchNorm.
+        out_hw: (H, W), the size the map is upsampled to.
+        add_to: (B, C_out, H, W) map the result is added to (not modified).
+    """
     x = tokens.transpose(1, 2).unflatten(2, grid_hw)
     x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))
     x = F.relu(x * bn_scale.to(x.dtype)[:, None, None] + bn_shift.to(x.dtype)[:, None, None])
@@ -269,9 +290,19 @@ def _fcu_up_triton(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, ad
 def fcu_down(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, backend=None):
     """CNN map (B, C_in, H, W) -> tokens (B, Hg*Wg, C_out), without the class token.
 
-    weight (C_out, C_in, 1, 1), bias (C_out,); ``grid_hw`` = (Hg, Wg), the token grid the map is
-    average-pooled to (adaptively if H, W are not multiples of it); LayerNorm with ``ln_weight``,
-    ``ln_bias``, ``ln_eps``; then exact GELU. Inference-only Triton path (see module docstring).
+    Average pool, 1x1 conv, LayerNorm, then exact GELU. Inference-only Triton path (see module
+    docstring).
+
+    Args:
+        x: CNN map (B, C_in, H, W).
+        weight: 1x1 conv weight (C_out, C_in, 1, 1).
+        bias: conv bias (C_out,).
+        grid_hw: (Hg, Wg), the token grid the map is average-pooled to (adaptively if H, W are
+            not multiples of it).
+        ln_weight: LayerNorm weight (C_out,).
+        ln_bias: LayerNorm bias (C_out,).
+        ln_eps: LayerNorm epsilon.
+        backend: overrides the default backend (see :mod:`conformer.kernels.backend`).
     """
     grid_hw = tuple(grid_hw)
     args = (x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps)
@@ -284,9 +315,24 @@ def fcu_down(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, backend=None)
 def fcu_up(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, add_to, backend=None):
     """Tokens (B, Hg*Wg, C_in), class token already dropped -> add_to + upsampled map.
 
-    weight (C_out, C_in, 1, 1), bias (C_out,); bn_scale, bn_shift (C_out,) the folded BatchNorm;
-    ``out_hw`` = (H, W), the size of ``add_to`` (B, C_out, H, W), reached by nearest upsampling.
-    Returns a new tensor laid out like ``add_to``. Inference-only Triton path.
+    1x1 conv, folded BatchNorm, ReLU, nearest upsample, add. Inference-only Triton path.
+
+    Args:
+        tokens: (B, Hg*Wg, C_in), class token already dropped.
+        grid_hw: (Hg, Wg), the token grid.
+        weight: 1x1 conv weight (C_out, C_in, 1, 1).
+        bias: conv bias (C_out,).
+        bn_scale: (C_out,) per-channel multiplier from the folded BatchNorm.
+        bn_shift: (C_out,) per-channel offset from the folded BatchNorm.
+        out_hw: (H, W), the size of ``add_to``, reached by nearest upsampling.
+        add_to: (B, C_out, H, W) map the result is added to (not modified).
+        backend: overrides the default backend (see :mod:`conformer.kernels.backend`).
+
+    Returns:
+        A new tensor laid out like ``add_to``.
+
+    Raises:
+        ValueError: ``tokens`` do not fill ``grid_hw``, or ``out_hw`` is not ``add_to``'s size.
     """
     grid_hw, out_hw = tuple(grid_hw), tuple(out_hw)
     if tokens.shape[1] != grid_hw[0] * grid_hw[1]:

@@ -42,6 +42,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Except bf16/fp16 on the CPU, where PyTorch's fused kernel runs 1.5-7x slower than two
     batched matmuls at Conformer's token counts (17-197 tokens, forward and backward), so
     there the scores are materialised: the softmax accumulates in fp32 and rounds once.
+
+    Args:
+        q: queries (B, H, N, D).
+        k: keys (B, H, N, D).
+        v: values (B, H, N, D).
+        scale: multiplier of q @ k^T; None means D**-0.5.
+        dropout_p: dropout probability on the attention weights (0 in eval mode).
     """
     if q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and dropout_p == 0:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -325,12 +332,21 @@ def _limit(q, k, v):
 
 
 def attention(q, k, v, scale=None, dropout_p=0.0, backend=None):
-    """softmax(q @ k^T * scale) @ v for q, k, v of shape (B, H, N, D); scale defaults to D**-0.5.
+    """softmax(q @ k^T * scale) @ v, differentiable on both paths.
 
-    Differentiable on both paths. ``dropout_p > 0`` always runs F.scaled_dot_product_attention:
-    fused dropout is not implemented (pass 0 in eval mode). ``backend`` overrides the default
-    (see conformer.kernels.backend). Returns (B, H, N, D); the Triton path lays it out token-major
-    so merging heads with ``.transpose(1, 2).reshape(B, N, H * D)`` costs no copy.
+    Args:
+        q: queries (B, H, N, D); the Triton path takes D <= 128.
+        k: keys, the shape of ``q``.
+        v: values, the shape of ``q``.
+        scale: multiplier of q @ k^T; None means D**-0.5.
+        dropout_p: dropout probability on the attention weights. ``> 0`` always runs
+            F.scaled_dot_product_attention: fused dropout is not implemented (pass 0 in eval
+            mode).
+        backend: overrides the default (see conformer.kernels.backend).
+
+    Returns:
+        (B, H, N, D); the Triton path lays it out token-major so merging heads with
+        ``.transpose(1, 2).reshape(B, N, H * D)`` costs no copy.
     """
     if dispatch('attention', backend, (q, k, v), triton_limit=lambda: _limit(q, k, v),
                 differentiable=('triton',), reference_only=dropout_p > 0) == 'triton':

@@ -26,7 +26,11 @@ _packed = WeakIdKeyDictionary()  # weight -> (key, scale or None, packed weight)
 
 def takes_dtype(dtype):
     """Whether oneDNN's convolution and inner product take ``dtype`` on this CPU: fp32 wherever
-    PyTorch has oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack it)."""
+    PyTorch has oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack it).
+
+    Args:
+        dtype: the torch dtype to check.
+    """
     if not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16
@@ -60,7 +64,12 @@ def _packed_weight(weight, layout_key, pack, scale=None):
 
 
 def conv_limit(x, weight):
-    """None if :func:`conv_bn_act` takes these inputs, else the reason."""
+    """None if :func:`conv_bn_act` takes these inputs, else the reason.
+
+    Args:
+        x: the conv input.
+        weight: the conv weight.
+    """
     if torch.compiler.is_compiling():
         return 'under torch.compile, inductor packs convolution weights itself'
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != x.shape[1]:
@@ -72,7 +81,17 @@ def conv_limit(x, weight):
 
 def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True):
     """:func:`.conv_bn_act` by oneDNN: the scale is folded into the packed weight and the shift
-    is the convolution's bias. The output is channels_last."""
+    is the convolution's bias. The output is channels_last.
+
+    Args:
+        x: input (B, C_in, H, W), fp32 or bf16 on the CPU.
+        weight: conv weight (C_out, C_in, k, k), k odd, of x's dtype.
+        scale: (C_out,) per-channel multiplier from the folded BatchNorm.
+        shift: (C_out,) per-channel offset from the folded BatchNorm.
+        stride: conv stride; padding is k // 2.
+        residual: (B, C_out, Ho, Wo) added before the ReLU, or None.
+        relu: apply ReLU to the result.
+    """
     padding = [weight.shape[-1] // 2] * 2
     geometry = (padding, [stride, stride], [1, 1], 1)
     packed = _packed_weight(
@@ -88,7 +107,12 @@ def conv_bn_act(x, weight, scale, shift, stride=1, residual=None, relu=True):
 
 
 def linear_limit(x, weight):
-    """None if :func:`linear` takes these inputs, else the reason."""
+    """None if :func:`linear` takes these inputs, else the reason.
+
+    Args:
+        x: the linear's input.
+        weight: the linear's weight.
+    """
     if torch.compiler.is_compiling() and x.dtype == torch.bfloat16:
         return 'under torch.compile, inductor packs bf16 linear weights itself'
     return _dtype_limit(x, weight)
@@ -115,7 +139,14 @@ def _onednn_linear_shape(x, weight, bias, gelu):
 
 def linear(x, weight, bias=None, gelu=False):
     """:func:`.linear` by oneDNN's inner product on the packed weight (compiled: on the plain
-    weight, through the custom op)."""
+    weight, through the custom op).
+
+    Args:
+        x: (..., in_features), fp32 or bf16 on the CPU.
+        weight: (out_features, in_features), of x's dtype.
+        bias: (out_features,) or None.
+        gelu: apply the exact (erf) GELU to the result.
+    """
     if torch.compiler.is_compiling():
         return _onednn_linear(x, weight, bias, gelu)
     # a direct call also skips the custom op's dispatch (tens of microseconds a call)
