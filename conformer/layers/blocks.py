@@ -49,7 +49,14 @@ class KernelLayer(nn.Module):
 
     def linear_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   gelu: bool = False) -> torch.Tensor:
-        """`conformer.kernels.linear` with this layer's backend."""
+        """`conformer.kernels.linear` with this layer's backend.
+
+        Args:
+            x: (..., in_features).
+            weight: (out_features, in_features).
+            bias: (out_features,) or None.
+            gelu: apply the exact (erf) GELU to the result.
+        """
         if not torch.jit.is_scripting():
             return linear(x, weight, bias, gelu, backend=self.kernel_backend)
         return linear_reference(x, weight, bias, gelu)
@@ -57,7 +64,12 @@ class KernelLayer(nn.Module):
 
 def bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) equal to eval-mode BN after `conv` (BN may already be folded
-    into the conv's bias, as the deploy path does)."""
+    into the conv's bias, as the deploy path does).
+
+    Args:
+        conv: the conv before the BN; its bias, if any, goes into the shift.
+        bn: a BatchNorm2d, or anything else (an identity) if BN is already folded into `conv`.
+    """
     if isinstance(bn, nn.BatchNorm2d):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
@@ -75,7 +87,16 @@ def bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tenso
 
 def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool,
                  residual: Optional[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
-    """ReLU?(bn(conv(x)) [+ residual]) by `conformer.kernels.conv_bn_act`."""
+    """ReLU?(bn(conv(x)) [+ residual]) by `conformer.kernels.conv_bn_act`.
+
+    Args:
+        x: input map (B, C_in, H, W).
+        conv: the conv module (its weight and stride are used; padding is k // 2).
+        bn: the BatchNorm after it, or an identity when folded into the conv's bias.
+        relu: apply ReLU to the result.
+        residual: map added before the ReLU, or None.
+        backend: kernel backend; None follows the kernels' default.
+    """
     if bn.training:
         y = bn(conv(x))
         y = y if residual is None else y + residual
@@ -86,7 +107,16 @@ def conv_bn_relu(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool,
 
 def fcu_up_bn(tokens: torch.Tensor, grid: Tuple[int, int], conv: nn.Conv2d, bn: nn.Module,
               add_to: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
-    """`add_to` + nearest-resized ReLU(bn(conv(token map))) by `conformer.kernels.fcu_up`."""
+    """`add_to` + nearest-resized ReLU(bn(conv(token map))) by `conformer.kernels.fcu_up`.
+
+    Args:
+        tokens: (B, Hg*Wg, C_in), without the class token.
+        grid: (Hg, Wg), the token grid.
+        conv: the 1x1 conv module.
+        bn: the BatchNorm after it, or an identity when folded into the conv's bias.
+        add_to: (B, C_out, H, W) map the result is added to (not modified).
+        backend: kernel backend; None follows the kernels' default.
+    """
     out_hw = (add_to.shape[2], add_to.shape[3])
     if bn.training:
         x = tokens.transpose(1, 2).unflatten(2, grid)
@@ -220,11 +250,25 @@ class ConvBlock(KernelLayer):
             self.residual_bn = nn.Identity()
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The first 1x1 conv, BN and ReLU.
+
+        Args:
+            x: the block input (B, in_chs, H, W).
+        """
         if not torch.jit.is_scripting():
             return conv_bn_relu(x, self.conv1, self.bn1, True, None, self.kernel_backend)
         return self.act1(self.bn1(self.conv1(x)))
 
     def expand(self, h: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rest of the block after `reduce`.
+
+        Args:
+            h: output of `reduce`, with any fusion already added.
+            x: the block input, for the shortcut.
+
+        Returns:
+            (block output, the 3x3 conv's activation).
+        """
         if not torch.jit.is_scripting():
             backend = self.kernel_backend
             shortcut = x

@@ -40,7 +40,16 @@ STEM_STRIDES = {'imagenet': 4, 'pooled': 2, 'small': 1}
 
 
 def check_input(x: torch.Tensor, in_chans: int, min_size: int) -> None:
-    """Reject inputs the network cannot take, before they fail deep inside a conv."""
+    """Reject inputs the network cannot take, before they fail deep inside a conv.
+
+    Args:
+        x: the input batch.
+        in_chans: image channels the model takes.
+        min_size: smallest height and width accepted (the patch size), in pixels.
+
+    Raises:
+        ValueError: ``x`` is not 4-D, has another channel count or is smaller than ``min_size``.
+    """
     if x.dim() != 4:
         raise ValueError(f'expected a batch of images shaped (B, {in_chans}, H, W), got shape '
                          f'{x.shape}; add a batch dimension with x.unsqueeze(0)')
@@ -56,7 +65,23 @@ torch.fx.wrap('check_input')  # a leaf for FX: its branches look at concrete sha
 
 
 class ConvTransBlock(nn.Module):
-    """One coupled stage step: CNN bottleneck, FCU down, transformer block, FCU up, fusion."""
+    """One coupled stage step: CNN bottleneck, FCU down, transformer block, FCU up, fusion.
+
+    Args:
+        in_chs: input channels of the CNN bottleneck.
+        out_chs: output channels of the CNN branch (the FCUs couple at out_chs // 4).
+        res_conv: give the bottleneck a 1x1 conv + BN shortcut (needed when shape changes).
+        stride: stride of the bottleneck's 3x3 conv (2 opens a stage).
+        embed_dim: token width of the transformer branch.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``embed_dim``.
+        qkv_bias: give the qkv projection a bias.
+        proj_drop: dropout after the attention and MLP projections.
+        attn_drop: dropout on the attention weights.
+        drop_path: stochastic depth rate of the transformer block.
+        last_fusion: this is the network's last block: its fusion bottleneck has stride 2, so
+            the CNN branch ends at stride 32.
+    """
 
     def __init__(self, in_chs: int, out_chs: int, res_conv: bool, stride: int, embed_dim: int,
                  num_heads: int, mlp_ratio: float, qkv_bias: bool, proj_drop: float,
@@ -204,7 +229,11 @@ class Conformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups for layer-wise lr decay: block i is conv_1/trans_1 (i=1) or
-        conv_trans_i."""
+        conv_trans_i.
+
+        Args:
+            coarse: timm's coarse/fine switch; both give the same groups here.
+        """
         return dict(
             stem=r'^cls_token|^conv1|^bn1|^trans_patch_conv',
             blocks=[(r'^(?:conv|trans)_(1)\.', None), (r'^conv_trans_(\d+)', None),
@@ -213,6 +242,11 @@ class Conformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each coupled block in the backward instead of storing its activations.
+
+        Args:
+            enable: turn gradient checkpointing on (True) or off.
+        """
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -221,13 +255,23 @@ class Conformer(nn.Module):
 
         The paper trains with the mean of the two heads' cross-entropies; evaluation (eval
         mode) always returns the summed logits. Same switch as timm's DeiT distilled models.
+
+        Args:
+            enable: return both heads' logits in train mode (True) or their sum.
         """
         self.dual_head_training = enable
 
     @torch.jit.ignore
     def set_kernel_backend(self, backend: Optional[str]) -> None:
-        """Pin this model's kernels to 'auto' | 'triton' | 'torch' | 'onednn' (None: follow
-        `conformer.kernels.set_backend` / `use_backend`)."""
+        """Pin this model's kernels to one backend.
+
+        Args:
+            backend: 'auto' | 'triton' | 'torch' | 'onednn'; None follows
+                `conformer.kernels.set_backend` / `use_backend`.
+
+        Raises:
+            ValueError: ``backend`` is none of these.
+        """
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f'unknown kernel backend {backend!r}; choose one of {BACKENDS} '
                              'or None')
@@ -240,7 +284,12 @@ class Conformer(nn.Module):
         return self.conv_cls_head, self.trans_cls_head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace both heads (num_classes=0 makes the model return pooled features)."""
+        """Replace both heads, freshly initialised, on the model's device and dtype.
+
+        Args:
+            num_classes: classes of the new heads; 0 makes the model return pooled features.
+            global_pool: None or 'avg' (the only pooling the heads use).
+        """
         if global_pool not in (None, 'avg'):
             raise ValueError(f"global_pool={global_pool!r} is not supported: the CNN head uses "
                              f"average pooling and the transformer head the class token; "
@@ -272,6 +321,11 @@ class Conformer(nn.Module):
     # top-level; blocks are recognised by attribute because TorchScript's isinstance
     # refinement accepts only the first of several ConvTransBlock module types.
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Both branches' features: `(cnn_map, tokens)` (see the class docstring).
+
+        Args:
+            x: images (B, in_chans, H, W), H and W at least the patch size.
+        """
         x, x_t, grid = self._stem(x)
         for _, block in self.named_children():
             if hasattr(block, 'squeeze_block'):  # a ConvTransBlock
@@ -283,7 +337,12 @@ class Conformer(nn.Module):
 
     def forward_head(self, features: Tuple[torch.Tensor, torch.Tensor],
                      pre_logits: bool = False) -> torch.Tensor:
-        """Summed logits, or with pre_logits the two pooled vectors concatenated (CNN first)."""
+        """Summed logits, or with pre_logits the two pooled vectors concatenated (CNN first).
+
+        Args:
+            features: `(cnn_map, tokens)` from `forward_features`.
+            pre_logits: return the pooled vectors instead of the logits.
+        """
         x, x_t = features
         pooled = self.head_drop(torch.cat([self.pooling(x).flatten(1), x_t[:, 0]], dim=1))
         if pre_logits or self.num_classes == 0:
@@ -313,8 +372,16 @@ class Conformer(nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[Tuple[torch.Tensor, torch.Tensor], List[torch.Tensor]]]:
         """CNN-branch maps at the `feature_info` taps (strides 4/8/16/32 by default: all four).
 
-        `indices` selects among the taps (int: the last n); `norm` has no effect (the CNN
-        branch has no final norm). Returns the maps, or `(forward_features output, maps)`.
+        Args:
+            x: images (B, in_chans, H, W).
+            indices: selects among the taps (int: the last n; None: all).
+            norm: has no effect (the CNN branch has no final norm).
+            stop_early: stop after the last tap wanted instead of running every block.
+            output_fmt: 'NCHW', the only format supported.
+            intermediates_only: return the maps alone.
+
+        Returns:
+            The maps, or `(forward_features output, maps)`.
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; use 'NCHW'")
@@ -339,7 +406,16 @@ class Conformer(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True) -> List[int]:
-        """Drop the blocks after the last tap wanted (and the heads) for a feature extractor."""
+        """Drop the blocks after the last tap wanted (and the heads) for a feature extractor.
+
+        Args:
+            indices: the taps kept, as for `forward_intermediates`.
+            prune_norm: replace the final token norm with an identity.
+            prune_head: remove both classifier heads.
+
+        Returns:
+            The tap indices taken.
+        """
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         last = int(self.feature_info[max_index]['module'].rsplit('_', 1)[1])
         for name, block in list(self.named_children()):
@@ -421,6 +497,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     dropped) and a stem trained on another channel count is adapted to the model's in_chans,
     each with one log line, so the result loads strictly. Any other shape mismatch (weights of
     another variant) is left in place for the loader to report.
+
+    Args:
+        state_dict: the weights to map.
+        model: the model they are to load into.
+
+    Returns:
+        The mapped state_dict.
     """
     state_dict = clean_state_dict(state_dict)
     if any(k.startswith('backbone.') for k in state_dict):
@@ -460,8 +543,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
 def check_model_name(name: str) -> str:
     """Return ``name`` if ``timm.create_model`` can build it as a Conformer: a registered
     variant, optionally with a weights tag (``conformer_small_patch16.in1k``), or an
-    ``hf-hub:`` / ``local-dir:`` source (whose files the weights loader checks). Otherwise raise
-    a ValueError that lists what to pass, where timm would raise from deep inside."""
+    ``hf-hub:`` / ``local-dir:`` source (whose files the weights loader checks).
+
+    Args:
+        name: a model name as given to ``timm.create_model``.
+
+    Raises:
+        ValueError: listing what to pass, where timm would raise from deep inside.
+    """
     source, model_name = parse_model_name(name)  # its ValueError already names the fix
     if source is not None:
         return name
@@ -525,28 +614,52 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def conformer_tiny_patch16(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-Ti: 23.52M parameters, 81.3% ImageNet top-1 (paper)."""
+    """Conformer-Ti: 23.52M parameters, 81.3% ImageNet top-1 (paper).
+
+    Args:
+        pretrained: load the variant's default pretrained weights.
+        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
+            options (`pretrained_cfg_overlay`, `features_only`, ...).
+    """
     args = dict(patch_size=16, channel_ratio=1, embed_dim=384, depth=12, num_heads=6)
     return _create_conformer('conformer_tiny_patch16', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def conformer_small_patch16(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-S: 37.67M parameters, 83.4% ImageNet top-1 (paper)."""
+    """Conformer-S: 37.67M parameters, 83.4% ImageNet top-1 (paper).
+
+    Args:
+        pretrained: load the variant's default pretrained weights.
+        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
+            options (`pretrained_cfg_overlay`, `features_only`, ...).
+    """
     args = dict(patch_size=16, channel_ratio=4, embed_dim=384, depth=12, num_heads=6)
     return _create_conformer('conformer_small_patch16', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def conformer_small_patch32(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-S/32: 38.85M parameters; the paper's detection backbone."""
+    """Conformer-S/32: 38.85M parameters; the paper's detection backbone.
+
+    Args:
+        pretrained: load the variant's default pretrained weights.
+        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
+            options (`pretrained_cfg_overlay`, `features_only`, ...).
+    """
     args = dict(patch_size=32, channel_ratio=4, embed_dim=384, depth=12, num_heads=6)
     return _create_conformer('conformer_small_patch32', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def conformer_base_patch16(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-B: 83.29M parameters, 84.1% ImageNet top-1 (paper)."""
+    """Conformer-B: 83.29M parameters, 84.1% ImageNet top-1 (paper).
+
+    Args:
+        pretrained: load the variant's default pretrained weights.
+        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
+            options (`pretrained_cfg_overlay`, `features_only`, ...).
+    """
     args = dict(patch_size=16, channel_ratio=6, embed_dim=576, depth=12, num_heads=9)
     return _create_conformer('conformer_base_patch16', pretrained, **dict(args, **kwargs))
 
@@ -554,7 +667,13 @@ def conformer_base_patch16(pretrained: bool = False, **kwargs) -> Conformer:
 @register_model
 def conformer_nano_patch4(pretrained: bool = False, **kwargs) -> Conformer:
     """A 1.7M-parameter Conformer for 28-64 px images (stride-1 stem, 4 px patches), sized
-    for training on a laptop CPU; not from the paper."""
+    for training on a laptop CPU; not from the paper.
+
+    Args:
+        pretrained: load the variant's default pretrained weights.
+        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
+            options (`pretrained_cfg_overlay`, `features_only`, ...).
+    """
     args = dict(patch_size=4, stem_type='small', base_channel=32, channel_ratio=1,
                 embed_dim=128, depth=6, num_heads=4)
     return _create_conformer('conformer_nano_patch4', pretrained, **dict(args, **kwargs))

@@ -94,6 +94,11 @@ class ConformerFPN(nn.Module):
                     params[name].requires_grad_(False)
 
     def train(self, mode: bool = True) -> 'ConformerFPN':
+        """`nn.Module.train`, keeping the BatchNorms that `norm_eval` or freezing fix in eval mode.
+
+        Args:
+            mode: training mode (True) or eval mode.
+        """
         super().train(mode)
         for m in self.body.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
@@ -110,9 +115,20 @@ def conformer_fpn_backbone(variant: str = 'conformer_small_patch32', pretrained:
                            out_channels: int = 256, norm_eval: bool = True,
                            trainable_blocks: Optional[int] = None,
                            **model_kwargs: Any) -> ConformerFPN:
-    """Create a registered Conformer variant (`model_kwargs` go to `timm.create_model`) and
-    wrap it in a `ConformerFPN`; see that class for the other arguments. `variant` may carry
-    a pretrained tag, e.g. 'conformer_small_patch32.in1k'."""
+    """Create a registered Conformer variant and wrap it in a `ConformerFPN`.
+
+    Args:
+        variant: a registered Conformer variant; may carry a pretrained tag, e.g.
+            'conformer_small_patch32.in1k'.
+        pretrained: load the variant's pretrained weights.
+        out_channels: FPN width, as for `ConformerFPN`.
+        norm_eval: keep BatchNorm statistics frozen, as for `ConformerFPN`.
+        trainable_blocks: coupled blocks left trainable, as for `ConformerFPN`.
+        **model_kwargs: go to `timm.create_model`.
+
+    Raises:
+        ValueError: `variant` is not a registered Conformer variant.
+    """
     variants = timm.list_models('conformer_*')
     if split_model_name_tag(variant)[0] not in variants:
         raise ValueError(f'unknown Conformer variant {variant!r}; choose one of {variants} '
@@ -142,8 +158,14 @@ def conformer_faster_rcnn(num_classes: Optional[int],
                           **kwargs: Any) -> FasterRCNN:
     """torchvision Faster R-CNN on a Conformer + FPN backbone (paper, S/32: 43.1 box AP, COCO 1x).
 
-    `num_classes` includes the background; `backbone_kwargs` go to `conformer_fpn_backbone`
-    (out_channels, norm_eval, trainable_blocks, Conformer kwargs); `kwargs` go to `FasterRCNN`.
+    Args:
+        num_classes: object classes plus the background (91 for COCO in torchvision's
+            numbering); None when `kwargs` holds a `box_predictor` (torchvision's rule).
+        variant: the Conformer variant, optionally with a pretrained tag.
+        pretrained_backbone: load the variant's pretrained weights into the backbone.
+        backbone_kwargs: go to `conformer_fpn_backbone` (out_channels, norm_eval,
+            trainable_blocks, Conformer kwargs).
+        **kwargs: go to `FasterRCNN`.
     """
     return _build_detector(FasterRCNN, num_classes, variant, pretrained_backbone,
                            backbone_kwargs, kwargs)
@@ -156,7 +178,12 @@ def conformer_mask_rcnn(num_classes: Optional[int],
                         **kwargs: Any) -> MaskRCNN:
     """torchvision Mask R-CNN on a Conformer + FPN backbone (paper, S/32: 43.6 AP, COCO 1x).
 
-    Arguments as for `conformer_faster_rcnn`; `kwargs` go to `MaskRCNN`.
+    Args:
+        num_classes: object classes plus the background; as for `conformer_faster_rcnn`.
+        variant: the Conformer variant, optionally with a pretrained tag.
+        pretrained_backbone: load the variant's pretrained weights into the backbone.
+        backbone_kwargs: go to `conformer_fpn_backbone`.
+        **kwargs: go to `MaskRCNN`.
     """
     return _build_detector(MaskRCNN, num_classes, variant, pretrained_backbone,
                            backbone_kwargs, kwargs)

@@ -27,7 +27,12 @@ ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Floating-point operations of one forward pass (2 per multiply-add)."""
+    """Floating-point operations of one forward pass (2 per multiply-add).
+
+    Args:
+        model: the model to run.
+        x: its input batch.
+    """
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
         model(x)
     return counter.get_total_flops()
@@ -35,7 +40,11 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def model_table(names: Optional[Sequence[str]] = None) -> List[Dict]:
     """One row per variant in ``names`` (default: every registered one): input size,
-    parameters (M), MACs (G) at that size and the published ImageNet top-1, if any."""
+    parameters (M), MACs (G) at that size and the published ImageNet top-1, if any.
+
+    Args:
+        names: registered model names; None or empty means every Conformer variant.
+    """
     rows = []
     for name in names or timm.list_models('conformer_*'):
         model = timm.create_model(name).eval()
