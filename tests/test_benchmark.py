@@ -4,7 +4,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -29,7 +28,7 @@ from conformer.cli.benchmark import format_table, main
 from conformer.layers import Attention, FCUDown
 from conformer.runtime import native_bf16
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_reference_attention_matches_the_layer():

@@ -7,7 +7,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 CHECKOUT = ('conformer', 'kernels', 'configs', 'hubconf.py', 'pyproject.toml')
 
 HUB_LOAD = """
@@ -37,7 +38,7 @@ def _dependencies_without_the_project(folder: Path) -> Path:
 def test_torch_hub_loads_every_subpackage_from_a_source_checkout(tmp_path):
     repo = tmp_path / 'conformer-zoo'
     for name in CHECKOUT:
-        source = ROOT / name
+        source = REPO / name
         if source.is_dir():
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns('__pycache__'))
         else:

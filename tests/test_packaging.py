@@ -9,17 +9,17 @@ from pathlib import Path
 
 import tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def _setuptools() -> dict:
-    return tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['setuptools']
+    return tomllib.loads((REPO / 'pyproject.toml').read_text())['tool']['setuptools']
 
 
 def test_every_subpackage_is_listed():
     listed = set(_setuptools()['packages'])
-    on_disk = {'.'.join(p.parent.relative_to(ROOT).parts)
-               for p in (ROOT / 'conformer').rglob('__init__.py')}
+    on_disk = {'.'.join(p.parent.relative_to(REPO).parts)
+               for p in (REPO / 'conformer').rglob('__init__.py')}
     assert on_disk <= listed, f'add {sorted(on_disk - listed)} to [tool.setuptools] packages'
     assert {'conformer.kernels', 'conformer.configs'} <= listed
 
@@ -35,13 +35,13 @@ def test_mapped_packages_import_from_the_top_level_folders():
 
 def test_every_config_is_package_data():
     patterns = _setuptools()['package-data']['conformer.configs']
-    configs = ROOT / 'configs'
+    configs = REPO / 'configs'
     shipped = {p for pattern in patterns for p in configs.glob(pattern)}
     assert set(configs.rglob('*.yaml')) == shipped
 
 
 def test_console_scripts_resolve():
-    scripts = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['scripts']
+    scripts = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['scripts']
     for name, target in scripts.items():
         module, func = target.split(':')
         assert callable(getattr(importlib.import_module(module), func)), name
@@ -52,12 +52,12 @@ def _distribution(requirement: str) -> str:
 
 
 def test_every_imported_package_is_declared():
-    project = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']
+    project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
     declared = {_distribution(r) for r in project['dependencies']}
     declared |= {_distribution(r) for extra in project['optional-dependencies'].values()
                  for r in extra}
     imported = set()
-    for path in [*(ROOT / 'conformer').rglob('*.py'), *(ROOT / 'kernels').rglob('*.py')]:
+    for path in [*(REPO / 'conformer').rglob('*.py'), *(REPO / 'kernels').rglob('*.py')]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split('.')[0] for alias in node.names}

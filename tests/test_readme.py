@@ -38,14 +38,15 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from test_weights_http import LoopbackServer
 
 import conformer  # noqa: F401  registers the variants
 from conformer.data import fashion_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / 'README.md'
-CI_SCRIPT = ROOT / '.ci' / 'run'
+from helpers import REPO
+from helpers.http_server import LoopbackServer
+
+README = REPO / 'README.md'
+CI_SCRIPT = REPO / '.ci' / 'run'
 
 # Blocks the test does not run ({first command: reason}); each is marked in the README too.
 NOT_RUN = {
@@ -272,14 +273,13 @@ def workspace(tmp_path_factory):
     """A scratch folder laid out like a clone after set-up, and the environment to run in."""
     ws = tmp_path_factory.mktemp('readme')
     (ws / '.venv').symlink_to(Path(sys.prefix))  # the venv the set-up command makes
-    (ws / 'tools').symlink_to(ROOT / 'tools')
+    (ws / 'tools').symlink_to(REPO / 'tools')
     fmnist = small_fashion_mnist(ws.parent / f'{ws.name}-fmnist', {'train': 100, 'test': 10})
     my_images(ws / 'my_images')
     shim = ws.parent / f'{ws.name}-site'
     shim.mkdir()
     (shim / 'sitecustomize.py').write_text(SITECUSTOMIZE)
-    server = LoopbackServer()
-    server.watchdog.cancel()  # the blocks take longer than its 300 s; closed below
+    server = LoopbackServer(timeout=None)  # the blocks take longer than 300 s; closed below
     server.routes = ServedFiles(ws)
     env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
                PYTHONPATH=str(shim), README_TEST_WEIGHTS=f'{server.url}/weights',

@@ -14,13 +14,14 @@ import pytest
 import timm
 import torch
 from hydra import compose, initialize_config_dir
-from image_folders import make_folder
 
 from conformer.engine.cli import config_dir
 from conformer.engine.trainer import train
 from conformer.weights import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+from helpers.image_folders import make_folder
+
 TINY = ['model=conformer_nano_patch4',
         'model.base_channel=8', 'model.embed_dim=16', 'model.num_heads=2', 'model.depth=6',
         'model.drop_path_rate=0.1', 'data.input_size=16', 'data.eval_batch_size=16',

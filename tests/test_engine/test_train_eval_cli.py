@@ -5,12 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 TINY = {  # a small model and data settings each tool takes
     'eval': ['model=conformer_nano_patch4', 'model.base_channel=8', 'model.embed_dim=16',
              'model.num_heads=2', 'model.depth=6', 'data.input_size=16', 'data.num_workers=0',
@@ -87,7 +87,7 @@ def test_a_refused_run_leaves_the_earlier_runs_record_as_it_was(files):
     records = earlier / '.hydra'
     records.mkdir()
     for name in ('config.yaml', 'hydra.yaml', 'overrides.yaml'):
-        (records / name).write_text(f'the earlier run\'s {name}\n')
+        (records / name).write_text(f"the earlier run's {name}\n")
     before = {p.name: p.read_bytes() for p in records.iterdir()}
     result = run_tool('train', 'optim.lr=0.5', f'hydra.run.dir={earlier}', cwd=files)
     assert_reported(result, 'conformer-train', 1, 'already holds the checkpoints')

@@ -1,17 +1,18 @@
 """The Conformer family against the paper's code and the timm model contract."""
 import copy
 import re
-from pathlib import Path
 
 import pytest
 import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
-from golden import GOLDEN_CASES, GOLDEN_FILE, fill_state_dict, golden_input
 
 import conformer  # noqa: F401  (registers the variants)
 from conformer.models import Conformer, check_model_name
+
+from helpers import REPO
+from helpers.golden import GOLDEN_CASES, GOLDEN_FILE, fill_state_dict, golden_input
 
 PAPER_VARIANTS = ['conformer_tiny_patch16', 'conformer_small_patch16',
                   'conformer_small_patch32', 'conformer_base_patch16']
@@ -21,7 +22,7 @@ SMALL_KW = dict(embed_dim=64, num_heads=2, base_channel=16, num_classes=10)
 
 @pytest.fixture(scope='module')
 def golden():
-    return torch.load(Path(__file__).parent / 'data' / GOLDEN_FILE, weights_only=True)
+    return torch.load(GOLDEN_FILE, weights_only=True)
 
 
 def small_model(**kw) -> Conformer:
@@ -364,7 +365,7 @@ def test_nano_variant_takes_small_images():
 
 
 def test_hubconf_lists_every_variant():
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     model = torch.hub.load(str(repo), 'conformer_tiny_patch16', source='local', **SMALL_KW)
     assert isinstance(model, Conformer) and model.num_classes == 10
     entry_points = torch.hub._load_entry_from_hubconf

@@ -1,6 +1,6 @@
 """Pretrained weights: every file layout users hold loads through timm's calls, exactly.
 
-The layouts are written by tests/weight_files.py from a small model's state_dict,
+The layouts are written by tests/helpers/weight_files.py from a small model's state_dict,
 independently of the loader.
 """
 import inspect
@@ -18,9 +18,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.models.conformer import checkpoint_filter_fn
-from conformer.weights import (CheckpointError, find_weights_file, load_weights,
-                               model_from_weights, read_checkpoint)
-from weight_files import CLASSES, NANO, by_hand, nano, to_mmpretrain
+from conformer.weights import (
+    CheckpointError,
+    find_weights_file,
+    load_weights,
+    model_from_weights,
+    read_checkpoint,
+)
+
+from helpers.weight_files import CLASSES, NANO, by_hand, nano, to_mmpretrain
 
 
 @pytest.fixture(scope='module')
@@ -388,6 +394,7 @@ def test_the_timm_step_replaced_for_conformers_is_as_expected():
     """The loader routes through a private timm step; a timm that changed it fails here (and
     pyproject.toml keeps timm below 1.1)."""
     from timm.models import _builder
+
     from conformer.weights.loading import TIMM_LOADER_PARAMS
     assert getattr(_builder.load_pretrained, 'conformer_zoo', False)
     timms_own = _builder.load_pretrained.__wrapped__
@@ -399,6 +406,7 @@ def test_the_timm_step_replaced_for_conformers_is_as_expected():
 
 def test_a_changed_timm_step_is_left_alone_with_a_warning(monkeypatch):
     from timm.models import _builder
+
     from conformer.weights import install_timm_loader
 
     def load_pretrained(model, pretrained_cfg=None, *, device=None):

@@ -3,9 +3,10 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'gpu_check.py'
+from helpers import REPO
+
+TOOL = REPO / 'tools' / 'gpu_check.py'
 
 
 def test_gpu_check_without_a_gpu_says_so_and_exits_2(tmp_path):

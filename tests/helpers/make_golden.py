@@ -1,7 +1,7 @@
-"""Regenerate tests/data/golden_paper_logits.pt from the paper's own code.
+"""Regenerate tests/helpers/golden_paper_logits.pt from the paper's own code.
 
 Run once with a checkout of https://github.com/pengzhiliang/Conformer:
-    python tests/make_golden.py /path/to/Conformer
+    python tests/helpers/make_golden.py /path/to/Conformer
 The file holds numbers only: both heads' logits for each case in golden.GOLDEN_CASES, and
 each variant's state_dict key -> shape table (to prove the parameter names match).
 """
@@ -37,8 +37,9 @@ def main():
         with torch.no_grad():
             conv_logits, trans_logits = model.eval()(golden_input(batch, height, width))
         golden[f'{variant}@{height}x{width}'] = torch.stack([conv_logits, trans_logits])
-        print(variant, height, width, conv_logits.abs().max().item(), trans_logits.abs().max().item())
-    torch.save(golden, Path(__file__).parent / 'data' / GOLDEN_FILE)
+        print(variant, height, width, conv_logits.abs().max().item(),
+              trans_logits.abs().max().item())
+    torch.save(golden, GOLDEN_FILE)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ timm version, takes its tests/test_models.py and runs it with two adaptations on
 ``GITHUB_ACTIONS`` is set as in timm's own CI, which leaves out the one test that downloads every
 model's pretrained weights. Usage, from anywhere (extra arguments go to pytest)::
 
-    python tests/run_timm_model_tests.py [-x] [--durations=10]
+    python .ci/timm_model_tests.py [-x] [--durations=10]
 """
 import os
 import subprocess

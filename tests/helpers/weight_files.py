@@ -1,12 +1,11 @@
 """Weight files every loader test reads, written here from a small model's state_dict,
 independently of the loader: the paper's bare state_dict, DeiT-style training checkpoints,
 mmpretrain's (legacy pickle, `backbone.`/`head.` prefixes, mmcv names), conformer-zoo training
-checkpoints and safetensors. The fixtures (`reference`, `layouts`, `quickstart`) are shared
-through conftest.py.
+checkpoints and safetensors. The fixtures built from them (`reference`, `layouts`,
+`quickstart`) are in conftest.py.
 """
 import argparse
 
-import pytest
 import timm
 import torch
 from safetensors.torch import save_file
@@ -78,17 +77,6 @@ def write_layouts(model, folder):
     return paths
 
 
-@pytest.fixture(scope='module')
-def reference():
-    torch.manual_seed(0)
-    return nano()
-
-
-@pytest.fixture(scope='module')
-def layouts(reference, tmp_path_factory):
-    return write_layouts(reference, tmp_path_factory.mktemp('layouts'))
-
-
 def by_hand(state_dict, **kwargs):
     model = nano(**kwargs)
     model.load_state_dict(state_dict)
@@ -98,17 +86,3 @@ def by_hand(state_dict, **kwargs):
 QUICKSTART = dict(stem_type='pooled', patch_size=8, channel_ratio=2, mlp_ratio=2.0)
 CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
            'Bag', 'Ankle boot']
-
-
-@pytest.fixture(scope='module')
-def quickstart(tmp_path_factory):
-    """A conformer-train checkpoint as `experiment=quickstart` writes it: pooled stem, grey
-    28x28 inputs, 10 named classes, architecture overrides in meta['model_kwargs']."""
-    torch.manual_seed(0)
-    trained = nano(**QUICKSTART, in_chans=1, num_classes=10)
-    meta = {'variant': NANO, 'num_classes': 10, 'in_chans': 1, 'classes': CLASSES,
-            'model_kwargs': QUICKSTART, 'input_size': 28, 'mean': [0.286], 'std': [0.353],
-            'interpolation': 'bilinear', 'crop_pct': 1.0}
-    path = tmp_path_factory.mktemp('run') / 'best.pth'
-    torch.save({'model': trained.state_dict(), 'meta': meta, 'epoch': 3}, path)
-    return path, trained

@@ -1,11 +1,9 @@
 """Downloads against a loopback HTTP server: hash-checked URLs, a Hub-style endpoint, damaged
 downloads and offline mode. Nothing here touches the network or the real caches."""
 import hashlib
-import http.server
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import timm
@@ -14,63 +12,9 @@ import torch
 import conformer  # noqa: F401  registers the models and the weight loader
 from conformer.weights import DownloadError
 from conformer.weights.convert import convert
-from weight_files import NANO, nano, to_mmpretrain
 
-COMMIT = 'a' * 40
-
-
-class LoopbackServer:
-    """Serves `routes` ({url path: bytes}) on 127.0.0.1 until closed, or 300 s at most.
-
-    Paths under `truncated` announce their full length but send half; Hub paths
-    (`/{org}/{repo}/resolve/main/{file}`) carry the headers huggingface_hub needs.
-    """
-
-    def __init__(self):
-        self.routes, self.truncated, self.gets = {}, set(), []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self):
-                self._respond(send_body=False)
-
-            def do_GET(self):
-                server.gets.append(self.path)
-                self._respond(send_body=True)
-
-            def _respond(self, send_body):
-                body = server.routes.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.send_header('X-Error-Code', 'EntryNotFound')
-                    self.send_header('Content-Length', '0')
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header('Content-Length', str(len(body)))
-                if '/resolve/' in self.path:
-                    self.send_header('X-Repo-Commit', COMMIT)
-                    self.send_header('ETag', f'"{hashlib.sha256(body).hexdigest()}"')
-                self.end_headers()
-                if send_body:
-                    cut = len(body) // 2 if self.path in server.truncated else len(body)
-                    self.wfile.write(body[:cut])
-                    self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.watchdog = threading.Timer(300, self.httpd.shutdown)
-        self.watchdog.daemon = True
-        self.watchdog.start()
-
-    def close(self):
-        self.watchdog.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from helpers.http_server import LoopbackServer
+from helpers.weight_files import NANO, nano, to_mmpretrain
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ Every tensor is drawn from a generator seeded by its own state_dict key, so any 
 with the same parameter names get the same weights, whichever code built them.
 """
 import zlib
+from pathlib import Path
 
 import torch
 
-GOLDEN_FILE = 'golden_paper_logits.pt'
+GOLDEN_FILE = Path(__file__).with_name('golden_paper_logits.pt')
 # (variant, batch, height, width): ImageNet size for every variant, one non-square size
 GOLDEN_CASES = [
     ('conformer_tiny_patch16', 2, 224, 224),

@@ -12,7 +12,8 @@ import conformer  # noqa: F401
 from conformer.cli.convert import main
 from conformer.weights import known_release, sha256_file
 from conformer.weights.convert import convert
-from weight_files import CLASSES, NANO, QUICKSTART, by_hand, nano, to_mmpretrain
+
+from helpers.weight_files import CLASSES, NANO, QUICKSTART, by_hand, nano, to_mmpretrain
 
 
 def assert_same_model(model, expected, x):

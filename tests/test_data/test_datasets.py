@@ -11,9 +11,17 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conformer.data import (ClassSubset, FashionMNIST, GlobalBatchSampler, ImageFolder,
-                            SeededTransform, read_idx, read_image, to_mode)
-from conformer.data import fashion_mnist
+from conformer.data import (
+    ClassSubset,
+    FashionMNIST,
+    GlobalBatchSampler,
+    ImageFolder,
+    SeededTransform,
+    fashion_mnist,
+    read_idx,
+    read_image,
+    to_mode,
+)
 from conformer.data.transforms import build_transform
 
 

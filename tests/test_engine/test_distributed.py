@@ -7,19 +7,18 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from image_folders import make_folder
 
 from conformer.data import GlobalBatchSampler
 from conformer.engine import distributed
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+from helpers.image_folders import make_folder
 
 
 def free_port(low: int = 20000, high: int = 40000) -> int:
@@ -176,7 +175,7 @@ def test_srun_variables_give_the_rank_world_size_and_master(monkeypatch):
     assert distributed.master_address() == ('127.0.0.1', '1234')
 
 
-RECORDER = '''
+RECORDER = """
 import json, os, runpy, sys
 import torch, torch.distributed as dist
 seen = []
@@ -213,7 +212,7 @@ try:
 finally:
     with open(os.environ['RECORD'] + os.environ['SLURM_PROCID'], 'w') as f:
         json.dump(dict(collectives=seen, averaged=averaged), f)
-'''
+"""
 
 
 def listening(port: int) -> bool:

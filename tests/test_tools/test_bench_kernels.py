@@ -4,9 +4,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'bench_kernels.py'
+from helpers import REPO
+
+TOOL = REPO / 'tools' / 'bench_kernels.py'
 
 
 def test_bench_smoke_writes_a_report(tmp_path):
