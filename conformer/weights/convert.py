@@ -51,9 +51,24 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
             license: Optional[str] = None, repo_id: Optional[str] = None,
             cache_dir: Optional[Union[str, Path]] = None, overwrite: bool = False) -> Path:
     """Write `out_dir` (model.safetensors, config.json, README.md) from the weights at `source`
-    (a file, folder, URL, ``hf-hub:`` or ``local-dir:`` name) and return it.
+    and return it.
 
-    Files of those names already in `out_dir` are only replaced with `overwrite`.
+    Args:
+        source: a file, folder, URL, ``hf-hub:`` or ``local-dir:`` name.
+        out_dir: the folder to write; created if missing.
+        model_name: the variant; None recognises it from the weights (see
+            `model_from_weights`).
+        use_ema: take the EMA weights when the file holds both.
+        top1: an eval top-1 (%) to report in the model card.
+        dataset: the dataset that top-1 is on; None means imagenet-1k for a hosted release,
+            else unnamed.
+        license: the license for the card and config; None keeps the variant's.
+        repo_id: the Hub repo the card's usage names; None means ``ORG/<out_dir's name>``.
+        cache_dir: where downloads are kept.
+        overwrite: replace files of those names already in `out_dir` (else refused).
+
+    Raises:
+        ValueError: `out_dir` cannot be written or would lose files.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
@@ -103,7 +118,16 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def model_card(model: torch.nn.Module, checkpoint: Checkpoint, release: Optional[str],
                top1: Optional[float] = None, dataset: Optional[str] = None,
                repo_id: str = 'ORG/NAME') -> str:
-    """A Hub model card: front matter, details with the source's sha256, results, usage."""
+    """A Hub model card: front matter, details with the source's sha256, results, usage.
+
+    Args:
+        model: the model as rebuilt by `model_from_weights`.
+        checkpoint: what was read from the source file.
+        release: the hosted pretrained tag the weights are, or None.
+        top1: an eval top-1 (%) to report.
+        dataset: the dataset that top-1 is on; None means imagenet-1k for a release.
+        repo_id: the Hub repo the usage example loads.
+    """
     cfg = model.pretrained_cfg
     dataset = dataset or ('imagenet-1k' if release else None)
     results: List[str] = list(cfg.get('notes') or ()) if release else []

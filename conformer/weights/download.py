@@ -125,7 +125,11 @@ def _download(url: str, dst: Path, prefix: Optional[str], hint: str, progress: b
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks.
+
+    Args:
+        path: the file.
+    """
     digest = hashlib.sha256()
     with path.open('rb') as f:
         while chunk := f.read(_CHUNK):
@@ -137,7 +141,14 @@ def fetch_hf(hf_hub_id: str, filename: Optional[str] = None,
              cache_dir: Optional[Union[str, Path]] = None) -> Path:
     """Return a local copy of the weights in Hub repo `org/name[@revision]`.
 
-    Without `filename`, the first of model.safetensors and pytorch_model.bin the repo has.
+    Args:
+        hf_hub_id: the Hub repo, ``org/name``, optionally with ``@revision``.
+        filename: the file to fetch; None means the first of model.safetensors and
+            pytorch_model.bin the repo has.
+        cache_dir: the Hugging Face cache to use; None means its default.
+
+    Raises:
+        DownloadError: the file is neither cached nor reachable, or the repo lacks it.
     """
     repo_id, _, revision = hf_hub_id.partition('@')
     candidates: Sequence[str] = (filename,) if filename else HF_WEIGHT_FILES
@@ -161,7 +172,14 @@ def fetch_hf(hf_hub_id: str, filename: Optional[str] = None,
 
 
 def find_weights_file(folder: Union[str, Path]) -> Path:
-    """The weight file of a model folder: model.safetensors, pytorch_model.bin, or the only one."""
+    """The weight file of a model folder: model.safetensors, pytorch_model.bin, or the only one.
+
+    Args:
+        folder: the model folder.
+
+    Raises:
+        CheckpointError: `folder` is not a folder, or holds no single weight file.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f'{folder}: not a directory')

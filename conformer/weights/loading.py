@@ -47,8 +47,18 @@ _DIMS = {'conv1.weight': 4, 'trans_patch_conv.weight': 4, 'conv_1.conv3.weight':
 
 
 def weights_file(source: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Path:
-    """A local weight file for `source`: a file, a model folder, ``local-dir:FOLDER``,
-    ``hf-hub:ORG/NAME[@REVISION]`` or an http(s) URL (downloaded, hash-checked, cached)."""
+    """A local weight file for `source`, downloading it first if needed.
+
+    Args:
+        source: a file, a model folder, ``local-dir:FOLDER``, ``hf-hub:ORG/NAME[@REVISION]``
+            or an http(s) URL (downloaded, hash-checked, cached).
+        cache_dir: where downloads are kept; None means the default cache of the source
+            (torch.hub's for URLs, the Hugging Face cache for ``hf-hub:``).
+
+    Raises:
+        DownloadError: the source cannot be fetched.
+        CheckpointError: a folder holds no single weight file.
+    """
     source = str(source)
     for kind in ('hf-hub', 'local-dir'):
         if source.startswith(kind + ':'):
@@ -69,9 +79,21 @@ def _fetch(load_from: str, location: Any, cache_dir: Optional[Union[str, Path]])
 
 def load_weights(model: Conformer, source: Union[str, Path], use_ema: bool = True,
                  strict: bool = True, cache_dir: Optional[Union[str, Path]] = None) -> Checkpoint:
-    """Load weights from `source` (see `weights_file`) in any supported format into `model`.
+    """Load weights from `source` in any supported format into `model`.
 
-    Returns what was read (file, format, wrapper key used, recorded meta).
+    Args:
+        model: the Conformer to load into.
+        source: where the weights are, as for `weights_file`.
+        use_ema: take the EMA weights when the file holds both.
+        strict: refuse missing and unknown keys (else load the rest, with a warning).
+        cache_dir: where downloads are kept, as for `weights_file`.
+
+    Returns:
+        What was read (file, format, wrapper key used, recorded meta).
+
+    Raises:
+        CheckpointError: the file is damaged or its weights do not fit `model`.
+        DownloadError: the source cannot be fetched.
     """
     checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
     load_state_dict_checked(model, checkpoint.state_dict, str(checkpoint.path), strict=strict)
@@ -81,7 +103,15 @@ def load_weights(model: Conformer, source: Union[str, Path], use_ema: bool = Tru
 def load_pretrained_cfg(model: Conformer, pretrained_cfg: Optional[Dict[str, Any]] = None,
                         filter_fn: Optional[FilterFn] = None, strict: bool = True,
                         cache_dir: Optional[Union[str, Path]] = None) -> None:
-    """Load the weights a timm pretrained_cfg points at (what `pretrained=True` does)."""
+    """Load the weights a timm pretrained_cfg points at (what `pretrained=True` does).
+
+    Args:
+        model: the Conformer to load into.
+        pretrained_cfg: timm's pretrained config; None means `model.pretrained_cfg`.
+        filter_fn: maps the file's keys onto `model`; None means `checkpoint_filter_fn`.
+        strict: refuse missing and unknown keys (else load the rest, with a warning).
+        cache_dir: where downloads are kept.
+    """
     cfg = pretrained_cfg or model.pretrained_cfg
     load_from, location = _builder._resolve_pretrained_source(cfg)
     if load_from == 'state_dict':
@@ -180,6 +210,9 @@ def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
 
     num_heads cannot be seen, nor in a state_dict the stem's max pool: 'small' and 'pooled'
     stems have the same parameters, so both readings are given.
+
+    Args:
+        weights: a model or a state_dict.
     """
     state_dict = plain_keys(weights.state_dict() if isinstance(weights, torch.nn.Module)
                             else weights)
@@ -213,7 +246,11 @@ def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
 
 def plain_keys(state_dict: StateDict) -> StateDict:
     """`state_dict` without DDP / torch.compile / mmpretrain key prefixes (enough to read
-    shapes; `checkpoint_filter_fn` does the full mapping)."""
+    shapes; `checkpoint_filter_fn` does the full mapping).
+
+    Args:
+        state_dict: the weights, under any of those prefixes.
+    """
     def strip(key: str) -> str:
         while key.startswith(_KEY_PREFIXES):
             key = key.split('.', 1)[1]

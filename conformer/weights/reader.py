@@ -123,7 +123,17 @@ def _read(path: Path) -> Tuple[Any, str]:
 
 
 def sniff_format(path: Path) -> str:
-    """Tell the file format from its first bytes; explain files that are not weights."""
+    """Tell the file format from its first bytes; explain files that are not weights.
+
+    Args:
+        path: the file.
+
+    Returns:
+        'safetensors', 'torch' (zip) or 'torch-legacy' (plain pickle).
+
+    Raises:
+        CheckpointError: the file is empty, truncated or not a weight file.
+    """
     size = path.stat().st_size
     with path.open('rb') as f:
         head = f.read(9)

@@ -32,22 +32,33 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
     """Build the Conformer the weights at `source` were trained as and load them (eval mode),
     for tools that run them: predict, export, visualize, conformer-convert.
 
-    `source`: a weight file (any supported format), a model folder, an http(s) URL,
-    ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER``. The variant is `model_name`, else the hosted
-    ``.in1k`` release the file is, else the one recorded by the training run or by the
-    ``config.json`` beside the file, else one named in the file name. num_classes and in_chans
-    come from the weights' heads and stem, architecture overrides (stem_type, patch_size, ...)
-    from the record. `num_classes` may be given to check the trained count, or as 0 for a
-    model returning pooled features; any other count is refused, as fresh heads predict noise.
+    num_classes and in_chans come from the weights' heads and stem, architecture overrides
+    (stem_type, patch_size, ...) from the record.
 
     ``model.pretrained_cfg`` carries the recorded preprocessing (``input_size`` with the
     weights' channel count, ``mean``, ``std``, ``interpolation``, ``crop_pct``: use
     ``timm.data.resolve_data_config({}, model=model)``) and, when recorded, the class names
     as ``label_names``.
 
-    Returns the model and what was read (file, format, weights key, meta). Raises
-    CheckpointError (a ValueError) for weights it cannot use, ValueError for an unknown
-    `model_name`, DownloadError for a source it cannot fetch.
+    Args:
+        source: a weight file (any supported format), a model folder, an http(s) URL,
+            ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER``.
+        model_name: the variant; None means the hosted ``.in1k`` release the file is, else the
+            one recorded by the training run or by the ``config.json`` beside the file, else
+            one named in the file name.
+        use_ema: take the EMA weights when the file holds both.
+        num_classes: None takes the trained count; given, it is checked against it, or 0
+            builds a model returning pooled features; any other count is refused, as fresh
+            heads predict noise.
+        cache_dir: where downloads are kept.
+
+    Returns:
+        The model and what was read (file, format, weights key, meta).
+
+    Raises:
+        CheckpointError: weights it cannot use (a ValueError).
+        ValueError: an unknown `model_name`.
+        DownloadError: a source it cannot fetch.
     """
     checkpoint, record = weights_record(source, model_name, use_ema, cache_dir)
     name, release = record['variant'], record['release']
@@ -92,7 +103,17 @@ def weights_record(source: Union[str, Path], model_name: Optional[str] = None,
     conformer-train's meta names: ``variant`` (`model_name`, else the hosted ``release``, else
     the record, else the file name), ``num_classes`` and ``in_chans`` (from the heads and the
     stem), and as recorded ``model_kwargs``, ``classes``, ``input_size``, ``mean``, ``std``,
-    ``interpolation``, ``crop_pct``."""
+    ``interpolation``, ``crop_pct``.
+
+    Args:
+        source: where the weights are, as for `model_from_weights`.
+        model_name: the variant, overriding what the weights record.
+        use_ema: take the EMA weights when the file holds both.
+        cache_dir: where downloads are kept.
+
+    Returns:
+        (the checkpoint read, the record dict).
+    """
     checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
     record = _record(checkpoint, source, cache_dir)
     release = known_release(checkpoint.path.name)
@@ -103,7 +124,14 @@ def weights_record(source: Union[str, Path], model_name: Optional[str] = None,
 
 
 def known_release(filename: str) -> Optional[str]:
-    """The pretrained tag ('conformer_tiny_patch16.in1k') whose hosted file is `filename`."""
+    """The pretrained tag ('conformer_tiny_patch16.in1k') whose hosted file is `filename`.
+
+    Args:
+        filename: a file name without folder, e.g. the name of a downloaded file.
+
+    Returns:
+        The tag, or None if no hosted release has that file name.
+    """
     for name in timm.list_pretrained('conformer*'):
         url = get_pretrained_cfg(name).url
         if url and os.path.basename(url) == filename:
