@@ -11,7 +11,17 @@ from .folder import ImageFolder
 
 class ClassSubset(Dataset):
     """Keeps the listed classes (relabelled 0..k-1 in the given order) and, optionally, the
-    first `per_class` images of each in a seeded shuffle: few-label transfer experiments."""
+    first `per_class` images of each in a seeded shuffle: few-label transfer experiments.
+
+    Args:
+        dataset: a dataset with integer `targets` (and optionally `classes` names).
+        classes: the class indices to keep, in their new label order.
+        per_class: images kept per class; None keeps all.
+        seed: seed of the shuffle `per_class` takes from.
+
+    Raises:
+        ValueError: a class is out of range or has fewer than `per_class` images.
+    """
 
     def __init__(self, dataset: Dataset, classes: Sequence[int], per_class: Optional[int] = None,
                  seed: int = 0):
@@ -46,7 +56,15 @@ class ClassSubset(Dataset):
 
 
 def build_datasets(data) -> Tuple[Dataset, Dataset, List[str]]:
-    """(train, eval, class names) for `data.name` in {'fashion_mnist', 'imagefolder'}."""
+    """(train, eval, class names) for `data.name` in {'fashion_mnist', 'imagefolder'}.
+
+    Args:
+        data: the `data` config group (`DataConfig`): name, root, splits, in_chans, class
+            subset and download settings.
+
+    Raises:
+        ValueError: the config names no usable dataset, or the splits' classes differ.
+    """
     if data.name == 'fashion_mnist':
         if data.in_chans != 1:
             raise ValueError('Fashion-MNIST is grayscale: set data.in_chans=1')

@@ -34,7 +34,14 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>
 
 
 def read_idx(path: os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into an array shaped by its header."""
+    """Read an IDX file (gzipped or not) into an array shaped by its header.
+
+    Args:
+        path: the file; a ``.gz`` suffix means gzipped.
+
+    Raises:
+        ValueError: the file is truncated or not an IDX file.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == '.gz' else open
     try:
@@ -65,7 +72,16 @@ def _find(root: Path, stem: str) -> Optional[Path]:
 
 
 def locate(root: Optional[str], download: bool) -> Path:
-    """The folder holding the four IDX files: `root`, else the Debian path, else download."""
+    """The folder holding the four IDX files: `root`, else the Debian path, else download.
+
+    Args:
+        root: a folder holding the files (also in torchvision's layout); None means the
+            Debian package's folder, then ``~/.cache/conformer/fashion-mnist``.
+        download: download the files with torchvision when they are not found.
+
+    Raises:
+        FileNotFoundError: the files are missing and not downloaded.
+    """
     candidates = [Path(root).expanduser()] if root else [DEBIAN_DIR]
     for folder in candidates:
         if all(_find(folder, stem) for pair in FILES.values() for stem in pair):
@@ -94,7 +110,13 @@ def locate(root: Optional[str], download: bool) -> Path:
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST split ('train' 60k or 'test' 10k) yielding (PIL 'L' image, label)."""
+    """Fashion-MNIST split ('train' 60k or 'test' 10k) yielding (PIL 'L' image, label).
+
+    Args:
+        root: the folder of the IDX files; None looks in the usual places (see `locate`).
+        split: 'train' or 'test'.
+        download: download the files when they are not found.
+    """
 
     classes = CLASSES
 

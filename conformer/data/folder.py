@@ -93,6 +93,11 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> Image.Image:
+        """Read image `index` with `in_chans` channels, without the unreadable-file fallback.
+
+        Args:
+            index: position in `samples`.
+        """
         return read_image(self.samples[index][0], self.in_chans)
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:

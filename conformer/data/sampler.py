@@ -22,6 +22,13 @@ _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant to spread nearby seeds
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of one sample, distinct for nearby arguments.
+
+    Args:
+        seed: the run's seed.
+        epoch: the epoch.
+        position: the sample's position in the epoch's global order (-1: the order itself).
+    """
     return (((seed * _MIX + epoch) * _MIX) + position) % (2 ** 63)
 
 
@@ -30,6 +37,15 @@ class GlobalBatchSampler(Sampler):
 
     repeats > 1 is repeated augmentation (Hoffer et al.; DeiT): each image appears `repeats`
     times per epoch with different augmentations, and the epoch keeps len(dataset) samples.
+
+    Args:
+        num_samples: length of the dataset.
+        global_batch: images per optimizer step over all ranks; a multiple of `world_size`.
+        rank: this process's rank.
+        world_size: number of ranks.
+        seed: seed of the order and of the augmentation seeds.
+        shuffle: shuffle each epoch (else dataset order).
+        repeats: copies of each image per epoch (repeated augmentation); 1 means off.
     """
 
     def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1,
@@ -50,6 +66,12 @@ class GlobalBatchSampler(Sampler):
         return self.num_samples // self.global_batch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch to yield, and the global batch to start from (for a resume).
+
+        Args:
+            epoch: the epoch, which seeds its order.
+            start_step: the first global batch of the epoch to yield.
+        """
         self.epoch, self.start_step = epoch, start_step
 
     def global_order(self) -> torch.Tensor:
@@ -91,7 +113,13 @@ class GlobalBatchSampler(Sampler):
 
 
 class ShardSampler(Sampler):
-    """Evaluation: rank r takes every world_size-th image, no padding, so counts stay exact."""
+    """Evaluation: rank r takes every world_size-th image, no padding, so counts stay exact.
+
+    Args:
+        num_samples: length of the dataset.
+        rank: this process's rank.
+        world_size: number of ranks.
+    """
 
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
         self.indices = range(rank, num_samples, world_size)
@@ -111,6 +139,10 @@ class SeededTransform(Dataset):
     fetches a whole batch through `__getitems__`, which saves and restores those states once
     per batch rather than once per image (that bookkeeping cost more than a small image's
     transform).
+
+    Args:
+        dataset: yields (image, target).
+        transform: applied to each image; None returns images as they are.
     """
 
     def __init__(self, dataset: Dataset, transform: Optional[Callable]):

@@ -13,6 +13,14 @@ from torchvision import transforms as T
 
 
 def build_transform(aug, data, is_training: bool) -> Callable:
+    """The image transform of one split, from the config: image in, normalised tensor out.
+
+    Args:
+        aug: the `aug` config group (`AugConfig`): crop style and training augmentations.
+        data: the `data` config group (`DataConfig`): input size, mean, std, interpolation,
+            crop_pct.
+        is_training: build the augmenting training transform (else the deterministic eval one).
+    """
     mean, std = tuple(data.mean), tuple(data.std)
     if aug.train_crop == 'pad':
         return _pad_crop_transform(aug, data.input_size, mean, std, is_training)
