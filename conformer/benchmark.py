@@ -76,7 +76,12 @@ MEMORY_METHOD = (
 
 
 def paper_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """:class:`~conformer.layers.Attention` on the kernels' PyTorch reference attention."""
+    """:class:`~conformer.layers.Attention` on the kernels' PyTorch reference attention.
+
+    Args:
+        self: the Attention layer (bound as its ``forward``).
+        x: tokens (B, N, C).
+    """
     B, N, C = x.shape
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -86,7 +91,14 @@ def paper_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
 
 def paper_fcu_down_forward(self: FCUDown, x: torch.Tensor, x_t: torch.Tensor,
                            grid: Tuple[int, int]) -> torch.Tensor:
-    """:class:`~conformer.layers.FCUDown` on the kernels' PyTorch reference FCU-down."""
+    """:class:`~conformer.layers.FCUDown` on the kernels' PyTorch reference FCU-down.
+
+    Args:
+        self: the FCUDown layer (bound as its ``forward``).
+        x: CNN map (B, C, H, W).
+        x_t: token sequence whose class token is prepended to the result.
+        grid: (Hg, Wg), the token grid.
+    """
     tokens = fcu_down_reference(x, self.conv_project.weight, self.conv_project.bias, grid,
                                 self.ln.weight, self.ln.bias, self.ln.eps)
     return torch.cat([x_t[:, :1], tokens], dim=1)
@@ -95,7 +107,11 @@ def paper_fcu_down_forward(self: FCUDown, x: torch.Tensor, x_t: torch.Tensor,
 def reference_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose attention and FCU-down always run the kernels' PyTorch
     references (:func:`paper_attention_forward`, :func:`paper_fcu_down_forward`), so the
-    ``eager`` baseline is the same computation on every device and backend."""
+    ``eager`` baseline is the same computation on every device and backend.
+
+    Args:
+        model: a Conformer; not modified.
+    """
     reference = copy.deepcopy(model)
     paper_forward = {Attention: paper_attention_forward, FCUDown: paper_fcu_down_forward}
     for module in reference.modules():
@@ -105,7 +121,12 @@ def reference_model(model: nn.Module) -> nn.Module:
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated by ``fn()`` above what was live when it started (see MEMORY_METHOD)."""
+    """Peak bytes allocated by ``fn()`` above what was live when it started (see MEMORY_METHOD).
+
+    Args:
+        fn: the call to measure; run once.
+        device: where it allocates, CPU or CUDA.
+    """
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
@@ -135,7 +156,12 @@ def gemm_routes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
     """The ways PyTorch can run a ``dtype`` GEMM here: ``matmul`` (``a @ b``: MKL for fp32 on
     x86, whose fast paths are Intel-only) and, on CPUs where oneDNN runs the dtype, ``onednn``
     (:func:`conformer.kernels.onednn.linear`: its inner product on a packed weight, as deploy
-    runs linears)."""
+    runs linears).
+
+    Args:
+        device: the device the GEMM runs on.
+        dtype: the GEMM's dtype.
+    """
     if device.type == 'cpu' and onednn.takes_dtype(dtype):
         return ('matmul', 'onednn')
     return ('matmul',)
@@ -143,7 +169,14 @@ def gemm_routes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
 
 def gemm_call(dtype: torch.dtype, size: int, device: torch.device,
               route: str = 'matmul') -> Callable[[], object]:
-    """A size^3 GEMM (2 * size^3 FLOP) by ``route`` (see :func:`gemm_routes`), warmed up."""
+    """A size^3 GEMM (2 * size^3 FLOP) by ``route`` (see :func:`gemm_routes`), warmed up.
+
+    Args:
+        dtype: the GEMM's dtype.
+        size: rows and columns of the square operands.
+        device: the device it runs on.
+        route: 'matmul' or 'onednn'.
+    """
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     if route == 'onednn':
@@ -158,7 +191,14 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int, repeats: int,
                        device: torch.device = torch.device('cpu')) -> Dict[str, float]:
     """The machine's matmul rate by each of :func:`gemm_routes`, in GFLOP/s: the median over
     ``repeats`` size^3 GEMMs, the routes interleaved. The yardstick for "% of peak" is the
-    fastest route."""
+    fastest route.
+
+    Args:
+        dtype: the GEMM's dtype.
+        size: rows and columns of the square operands.
+        repeats: GEMMs timed per route.
+        device: the device they run on.
+    """
     calls = {route: gemm_call(dtype, size, device, route)
              for route in gemm_routes(device, dtype)}
     times = _interleaved_times(calls, repeats, device)
@@ -190,7 +230,12 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
 
 
 def unavailable(mode: str, device: torch.device) -> Optional[str]:
-    """Why ``mode`` is not measured on ``device`` (None: it is)."""
+    """Why ``mode`` is not measured on ``device`` (None: it is).
+
+    Args:
+        mode: one of :data:`MODES`.
+        device: the benchmark's device.
+    """
     if mode == 'triton' and device.type != 'cuda':
         return NO_CUDA
     if mode == 'bf16' and not runtime.native_bf16(device):
@@ -251,7 +296,21 @@ def bench_inference(model: nn.Module, modes: Sequence[str], batch_sizes: Sequenc
                     image_size: int, rounds: int, warmup: int, compile: bool,
                     device: torch.device, gemm_size: int,
                     peak_routes: Dict[str, str]) -> List[dict]:
-    """``peak_routes``: dtype name -> the GEMM route timed in each round as the peak."""
+    """Inference rows, one per mode and batch size: latency, throughput, peak memory, % of
+    matmul peak, speed-up over ``eager`` and logit agreement with it.
+
+    Args:
+        model: the Conformer; put in eval mode.
+        modes: modes to run, from :data:`MODES`; must include ``'eager'``.
+        batch_sizes: batch sizes to measure.
+        image_size: height and width of the random input, in pixels.
+        rounds: timed calls per mode, the modes interleaved.
+        warmup: untimed calls per mode first (these include compiling).
+        compile: deploy the fp32 and bf16 modes with ``torch.compile``.
+        device: where to run.
+        gemm_size: size of the square GEMM timed as the matmul peak.
+        peak_routes: dtype name -> the GEMM route timed in each round as the peak.
+    """
     model = model.eval()
     gemm_flops = 2 * gemm_size ** 3
     gemms = {f'gemm_{dt}': gemm_call(getattr(torch, dt), gemm_size, device, route)
@@ -315,6 +374,19 @@ def _with_backend(mode: str, fn: Callable[[], object]) -> object:
 
 def bench_training(model: nn.Module, modes: Sequence[str], batch: int, image_size: int,
                    rounds: int, warmup: int, compile: bool, device: torch.device) -> List[dict]:
+    """Training rows, one per mode with and without gradient checkpointing: AdamW steps on the
+    dual-head loss, with step time, throughput, peak memory and speed-up over ``eager``.
+
+    Args:
+        model: the Conformer; each mode trains its own copy.
+        modes: modes to run, from :data:`MODES`; must include ``'eager'``.
+        batch: images per step.
+        image_size: height and width of the random input, in pixels.
+        rounds: timed steps per mode, the modes interleaved.
+        warmup: untimed steps per mode first.
+        compile: run the modes other than ``eager`` through ``torch.compile``.
+        device: where to run.
+    """
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     target = torch.randint(0, model.num_classes, (batch,), generator=generator).to(device)
@@ -367,8 +439,28 @@ def run(variants: Sequence[str], batch_sizes: Sequence[int], train_batch: int,
         image_size: Optional[int], rounds: int, warmup: int, compile: bool,
         modes: Sequence[str] = MODES, gemm_size: int = 2048, skip_training: bool = False,
         model_kwargs: Optional[dict] = None, keep_freed_memory: bool = False) -> dict:
-    """Run the whole benchmark for each of ``variants`` (at ``image_size``, or each variant's
-    default input size when None); returns the JSON-ready result."""
+    """Run the whole benchmark for each of ``variants``; returns the JSON-ready result.
+
+    Args:
+        variants: registered model names to benchmark.
+        batch_sizes: inference batch sizes.
+        train_batch: training batch size.
+        image_size: input height and width in pixels; None means each variant's default input
+            size.
+        rounds: timed calls per mode (at least 1).
+        warmup: untimed calls per mode first (at least 1).
+        compile: use ``torch.compile`` (inference: the fp32 and bf16 modes; training: every
+            mode but ``eager``).
+        modes: modes to run, from :data:`MODES`; must include ``'eager'``.
+        gemm_size: size of the square GEMM timed as the matmul peak.
+        skip_training: measure inference only.
+        model_kwargs: passed to ``timm.create_model`` for every variant.
+        keep_freed_memory: on the CPU, call :func:`conformer.runtime.keep_freed_memory` first.
+
+    Raises:
+        ValueError: no variants, an unknown variant, no ``'eager'`` mode, or rounds or warmup
+            below 1.
+    """
     if 'eager' not in modes:
         raise ValueError("modes must include 'eager': every speed-up is measured against it")
     if rounds < 1 or warmup < 1:

@@ -92,6 +92,12 @@ class InferenceModel(nn.Module):
     Each wrapped method is compiled on its first call (``dynamic=False``: once per input
     shape, so feed fixed-size batches when serving; torch.compile falls back to eager after
     its recompile limit).
+
+    Args:
+        model: the prepared model to wrap (`optimize_for_inference` builds it).
+        dtype: torch.float32 or torch.bfloat16; floating inputs are cast to it.
+        compile: run each method through ``torch.compile`` with inductor freezing.
+        compile_mode: passed to torch.compile.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32,
@@ -139,15 +145,40 @@ class InferenceModel(nn.Module):
         return self._call('forward', x)
 
     def forward_features(self, x: torch.Tensor):
+        """The wrapped model's ``forward_features``, outputs in float32.
+
+        Args:
+            x: images (B, C, H, W).
+        """
         return self._call('forward_features', x)
 
     def forward_head(self, features, pre_logits: bool = False):
+        """The wrapped model's ``forward_head``, outputs in float32.
+
+        Args:
+            features: ``forward_features`` output.
+            pre_logits: return the pooled features instead of the logits.
+        """
         return self._call('forward_head', features, pre_logits=pre_logits)
 
     def forward_intermediates(self, x: torch.Tensor, **kwargs):
+        """The wrapped model's ``forward_intermediates``, outputs in float32.
+
+        Args:
+            x: images (B, C, H, W).
+            **kwargs: passed to the wrapped model's ``forward_intermediates``.
+        """
         return self._call('forward_intermediates', x, **kwargs)
 
     def train(self, mode: bool = True) -> 'InferenceModel':
+        """Only ``train(False)`` (eval mode) is allowed.
+
+        Args:
+            mode: must be False.
+
+        Raises:
+            RuntimeError: ``mode`` is True.
+        """
         if mode:
             raise RuntimeError('an InferenceModel is for inference only (its BatchNorms are '
                                'folded); train the original model instead')

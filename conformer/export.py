@@ -37,8 +37,13 @@ def _example(model: nn.Module, batch: int, size: Tuple[int, int]) -> torch.Tenso
 def export_program(model: nn.Module, size: Tuple[int, int] = (224, 224),
                    batch: int = 2) -> ExportedProgram:
     """``torch.export`` of the eval-mode model's ``forward`` (summed logits) with dynamic
-    batch (from 1), height and width. Traced at ``batch`` x ``size``; batch 2 because a
-    traced size of 1 would be specialised."""
+    batch (from 1), height and width.
+
+    Args:
+        model: the model; put in eval mode.
+        size: (height, width) of the traced example.
+        batch: batch of the traced example; 2 because a traced size of 1 would be specialised.
+    """
     return torch.export.export(model.eval(), (_example(model, batch, size),),
                                dynamic_shapes=DYNAMIC_IMAGE)
 
@@ -47,7 +52,16 @@ def check_program(program: ExportedProgram, model: nn.Module,
                   size: Tuple[int, int]) -> None:
     """Refuse a program traced at an image size too small to generalise: export derives the
     sizes it takes from the traced one, and a trace at a few pixels can yield a program for
-    only those (e.g. 5-8 px). It must take the model's own input size."""
+    only those (e.g. 5-8 px). It must take the model's own input size.
+
+    Args:
+        program: the exported program.
+        model: the model it was exported from (its ``pretrained_cfg`` gives the input size).
+        size: (height, width) the program was traced at, for the error message.
+
+    Raises:
+        ValueError: the program does not take the model's input size.
+    """
     default = tuple(model.pretrained_cfg['input_size'][1:])
     try:
         with torch.no_grad():
@@ -114,8 +128,21 @@ def export_onnx(model: nn.Module, path: str, size: Tuple[int, int] = (224, 224),
                 batch: int = 2, opset: Optional[int] = None,
                 program: Optional[ExportedProgram] = None) -> None:
     """Write ``model`` to the ONNX file ``path`` (input ``images``: N x C x H x W, output
-    ``logits``) with dynamic batch, height and width, from ``program`` if it was already
-    exported. An opset the exporter cannot convert to is an error, not a silent fallback."""
+    ``logits``) with dynamic batch, height and width.
+
+    Args:
+        model: the model to export.
+        path: the ONNX file to write.
+        size: (height, width) of the traced example, as for `export_program`.
+        batch: batch of the traced example, as for `export_program`.
+        opset: the ONNX opset; None means the exporter's default.
+        program: an already exported program of ``model`` to convert; None exports one.
+
+    Raises:
+        ImportError: onnx or onnxscript is not installed.
+        ValueError: the exporter cannot convert to ``opset`` (an error, not a silent
+            fallback).
+    """
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter's backend)
@@ -139,7 +166,16 @@ def export_onnx(model: nn.Module, path: str, size: Tuple[int, int] = (224, 224),
 
 def check_onnx(path: str, model: nn.Module, x: torch.Tensor) -> float:
     """Run the ONNX file with onnxruntime on ``x``; return the max abs difference from
-    PyTorch's logits."""
+    PyTorch's logits.
+
+    Args:
+        path: the ONNX file.
+        model: the PyTorch model it was exported from; put in eval mode.
+        x: the input batch (on the CPU).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+    """
     try:
         import onnxruntime
     except ImportError as e:

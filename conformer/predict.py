@@ -48,9 +48,18 @@ def create_model(name: Optional[str] = None, pretrained: bool = False,
 
 
 def load_labels(spec: str, model: nn.Module) -> List[str]:
-    """One label per class of ``model``: 'auto' (the class names recorded with its weights,
-    else ImageNet's for 1000 classes, else class indices), 'imagenet' (timm's ImageNet-1k
-    descriptions), 'none' (class indices) or a text file with one label per line."""
+    """One label per class of ``model``.
+
+    Args:
+        spec: 'auto' (the class names recorded with its weights, else ImageNet's for 1000
+            classes, else class indices), 'imagenet' (timm's ImageNet-1k descriptions),
+            'none' (class indices) or a text file with one label per line.
+        model: the model whose classes are labelled.
+
+    Raises:
+        ValueError: the labels do not match the model's class count, or ``spec`` is a folder.
+        FileNotFoundError: the labels file does not exist.
+    """
     num_classes = model.num_classes
     recorded = model.pretrained_cfg.get('label_names')
     if spec == 'auto':
@@ -82,7 +91,15 @@ def load_labels(spec: str, model: nn.Module) -> List[str]:
 def predict(model: nn.Module, paths: Sequence[Path], labels: Sequence[str], topk: int = 5,
             batch_size: int = 16) -> Iterator[dict]:
     """Yield, in input order, ``{'path', 'top': [(label, probability), ...]}`` for each image
-    or ``{'path', 'error'}`` for each file that could not be read."""
+    or ``{'path', 'error'}`` for each file that could not be read.
+
+    Args:
+        model: the model, in eval mode; its ``pretrained_cfg`` gives the eval transform.
+        paths: the image files.
+        labels: one label per class (see `load_labels`).
+        topk: classes reported per image (at most the number of labels).
+        batch_size: images per forward pass.
+    """
     transform = create_transform(**resolve_data_config(model=model))
     topk = min(topk, len(labels))
     for start in range(0, len(paths), batch_size):

@@ -34,6 +34,9 @@ def native_bf16(device: torch.device) -> bool:
     CPUs without AVX-512 or AVX-NE-CONVERT (AMD before Zen 4, Intel client chips before Arrow
     Lake) have no oneDNN bf16 path: PyTorch emulates bf16 there, several times slower than
     fp32, so bf16 autocast slows work down.
+
+    Args:
+        device: a torch.device or its name; devices other than CPU and CUDA count as without.
     """
     device = torch.device(device)
     if device.type == 'cuda':

@@ -22,7 +22,11 @@ __all__ = ['branch_activation_maps', 'class_activation_maps', 'conv_trans_blocks
 
 
 def conv_trans_blocks(model: nn.Module) -> Dict[int, nn.Module]:
-    """The ConvTransBlocks by their paper number (conv_trans_2 .. conv_trans_{depth})."""
+    """The ConvTransBlocks by their paper number (conv_trans_2 .. conv_trans_{depth}).
+
+    Args:
+        model: a Conformer.
+    """
     return {int(name.rsplit('_', 1)[1]): m for name, m in model.named_children()
             if name.startswith('conv_trans_')}
 
@@ -30,7 +34,16 @@ def conv_trans_blocks(model: nn.Module) -> Dict[int, nn.Module]:
 def branch_activation_maps(model: nn.Module, x: torch.Tensor,
                            block: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """``{'cnn': (B, h, w), 'transformer': (B, gh, gw)}``: channel-mean activations of the two
-    branches at the output of ConvTransBlock ``block`` (default: the last)."""
+    branches at the output of a ConvTransBlock. Puts the model in eval mode.
+
+    Args:
+        model: a Conformer.
+        x: images (B, C, H, W), preprocessed for the model.
+        block: the ConvTransBlock's paper number (2..depth); None means the last.
+
+    Raises:
+        ValueError: ``block`` is out of range.
+    """
     blocks = conv_trans_blocks(model)
     block = max(blocks) if block is None else block
     if block not in blocks:
@@ -55,8 +68,19 @@ def branch_activation_maps(model: nn.Module, x: torch.Tensor,
 
 def class_activation_maps(model: nn.Module, x: torch.Tensor,
                           class_index: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """CAMs of both heads for ``class_index`` (default: each image's top-1 class of the
-    summed logits): ``{'cnn': (B, h, w), 'transformer': (B, gh, gw), 'class_index': (B,)}``."""
+    """CAMs of both heads: ``{'cnn': (B, h, w), 'transformer': (B, gh, gw), 'class_index': (B,)}``.
+
+    Puts the model in eval mode.
+
+    Args:
+        model: a Conformer with classifier heads.
+        x: images (B, C, H, W), preprocessed for the model.
+        class_index: the class to map; None means each image's top-1 class of the summed
+            logits.
+
+    Raises:
+        ValueError: the model has no heads, or ``class_index`` is out of range.
+    """
     if not model.num_classes:
         raise ValueError('class activation maps need the classifier heads; the model has '
                          'num_classes=0')
@@ -95,7 +119,16 @@ def _normalise(m: torch.Tensor, size) -> torch.Tensor:
 def plot_maps(image, activations: Dict[str, torch.Tensor], cams: Dict[str, torch.Tensor],
               class_name: str, block: int, path: str) -> None:
     """Save a one-row figure: the image (RGB, or 2-D grayscale), both branches' activations,
-    both heads' CAMs."""
+    both heads' CAMs, each map of the first image of the batch.
+
+    Args:
+        image: the input image, a PIL image or uint8 array (0-255).
+        activations: `branch_activation_maps` output.
+        cams: `class_activation_maps` output.
+        class_name: the mapped class, for the titles.
+        block: the block number of ``activations``, for the titles.
+        path: the image file to write (format from its suffix).
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
