@@ -22,7 +22,11 @@ ARCH_KEYS = ('stem_type', 'patch_size', 'base_channel', 'channel_ratio', 'embed_
 
 
 def model_kwargs(model_cfg) -> dict:
-    """The architecture settings that override the variant's defaults."""
+    """The architecture settings that override the variant's defaults.
+
+    Args:
+        model_cfg: the ``model`` config group; unset (None) settings are left out.
+    """
     return {k: model_cfg[k] for k in ARCH_KEYS if model_cfg[k] is not None}
 
 
@@ -85,7 +89,11 @@ def describe_from_weights(cfg, key: str, record: Dict[str, Any]) -> None:
 def set_threads(threads: Optional[int]) -> None:
     """torch's intra-op threads: `threads`, else the cores this process may use (its CPU
     affinity: a container's or a job's share, not the whole machine), unless OMP_NUM_THREADS
-    sets them (torchrun sets it to 1 for several processes per node)."""
+    sets them (torchrun sets it to 1 for several processes per node).
+
+    Args:
+        threads: the thread count; None means the cores this process may use.
+    """
     if threads is None and 'OMP_NUM_THREADS' in os.environ:
         return
     torch.set_num_threads(threads or available_cores())
@@ -100,7 +108,17 @@ def available_cores() -> int:
 def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
     """timm.create_model; pretrained weights come from the variant's default source or, with
     model.checkpoint, from a local file of any supported format (a new head is made when the
-    class count differs)."""
+    class count differs).
+
+    Args:
+        model_cfg: the ``model`` config group (name, pretrained, checkpoint, drop rates,
+            architecture overrides).
+        num_classes: classes of the data.
+        in_chans: input channels of the data.
+
+    Raises:
+        FileNotFoundError: ``model.checkpoint`` does not exist.
+    """
     kwargs = model_kwargs(model_cfg)
     overlay = None
     if model_cfg.checkpoint:
@@ -116,13 +134,26 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
 
 
 def saved_ema(state: dict) -> Optional[dict]:
-    """A training checkpoint's EMA weights, if it has them."""
+    """A training checkpoint's EMA weights, if it has them.
+
+    Args:
+        state: the training checkpoint.
+    """
     return state.get(EMA_KEY, state.get(OLD_EMA_KEY))
 
 
 def check_classes(state: dict, origin: str, classes: Sequence[str]) -> None:
     """A checkpoint's heads stand for the classes it was trained on, by name and in order:
-    refuse data with other classes, even as many."""
+    refuse data with other classes, even as many.
+
+    Args:
+        state: the training checkpoint, whose meta records its classes.
+        origin: how errors name the checkpoint (the setting that named it).
+        classes: class names of the configured data.
+
+    Raises:
+        ValueError: the classes differ.
+    """
     trained = state.get('meta', {}).get('classes')
     if trained is not None and list(trained) != list(classes):
         raise ValueError(f'{origin} was trained on the classes {_listing(trained)}, the '
@@ -138,12 +169,21 @@ def _listing(names: Sequence[str], shown: int = 12) -> str:
 
 
 def head_modules(model: nn.Module) -> Sequence[nn.Module]:
+    """The model's classifier heads, as a sequence.
+
+    Args:
+        model: a timm model.
+    """
     heads = model.get_classifier()
     return heads if isinstance(heads, (tuple, list)) else (heads,)
 
 
 def freeze_backbone(model: nn.Module) -> None:
-    """Linear probe: only the classifier heads train."""
+    """Linear probe: only the classifier heads train.
+
+    Args:
+        model: a timm model; its other parameters get ``requires_grad=False``.
+    """
     model.requires_grad_(False)
     for head in head_modules(model):
         head.requires_grad_(True)
@@ -151,7 +191,12 @@ def freeze_backbone(model: nn.Module) -> None:
 
 def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
     """train() for training; a frozen backbone's blocks stay in eval mode (BN statistics
-    fixed, no dropout) while the model itself is in train mode (dual-head outputs)."""
+    fixed, no dropout) while the model itself is in train mode (dual-head outputs).
+
+    Args:
+        model: a timm model.
+        frozen_backbone: keep every child but the heads in eval mode.
+    """
     model.train()
     if frozen_backbone:
         heads = set(head_modules(model))
@@ -162,6 +207,16 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 
 def train_loader(dataset, data_cfg, aug_cfg, sampler: GlobalBatchSampler, micro_batch: int,
                  epoch_seed: int) -> DataLoader:
+    """The training DataLoader: seeded augmentation of each sample (`SeededTransform`).
+
+    Args:
+        dataset: the training set.
+        data_cfg: the ``data`` config group (num_workers, preprocessing).
+        aug_cfg: the ``aug`` config group.
+        sampler: yields this rank's (index, augmentation seed) keys.
+        micro_batch: images per forward pass.
+        epoch_seed: seeds the loader's own generator.
+    """
     view = SeededTransform(dataset, build_transform(aug_cfg, data_cfg, is_training=True))
     return DataLoader(view, batch_size=micro_batch, sampler=sampler,
                       num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
@@ -170,6 +225,15 @@ def train_loader(dataset, data_cfg, aug_cfg, sampler: GlobalBatchSampler, micro_
 
 
 def eval_loader(dataset, data_cfg, aug_cfg, rank: int, world_size: int) -> DataLoader:
+    """The evaluation DataLoader over this rank's shard (`ShardSampler`), eval transform.
+
+    Args:
+        dataset: the evaluation set.
+        data_cfg: the ``data`` config group (eval_batch_size, num_workers, preprocessing).
+        aug_cfg: the ``aug`` config group (its crop style).
+        rank: this process's rank.
+        world_size: number of ranks.
+    """
     view = SeededTransform(dataset, build_transform(aug_cfg, data_cfg, is_training=False))
     return DataLoader(view, batch_size=data_cfg.eval_batch_size,
                       sampler=ShardSampler(len(dataset), rank, world_size),

@@ -123,6 +123,16 @@ class CheckpointManager:
                          len(stale), ', '.join(p.name for p in stale))
 
     def save(self, state: Dict[str, Any], step: int, is_best: bool) -> Path:
+        """Write `state` atomically as the step file and last.pth, and drop old step files.
+
+        Args:
+            state: the checkpoint dict.
+            step: the optimizer step, which names the file.
+            is_best: also make it best.pth.
+
+        Returns:
+            The step file written.
+        """
         path = self.dir / f'step-{step:08d}.pth'
         atomic_save(state, path)
         _link(path, self.dir / LAST)
@@ -137,7 +147,11 @@ class CheckpointManager:
 
 
 def latest(directory: Path) -> Optional[Path]:
-    """The newest checkpoint a run wrote into `directory`, if any (what resume=auto takes)."""
+    """The newest checkpoint a run wrote into `directory`, if any (what resume=auto takes).
+
+    Args:
+        directory: a run's checkpoint folder.
+    """
     path = Path(directory) / LAST
     return path if path.is_file() else None
 
@@ -174,7 +188,17 @@ def load(path: str, key: str = 'checkpoint', required: Sequence[str] = ()) -> Di
 
 def check_data(state: Dict[str, Any], origin: str, num_classes: int, in_chans: int) -> None:
     """A training checkpoint's heads and stem fit the data it was trained on; refuse other
-    data here, where a weights loader would quietly start new heads or adapt the stem."""
+    data here, where a weights loader would quietly start new heads or adapt the stem.
+
+    Args:
+        state: the training checkpoint, whose meta records num_classes and in_chans.
+        origin: how errors name the checkpoint (the setting that named it).
+        num_classes: classes of the configured data.
+        in_chans: input channels of the configured data.
+
+    Raises:
+        ValueError: the data differs from what the checkpoint was trained on.
+    """
     meta = state.get('meta', {})
     for name, value, keys in (('num_classes', num_classes, 'data.root / data.classes'),
                               ('in_chans', in_chans, 'data.in_chans')):
@@ -204,6 +228,11 @@ def capture_rng() -> Dict[str, torch.Tensor]:
 
 
 def restore_rng(state: Dict[str, torch.Tensor]) -> None:
+    """Set this process's RNG states back to what `capture_rng` returned.
+
+    Args:
+        state: `capture_rng` output; its CUDA states are restored only where CUDA is available.
+    """
     torch.set_rng_state(state['torch'])
     gauss = float(state['python_gauss'][0])
     random.setstate((3, tuple(int(v) for v in state['python']), None if gauss != gauss else gauss))

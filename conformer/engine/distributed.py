@@ -109,6 +109,16 @@ def launch_time() -> float:
 
 
 def pick_device(preference: str, local_rank: int = 0, key: str = 'trainer.device') -> torch.device:
+    """The device a process runs on.
+
+    Args:
+        preference: 'auto' (CUDA when visible), 'cpu' or 'cuda'.
+        local_rank: this process's GPU index on its node.
+        key: the config key that set it, for messages.
+
+    Raises:
+        ValueError: 'cuda' without a visible GPU.
+    """
     if preference == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f'{key}=cuda but no CUDA GPU is visible; use {key}=cpu')
     if preference == 'cpu' or not torch.cuda.is_available():
@@ -149,7 +159,11 @@ def collective_device() -> torch.device:
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks, returned on its own device (identity without a process group)."""
+    """Sum a tensor over ranks, returned on its own device (identity without a process group).
+
+    Args:
+        values: this rank's tensor.
+    """
     if not _group_active():
         return values
     reduced = values.to(collective_device())

@@ -38,7 +38,16 @@ _logger = logging.getLogger(__name__)
 def resolve_amp(amp: str, device: torch.device, key: str = 'amp') -> str:
     """The autocast a run uses for its ``amp`` setting on ``device``: ``'auto'`` is bf16 where
     the device has native bf16 and fp32 (``'none'``) elsewhere; the others are kept, with a
-    warning for bf16 that the device can only emulate. ``key`` names the setting in messages."""
+    warning for bf16 that the device can only emulate.
+
+    Args:
+        amp: 'auto', 'bf16', 'fp16' or 'none'.
+        device: the device the run uses.
+        key: names the setting in messages.
+
+    Raises:
+        ValueError: fp16 on a device other than CUDA.
+    """
     if amp == 'fp16' and device.type != 'cuda':
         raise ValueError(f'{key}=fp16 needs a GPU (CPUs have no fast fp16 path); use '
                          f'{key}=auto, or {key}=bf16 on a CPU with native bf16')
@@ -54,6 +63,12 @@ def resolve_amp(amp: str, device: torch.device, key: str = 'amp') -> str:
 
 
 def autocast(device: torch.device, amp: str):
+    """The autocast context for a resolved ``amp`` setting (a no-op for 'none').
+
+    Args:
+        device: the device the model runs on.
+        amp: 'bf16', 'fp16' or 'none', as from `resolve_amp`.
+    """
     if amp == 'none':
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == 'bf16' else torch.float16)
@@ -74,13 +89,24 @@ def dual_head_loss(outputs: Tuple[torch.Tensor, torch.Tensor], target: torch.Ten
 
 def correct_counts(conv: torch.Tensor, trans: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Correct predictions of the summed logits (the paper's metric), of the CNN head and of the
-    transformer head, as one tensor on the logits' device."""
+    transformer head, as one tensor on the logits' device.
+
+    Args:
+        conv: the CNN head's logits (B, classes).
+        trans: the transformer head's logits (B, classes).
+        target: class indices (B,).
+    """
     return torch.stack([(conv + trans).argmax(1) == target, conv.argmax(1) == target,
                         trans.argmax(1) == target]).sum(1)
 
 
 def head_logits(model: nn.Module, images: torch.Tensor):
-    """(conv_logits, trans_logits) in any mode, through the model's public API."""
+    """(conv_logits, trans_logits) in any mode, through the model's public API.
+
+    Args:
+        model: a Conformer with classifier heads.
+        images: the input batch.
+    """
     pooled = model.forward_head(model.forward_features(images), pre_logits=True)
     conv_head, trans_head = model.get_classifier()
     split = conv_head.in_features
@@ -90,6 +116,23 @@ def head_logits(model: nn.Module, images: torch.Tensor):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str,
              channels_last: bool = False) -> Dict[str, float]:
+    """Loss and top-1 (summed heads, each head) over `loader`, summed over ranks; the model's
+    train/eval mode is restored afterwards.
+
+    Args:
+        model: a Conformer with classifier heads.
+        loader: yields (images, class indices); under DDP, each rank's shard.
+        device: where the model is.
+        amp: 'bf16', 'fp16' or 'none', as from `resolve_amp`.
+        channels_last: feed the images in channels_last layout.
+
+    Returns:
+        ``loss`` (mean of both heads' cross-entropies), ``top1``, ``top1_conv``,
+        ``top1_trans`` (percent) and ``count``.
+
+    Raises:
+        ValueError: the evaluation set is empty.
+    """
     was_training = model.training
     model.eval()
     # sums on the device: loss, correct (combined), correct conv head, correct transformer
@@ -146,7 +189,13 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
 
 def select_trained_classes(cfg, state: Dict[str, Any], classes: List[str]) -> bool:
     """With data.classes unset, keep the classes the checkpoint was trained on when the data
-    has them all (under other indices); True when data.classes was set."""
+    has them all (under other indices); True when data.classes was set.
+
+    Args:
+        cfg: the config; its ``data.classes`` may be set.
+        state: the training checkpoint, whose meta records its classes.
+        classes: the class names of the configured data.
+    """
     trained = state.get('meta', {}).get('classes')
     if cfg.data.classes is not None or not trained or list(trained) == list(classes) \
             or not set(trained) <= set(classes):

@@ -40,6 +40,14 @@ class RunLogger:
             self.tb = SummaryWriter(str(self.run_dir / 'tensorboard'))
 
     def log(self, kind: str, step: int, **values: Any) -> None:
+        """Append a record (and numeric values to TensorBoard); an eval record redraws the
+        curves when plotting is on.
+
+        Args:
+            kind: the record's kind, e.g. 'train' or 'eval'.
+            step: the optimizer step.
+            **values: the record's values; JSON-serialisable.
+        """
         if not self.enabled:
             return
         record = dict(kind=kind, step=step, **values)
@@ -75,7 +83,11 @@ class RunLogger:
 
 def drop_torn_last_line(path: Path) -> None:
     """Cut an unparsable last line (a kill in the middle of writing it) from a JSON-lines
-    file, so that the next record starts a line of its own."""
+    file, so that the next record starts a line of its own.
+
+    Args:
+        path: the JSON-lines file; a missing file is left alone.
+    """
     if not path.is_file():
         return
     data = path.read_bytes()
@@ -96,7 +108,12 @@ def drop_torn_last_line(path: Path) -> None:
 
 
 def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
-    """Loss and top-1 (train, eval, EMA eval) against optimizer steps."""
+    """Loss and top-1 (train, eval, EMA eval) against optimizer steps.
+
+    Args:
+        history: the log records (`RunLogger.history`).
+        path: the PNG file to write; replaced atomically.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

@@ -278,7 +278,13 @@ class MetricWindow:
 
 
 def train(cfg, run_dir: Path) -> Dict[str, Any]:
-    """Train as configured; returns the final metrics (also written to run_dir/metrics.json)."""
+    """Train as configured; returns the final metrics (also written to run_dir/metrics.json).
+
+    Args:
+        cfg: a `TrainConfig` (conformer-train's config).
+        run_dir: the run's folder for checkpoints, logs and metrics
+            (``trainer.resume=auto`` resumes from its last checkpoint).
+    """
     describe_from_pretrained(cfg)
     check(cfg)
     run_dir = Path(run_dir)
