@@ -15,7 +15,11 @@ __all__ = ['format_table', 'main']
 
 def format_table(result: dict) -> str:
     """Markdown tables: each variant's inference and training rows and, for several variants,
-    a summary with one row per variant and batch size."""
+    a summary with one row per variant and batch size.
+
+    Args:
+        result: :func:`conformer.benchmark.run` output.
+    """
     s = result['settings']
     short = dict(float32='fp32', bfloat16='bf16')
     peaks = ', '.join(
@@ -90,6 +94,11 @@ def _summary_table(variants: List[dict]) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``conformer-benchmark`` command; returns its exit status, 0.
+
+    Args:
+        argv: command-line arguments (``--help`` lists them); None reads ``sys.argv[1:]``.
+    """
     parser = argparse.ArgumentParser(
         prog='conformer-benchmark',
         description='Benchmark Conformer variants: eager reference vs deploy modes '

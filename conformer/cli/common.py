@@ -46,20 +46,32 @@ def add_model_arguments(parser: argparse.ArgumentParser, labels: bool = True) ->
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:
-    """:func:`conformer.predict.create_model` for the options of :func:`add_model_arguments`."""
+    """:func:`conformer.predict.create_model` for the options of :func:`add_model_arguments`.
+
+    Args:
+        args: the parsed options (``model``, ``pretrained``, ``checkpoint``, ``num_classes``).
+    """
     return create_model(args.model, args.pretrained, args.checkpoint, args.num_classes)
 
 
 def model_inputs(args: argparse.Namespace) -> List[str]:
     """The local files and folders the options of :func:`add_model_arguments` read: the
-    ``--checkpoint`` and a ``--labels`` file (URLs and hub names are skipped by the checks)."""
+    ``--checkpoint`` and a ``--labels`` file (URLs and hub names are skipped by the checks).
+
+    Args:
+        args: the parsed options.
+    """
     labels = getattr(args, 'labels', None)
     return [p for p in (args.checkpoint, None if labels in LABEL_CHOICES else labels) if p]
 
 
 def find_images(paths: Sequence[Union[str, Path]]) -> List[Path]:
     """Files given directly (whatever their suffix, so a bad one gets reported) plus every
-    image file under the given folders, sorted."""
+    image file under the given folders, sorted.
+
+    Args:
+        paths: files and folders (searched recursively).
+    """
     found = []
     for p in map(Path, paths):
         if p.is_dir():

@@ -14,6 +14,11 @@ __all__ = ['main']
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``conformer-convert`` command; returns its exit status, 0.
+
+    Args:
+        argv: command-line arguments (``--help`` lists them); None reads ``sys.argv[1:]``.
+    """
     parser = argparse.ArgumentParser(
         prog='conformer-convert',
         description='Convert Conformer weights (paper .pth, DeiT-style or conformer-zoo '

@@ -28,6 +28,14 @@ def missing_onnx_packages() -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``conformer-export`` command.
+
+    Args:
+        argv: command-line arguments (``--help`` lists them); None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, or 1 when the ONNX file differs from PyTorch by more than ``--atol``.
+    """
     parser = argparse.ArgumentParser(
         prog='conformer-export',
         description='Export a Conformer to ONNX (checked with onnxruntime) and/or a '

@@ -12,6 +12,11 @@ __all__ = ['main']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``conformer-model-table`` command; returns its exit status, 0.
+
+    Args:
+        argv: command-line arguments (``--help`` lists them); None reads ``sys.argv[1:]``.
+    """
     parser = argparse.ArgumentParser(
         prog='conformer-model-table',
         description='Parameters and MACs of every Conformer variant.')

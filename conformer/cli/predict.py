@@ -25,6 +25,14 @@ __all__ = ['main']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``conformer-predict`` command.
+
+    Args:
+        argv: command-line arguments (``--help`` lists them); None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, or 1 when some files could not be read as images.
+    """
     parser = argparse.ArgumentParser(
         prog='conformer-predict', description='Top-k ImageNet (or custom) labels for images.')
     parser.add_argument('inputs', nargs='+',

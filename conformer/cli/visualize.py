@@ -26,7 +26,14 @@ __all__ = ['figure_path', 'main']
 
 def figure_path(output: str) -> Path:
     """The file ``--output`` names: '.png' added when it has no suffix, in a format matplotlib
-    can write."""
+    can write.
+
+    Args:
+        output: the ``--output`` value.
+
+    Raises:
+        ValueError: matplotlib cannot write that format.
+    """
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(output)
@@ -40,6 +47,11 @@ def figure_path(output: str) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``conformer-visualize`` command; returns its exit status, 0.
+
+    Args:
+        argv: command-line arguments (``--help`` lists them); None reads ``sys.argv[1:]``.
+    """
     from timm.data import create_transform, resolve_data_config
 
     parser = argparse.ArgumentParser(
