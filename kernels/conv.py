@@ -37,14 +37,7 @@ def conv_bn_act_reference(x, weight, scale, shift, stride=1, residual=None, relu
     """Conv + folded BatchNorm + residual + ReLU in PyTorch: F.conv2d in x's dtype (autocast's
     when on), per-channel affine, residual add, ReLU.
 
-    Args:
-        x: input (B, C_in, H, W).
-        weight: conv weight (C_out, C_in, k, k), k odd; cast to x's dtype.
-        scale: (C_out,) per-channel multiplier from the folded BatchNorm.
-        shift: (C_out,) per-channel offset from the folded BatchNorm.
-        stride: conv stride; padding is k // 2.
-        residual: (B, C_out, Ho, Wo) added before the ReLU, or None.
-        relu: apply ReLU to the result.
+    Arguments as :func:`conv_bn_act` (which has ``backend`` besides).
     """
     y = F.conv2d(x, weight.to(x.dtype), stride=stride, padding=weight.shape[-1] // 2)
     y = y * scale.to(y.dtype)[:, None, None] + shift.to(y.dtype)[:, None, None]

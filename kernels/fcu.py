@@ -45,14 +45,7 @@ def fcu_down_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     are linear and the pool's weights sum to one, so pooling first is the same function with
     (grid / map)^2 of the conv's work.
 
-    Args:
-        x: CNN map (B, C_in, H, W).
-        weight: 1x1 conv weight (C_out, C_in, 1, 1); cast to x's dtype.
-        bias: conv bias (C_out,).
-        grid_hw: (Hg, Wg), the token grid.
-        ln_weight: LayerNorm weight (C_out,).
-        ln_bias: LayerNorm bias (C_out,).
-        ln_eps: LayerNorm epsilon.
+    Arguments as :func:`fcu_down` (which has ``backend`` besides).
     """
     x = F.conv2d(F.adaptive_avg_pool2d(x, grid_hw), weight.to(x.dtype), bias.to(x.dtype))
     x = F.layer_norm(x.flatten(2).transpose(1, 2), x.shape[1:2], ln_weight, ln_bias, ln_eps)
@@ -63,15 +56,7 @@ def fcu_up_reference(tokens, grid_hw, weight, bias, bn_scale, bn_shift, out_hw, 
     """FCU-up in PyTorch: tokens to a map, 1x1 conv in the tokens' dtype (autocast's when on),
     affine, ReLU, nearest upsample, add.
 
-    Args:
-        tokens: (B, Hg*Wg, C_in), without the class token.
-        grid_hw: (Hg, Wg), the token grid.
-        weight: 1x1 conv weight (C_out, C_in, 1, 1).
-        bias: conv bias (C_out,).
-        bn_scale: (C_out,) per-channel multiplier from the folded BatchNorm.
-        bn_shift: (C_out,) per-channel offset from the folded BatchNorm.
-        out_hw: (H, W), the size the map is upsampled to.
-        add_to: (B, C_out, H, W) map the result is added to (not modified).
+    Arguments as :func:`fcu_up` (which has ``backend`` besides).
     """
     x = tokens.transpose(1, 2).unflatten(2, grid_hw)
     x = F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype))

@@ -39,16 +39,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """The PyTorch path: F.scaled_dot_product_attention (non-causal).
 
-    Except bf16/fp16 on the CPU, where PyTorch's fused kernel runs 1.5-7x slower than two
+    Except bf16/fp16 on the CPU, where PyTorch's fused kernel runs slower than two
     batched matmuls at Conformer's token counts (17-197 tokens, forward and backward), so
     there the scores are materialised: the softmax accumulates in fp32 and rounds once.
 
-    Args:
-        q: queries (B, H, N, D).
-        k: keys (B, H, N, D).
-        v: values (B, H, N, D).
-        scale: multiplier of q @ k^T; None means D**-0.5.
-        dropout_p: dropout probability on the attention weights (0 in eval mode).
+    Arguments as :func:`attention` (which has ``backend`` besides).
     """
     if q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and dropout_p == 0:
         scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -14,11 +14,7 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                      gelu: bool = False) -> torch.Tensor:
     """The PyTorch path: F.linear, then exact (erf) GELU if ``gelu``.
 
-    Args:
-        x: (..., in_features).
-        weight: (out_features, in_features).
-        bias: (out_features,) or None.
-        gelu: apply the exact (erf) GELU to the result.
+    Arguments as :func:`linear` (which has ``backend`` besides).
     """
     x = F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x

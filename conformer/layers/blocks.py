@@ -49,14 +49,7 @@ class KernelLayer(nn.Module):
 
     def linear_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   gelu: bool = False) -> torch.Tensor:
-        """`conformer.kernels.linear` with this layer's backend.
-
-        Args:
-            x: (..., in_features).
-            weight: (out_features, in_features).
-            bias: (out_features,) or None.
-            gelu: apply the exact (erf) GELU to the result.
-        """
+        """`conformer.kernels.linear` (same arguments) with this layer's backend."""
         if not torch.jit.is_scripting():
             return linear(x, weight, bias, gelu, backend=self.kernel_backend)
         return linear_reference(x, weight, bias, gelu)

@@ -612,54 +612,35 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# The variants, as timm calls them: `pretrained` loads the default tag's weights; keyword
+# arguments are `Conformer` arguments overriding the variant's, and timm's model-building options
+# (`pretrained_cfg_overlay`, `features_only`, ...).
+
+
 @register_model
 def conformer_tiny_patch16(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-Ti: 23.52M parameters, 81.3% ImageNet top-1 (paper).
-
-    Args:
-        pretrained: load the variant's default pretrained weights.
-        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
-            options (`pretrained_cfg_overlay`, `features_only`, ...).
-    """
+    """Conformer-Ti: 23.52M parameters, 81.3% ImageNet top-1 (paper)."""
     args = dict(patch_size=16, channel_ratio=1, embed_dim=384, depth=12, num_heads=6)
     return _create_conformer('conformer_tiny_patch16', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def conformer_small_patch16(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-S: 37.67M parameters, 83.4% ImageNet top-1 (paper).
-
-    Args:
-        pretrained: load the variant's default pretrained weights.
-        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
-            options (`pretrained_cfg_overlay`, `features_only`, ...).
-    """
+    """Conformer-S: 37.67M parameters, 83.4% ImageNet top-1 (paper)."""
     args = dict(patch_size=16, channel_ratio=4, embed_dim=384, depth=12, num_heads=6)
     return _create_conformer('conformer_small_patch16', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def conformer_small_patch32(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-S/32: 38.85M parameters; the paper's detection backbone.
-
-    Args:
-        pretrained: load the variant's default pretrained weights.
-        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
-            options (`pretrained_cfg_overlay`, `features_only`, ...).
-    """
+    """Conformer-S/32: 38.85M parameters; the paper's detection backbone."""
     args = dict(patch_size=32, channel_ratio=4, embed_dim=384, depth=12, num_heads=6)
     return _create_conformer('conformer_small_patch32', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def conformer_base_patch16(pretrained: bool = False, **kwargs) -> Conformer:
-    """Conformer-B: 83.29M parameters, 84.1% ImageNet top-1 (paper).
-
-    Args:
-        pretrained: load the variant's default pretrained weights.
-        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
-            options (`pretrained_cfg_overlay`, `features_only`, ...).
-    """
+    """Conformer-B: 83.29M parameters, 84.1% ImageNet top-1 (paper)."""
     args = dict(patch_size=16, channel_ratio=6, embed_dim=576, depth=12, num_heads=9)
     return _create_conformer('conformer_base_patch16', pretrained, **dict(args, **kwargs))
 
@@ -667,13 +648,7 @@ def conformer_base_patch16(pretrained: bool = False, **kwargs) -> Conformer:
 @register_model
 def conformer_nano_patch4(pretrained: bool = False, **kwargs) -> Conformer:
     """A 1.7M-parameter Conformer for 28-64 px images (stride-1 stem, 4 px patches), sized
-    for training on a laptop CPU; not from the paper.
-
-    Args:
-        pretrained: load the variant's default pretrained weights.
-        **kwargs: `Conformer` arguments overriding the variant's, and timm's model-building
-            options (`pretrained_cfg_overlay`, `features_only`, ...).
-    """
+    for training on a laptop CPU; not from the paper."""
     args = dict(patch_size=4, stem_type='small', base_channel=32, channel_ratio=1,
                 embed_dim=128, depth=6, num_heads=4)
     return _create_conformer('conformer_nano_patch4', pretrained, **dict(args, **kwargs))
