@@ -3,10 +3,8 @@ harness behind ``conformer-benchmark`` (:mod:`conformer.cli.benchmark` prints it
 
 Modes:
 
-- ``eager``: the reference. Attention and FCU-down on the kernels' PyTorch references
-  (:func:`conformer.kernels.flash_attention.attention_reference`,
-  :func:`conformer.kernels.fcu.fcu_down_reference`) whatever backend the dispatch would pick,
-  unfused BatchNorm, NCHW, fp32, eager.
+- ``eager``: the reference. Every op on its PyTorch reference in :mod:`conformer.kernels`
+  (:func:`reference_model`: kernel backend ``'torch'``), BatchNorm unfolded, NCHW, fp32.
 - ``fp32`` / ``bf16``: :func:`conformer.deploy.optimize_for_inference` (BN folded, SDPA,
   channels_last; bf16 autocast for ``bf16``; torch.compile with freezing under ``--compile``).
   For training: SDPA, channels_last, bf16 autocast for ``bf16``, torch.compile under ``--compile``.
@@ -41,7 +39,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -54,15 +51,11 @@ from conformer import runtime
 from conformer.deploy import optimize_for_inference
 from conformer.engine.evaluate import dual_head_loss
 from conformer.kernels import onednn
-from conformer.kernels.fcu import fcu_down_reference
-from conformer.kernels.flash_attention import attention_reference
-from conformer.layers import Attention, FCUDown
 from conformer.models import check_model_name
 from conformer.models.profile import count_flops
 
-__all__ = ['MODES', 'paper_attention_forward', 'paper_fcu_down_forward', 'reference_model',
-           'peak_memory_bytes', 'gemm_routes', 'gemm_call', 'matmul_peak_gflops', 'unavailable',
-           'bench_inference', 'bench_training', 'run']
+__all__ = ['MODES', 'reference_model', 'peak_memory_bytes', 'gemm_routes', 'gemm_call',
+           'matmul_peak_gflops', 'unavailable', 'bench_inference', 'bench_training', 'run']
 
 SCHEMA = 'conformer-benchmark/2'
 MODES = ('eager', 'fp32', 'bf16', 'triton')
@@ -75,48 +68,16 @@ MEMORY_METHOD = (
     'minus the allocation at the start of the call.')
 
 
-def paper_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """:class:`~conformer.layers.Attention` on the kernels' PyTorch reference attention.
-
-    Args:
-        self: the Attention layer (bound as its ``forward``).
-        x: tokens (B, N, C).
-    """
-    B, N, C = x.shape
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    x = attention_reference(q, k, v, self.scale, self.attn_drop if self.training else 0.)
-    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-
-
-def paper_fcu_down_forward(self: FCUDown, x: torch.Tensor, x_t: torch.Tensor,
-                           grid: Tuple[int, int]) -> torch.Tensor:
-    """:class:`~conformer.layers.FCUDown` on the kernels' PyTorch reference FCU-down.
-
-    Args:
-        self: the FCUDown layer (bound as its ``forward``).
-        x: CNN map (B, C, H, W).
-        x_t: token sequence whose class token is prepended to the result.
-        grid: (Hg, Wg), the token grid.
-    """
-    tokens = fcu_down_reference(x, self.conv_project.weight, self.conv_project.bias, grid,
-                                self.ln.weight, self.ln.bias, self.ln.eps)
-    return torch.cat([x_t[:, :1], tokens], dim=1)
-
-
 def reference_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose attention and FCU-down always run the kernels' PyTorch
-    references (:func:`paper_attention_forward`, :func:`paper_fcu_down_forward`), so the
-    ``eager`` baseline is the same computation on every device and backend.
+    """A copy of ``model`` pinned to the kernels' PyTorch references (kernel backend
+    ``'torch'``), so the ``eager`` baseline is the same computation on every device and whatever
+    backend is the default.
 
     Args:
         model: a Conformer; not modified.
     """
     reference = copy.deepcopy(model)
-    paper_forward = {Attention: paper_attention_forward, FCUDown: paper_fcu_down_forward}
-    for module in reference.modules():
-        if type(module) in paper_forward:
-            module.forward = types.MethodType(paper_forward[type(module)], module)
+    reference.set_kernel_backend('torch')
     return reference
 
 

@@ -1,5 +1,6 @@
 """conformer.benchmark and conformer-benchmark: the eager reference on the kernels' references,
 the memory probe, and the --smoke run's JSON."""
+import importlib
 import json
 import math
 import subprocess
@@ -17,55 +18,42 @@ from conformer.benchmark import (
     SCHEMA,
     gemm_call,
     gemm_routes,
-    paper_attention_forward,
-    paper_fcu_down_forward,
     peak_memory_bytes,
     reference_model,
     run,
     unavailable,
 )
 from conformer.cli.benchmark import format_table, main
-from conformer.layers import Attention, FCUDown
+from conformer.kernels import use_backend
+from conformer.layers import KernelLayer
 from conformer.runtime import native_bf16
 
 from helpers import REPO
 
 
-def test_reference_attention_matches_the_layer():
-    torch.manual_seed(0)
-    attn = Attention(48, num_heads=6, qkv_bias=True).eval()
-    x = torch.randn(2, 17, 48)
-    with torch.no_grad():
-        torch.testing.assert_close(paper_attention_forward(attn, x), attn(x), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize('map_hw, grid', [((8, 12), (2, 3)), ((7, 9), (3, 4))])
-def test_reference_fcu_down_matches_the_layer(map_hw, grid):
-    """Same outputs and gradients, for even windows and for adaptive (overlapping) ones."""
-    torch.manual_seed(0)
-    fcu = FCUDown(8, 24)
-    x = torch.randn(2, 8, *map_hw, requires_grad=True)
-    x_t = torch.randn(2, 1 + grid[0] * grid[1], 24)
-    ours = fcu(x, x_t, grid)
-    (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
-    paper = paper_fcu_down_forward(fcu, x, x_t, grid)
-    (grad_paper,) = torch.autograd.grad(paper.square().sum(), x)
-    torch.testing.assert_close(ours, paper, atol=1e-5, rtol=0)
-    torch.testing.assert_close(grad_ours, grad_paper, atol=1e-5, rtol=1e-5)
-
-
-def test_reference_model_matches_and_leaves_the_model_alone():
+def test_reference_model_runs_every_op_on_its_pytorch_reference(monkeypatch):
+    """Even with Triton as the default backend, the eager baseline takes the PyTorch route of
+    every op, gives the model's outputs, and leaves the model's own backend alone."""
+    routes = []
+    for name in ('flash_attention', 'fcu', 'conv', 'linear'):
+        module = importlib.import_module(f'conformer.kernels.{name}')
+        def recorded(op, *args, dispatch=module.dispatch, **kwargs):
+            routes.append((op, dispatch(op, *args, **kwargs)))
+            return routes[-1][1]
+        monkeypatch.setattr(module, 'dispatch', recorded)
     torch.manual_seed(0)
     model = timm.create_model('conformer_nano_patch4', num_classes=10).eval()
     reference = reference_model(model)
-    layers = (Attention, FCUDown)
-    patched = [m for m in reference.modules() if isinstance(m, layers)]
-    assert {type(m) for m in patched} == set(layers)
-    assert all('forward' in vars(m) for m in patched)
-    assert not any('forward' in vars(m) for m in model.modules() if isinstance(m, layers))
+    assert all(m.kernel_backend is None for m in model.modules() if isinstance(m, KernelLayer))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(reference(x), model(x), atol=1e-5, rtol=0)
+        want = model(x)
+        with use_backend('triton'):
+            got = reference(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    ops = {op for op, _ in routes}
+    assert ops == {'attention', 'fcu_down', 'fcu_up', 'conv_bn_act', 'linear'}
+    assert {route for _, route in routes} == {'torch'}
 
 
 def test_peak_memory_counts_the_largest_live_set():
