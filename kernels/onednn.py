@@ -24,6 +24,7 @@ __all__ = ['conv_bn_act', 'conv_limit', 'linear', 'linear_limit', 'takes_dtype']
 _packed = WeakIdKeyDictionary()  # weight -> (key, scale or None, packed weight)
 
 
+@torch.compiler.assume_constant_result  # torch.compile would graph-break at every op otherwise
 def takes_dtype(dtype):
     """Whether oneDNN's convolution and inner product take ``dtype`` on this CPU: fp32 wherever
     PyTorch has oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack it).

@@ -188,6 +188,18 @@ def test_deployed_model_cannot_be_trained_or_redeployed():
         optimize_for_inference(deployed)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_deployed_model_traces_as_one_graph(dtype):
+    """torch.compile sees the whole deployed model: a graph break per layer (a backend check
+    dynamo cannot trace, say) would leave inductor one small graph per layer and, past its
+    recompile limit, run the rest eagerly."""
+    deployed = optimize_for_inference(make_model(), dtype=dtype)
+    x = torch.randn(1, 3, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(deployed.model)(x)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
 @pytest.mark.slow
 def test_compiled_fp32_deploy_matches_eager():
     model = make_model()
