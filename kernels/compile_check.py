@@ -9,7 +9,7 @@ ships in the triton wheel, for every config the kernel's autotuner can choose. T
 types, constexprs and alignment/``== 1`` specialisations come from Triton's own binder, so
 what compiles here is what a launch compiles.
 
-Used by tests/test_kernels_compile.py (CI) and ``tools/bench_kernels.py --compile-only`` (the
+Used by tests/test_kernels/test_compile.py (CI) and ``tools/bench_kernels.py --compile-only`` (the
 full matrix, with registers and spills).
 """
 
