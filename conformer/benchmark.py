@@ -114,10 +114,10 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def gemm_routes(device: torch.device, dtype: torch.dtype) -> Tuple[str, ...]:
-    """The ways PyTorch can run a ``dtype`` GEMM here: ``matmul`` (``a @ b``: MKL for fp32 on
-    x86, whose fast paths are Intel-only) and, on CPUs where oneDNN runs the dtype, ``onednn``
-    (:func:`conformer.kernels.onednn.linear`: its inner product on a packed weight, as deploy
-    runs linears).
+    """The ways PyTorch can run a ``dtype`` GEMM on ``device``: ``matmul`` (``a @ b``: MKL for
+    fp32 on x86, whose fast paths are Intel-only) and, on CPUs where oneDNN runs the dtype,
+    ``onednn`` (:func:`conformer.kernels.onednn.linear`: its inner product on a packed weight,
+    as deploy runs linears).
 
     Args:
         device: the device the GEMM runs on.

@@ -108,7 +108,7 @@ def test_a_wrong_type_names_the_key():
 def test_the_schema_also_guards_yaml_edits():
     cfg = compose_train()
     with pytest.raises(ConfigAttributeError, match='trainer.epoch'):
-        cfg.trainer.epoch = 3  # noqa: the schema is in struct mode
+        cfg.trainer.epoch = 3  # the schema is in struct mode
     with pytest.raises(ValidationError, match='batch_size'):
         OmegaConf.merge(cfg, {'data': {'batch_size': 'many'}})
 

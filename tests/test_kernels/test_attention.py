@@ -3,7 +3,7 @@
 Tolerances, outputs and q/k/v gradients alike: fp32 (IEEE dots; the interpreter does not emulate
 TF32, tools/gpu_check.py holds its GPU tolerance) 2e-5 abs + 2e-5 rel, summation order and fp32
 rounding only; fp16 5e-3 abs + 5e-3 rel (fp16 probabilities enter P @ V and dS @ K, each output
-is rounded to fp16 once). bf16 is not testable here: the interpreter's bf16 math is wrong.
+is rounded to fp16 once). bf16 is left to tools/gpu_check.py: the interpreter's bf16 math is wrong.
 """
 
 import pytest

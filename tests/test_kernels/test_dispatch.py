@@ -82,7 +82,7 @@ def test_per_call_argument_wins_over_default_and_context():
 
 
 def _stand_in(device, requires_grad=False):
-    """A tensor stand-in on ``device`` (there is no GPU here)."""
+    """A tensor stand-in on ``device`` (so the CUDA routes are tested without a GPU)."""
     return SimpleNamespace(is_cuda=device == 'cuda', device=torch.device(device),
                            requires_grad=requires_grad)
 
