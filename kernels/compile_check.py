@@ -89,8 +89,11 @@ def fcu_launches(dtype, precision):
                 _meta(C_tok, dtype=dtype), _meta(C_tok, dtype=dtype), 1e-6)
         up = (tokens, (14, 14), _meta(64, C_tok, 1, 1, dtype=dtype), _meta(64, dtype=dtype),
               _meta(64, dtype=torch.float32), _meta(64, dtype=torch.float32), (56, 56), x)
-        launches[f'fcu_down C{C_tok}'] = fcu.fcu_down_launch(
-            *down, fcu._fcu_down_output(x, down[1], (14, 14)), precision)
+        out = fcu._fcu_down_output(x, down[1], (14, 14))
+        launches[f'fcu_down C{C_tok}'] = fcu.fcu_down_launch(*down, out, precision)
+        if dtype != torch.float32:  # under CUDA autocast it writes fp32 tokens
+            launches[f'fcu_down C{C_tok} fp32 out'] = fcu.fcu_down_launch(
+                *down, out.float(), precision)
         launches[f'fcu_up C{C_tok}'] = fcu.fcu_up_launch(*up, torch.empty_like(x), precision)
     return launches
 

@@ -11,8 +11,9 @@ add to a feature map. A program computes a tile of tokens once and writes it, ad
 
 Both kernels need the map size to be a multiple of the token grid; other sizes (adaptive pooling,
 uneven nearest upsampling) run in PyTorch under 'auto'. fp16, bf16, fp32; each computes in its
-input's dtype, or autocast's when autocast is on, casting the conv weight to it. fp32 dots are
-TF32 (10-bit mantissa inputs, errors near fp16's) only if
+input's dtype, or autocast's when autocast is on, casting the conv weight to it, and returns
+what its reference returns (FCU-down's tokens are fp32 under CUDA autocast, whose LayerNorm runs
+in fp32). fp32 dots are TF32 (10-bit mantissa inputs, errors near fp16's) only if
 ``torch.backends.cuda.matmul.allow_tf32``, else IEEE fp32 (on smaller tiles). No backward: when
 autograd needs one, the PyTorch path runs. NVIDIA compile needs tl.dot blocks >= 16 (all are)
 and power-of-two blocks; FCU-down takes at most 1024 output channels (a row in registers).
@@ -221,7 +222,11 @@ def row_split(channels):
 
 
 def _fcu_down_output(x, weight, grid_hw):
-    return x.new_empty(x.shape[0], grid_hw[0] * grid_hw[1], weight.shape[0])
+    """Tokens in the dtype the reference returns: its LayerNorm's under the current autocast,
+    which keeps the compute dtype on CPU but is fp32 on CUDA. A zero-element probe asks
+    PyTorch's own autocast policy and runs nothing."""
+    dtype = F.layer_norm(x.new_empty(0, 1), (1,)).dtype
+    return x.new_empty(x.shape[0], grid_hw[0] * grid_hw[1], weight.shape[0], dtype=dtype)
 
 
 def fcu_down_launch(x, weight, bias, grid_hw, ln_weight, ln_bias, ln_eps, out, precision):

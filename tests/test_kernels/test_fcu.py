@@ -135,3 +135,33 @@ def test_fcu_kernels_cast_fp32_weights_to_the_compute_dtype(autocast):
                                **TOL[torch.float16])
     torch.testing.assert_close(got_up.double(), fcu_up_reference(*_fp64(half(up, (0, 2, 7)))),
                                **TOL[torch.float16])
+
+
+@pytest.fixture
+def cuda_layer_norm_autocast():
+    """CPU autocast that runs LayerNorm in fp32, as CUDA autocast does (CPU autocast keeps the
+    16-bit dtype), so the dtype the kernels meet on a GPU is reachable without one."""
+    def layer_norm_fp32(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+        with torch.autocast('cpu', enabled=False):
+            return F.layer_norm(x.float(), normalized_shape, *(
+                None if p is None else p.float() for p in (weight, bias)), eps)
+
+    override = torch.library.Library('aten', 'IMPL')
+    override.impl('layer_norm', layer_norm_fp32, 'AutocastCPU')
+    yield
+    del override  # its finalizer removes the kernel, and no later test may see it
+    with torch.autocast('cpu', dtype=torch.float16):
+        assert F.layer_norm(torch.ones(1, 2, dtype=torch.float16), (2,)).dtype == torch.float16
+
+
+def test_fcu_down_returns_the_dtype_its_reference_returns_under_cuda_autocast(
+        cuda_layer_norm_autocast):
+    """The reference's LayerNorm makes its tokens fp32 under CUDA autocast; the kernel computes
+    in fp16 there and must still hand back fp32 tokens, not a second rounding to fp16."""
+    torch.manual_seed(0)
+    down = _down_args(2, 24, 8, 12, 40, (2, 3), torch.float32)
+    with torch.autocast('cpu', dtype=torch.float16):
+        got, want = fcu_down(*down, backend='triton'), fcu_down_reference(*down)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL[torch.float16])
+
