@@ -10,7 +10,8 @@ branches on the device or the backend. An op's ``backend=`` argument wins over t
 - ``'triton'``: always Triton. CPU tensors work only under ``TRITON_INTERPRET=1`` (slow; for
   tests); an unsupported shape raises an error naming the limit instead of falling back.
 - ``'onednn'``: for CPU inference, oneDNN on weights packed once (:mod:`.onednn`) for the ops
-  that have it and the inputs it takes; everything else as under ``'auto'``. Packed weights
+  that have it and the inputs it takes, outside CPU autocast; everything else as under
+  ``'auto'``. Packed weights
   are a cache that pays off only while the weights stay fixed, hence not the default
   (:func:`conformer.deploy.optimize_for_inference` picks it).
 - ``'torch'``: always the PyTorch reference.
@@ -122,7 +123,8 @@ def dispatch(op, backend, tensors, triton_limit=None, onednn_limit=None, differe
         return 'torch'
     grad = needs_grad(*tensors)
     if name == 'onednn':
-        if onednn_limit is not None and not grad and \
+        # under CPU autocast the reference computes in autocast's dtype; oneDNN would not
+        if onednn_limit is not None and not grad and not torch.is_autocast_enabled('cpu') and \
                 all(t.device.type == 'cpu' for t in tensors) and onednn_limit() is None:
             return 'onednn'
         name = 'auto'

@@ -121,11 +121,13 @@ def _limit(x, weight, stride, residual):
     return tensor_limit(x) or tensor_limit(weight) or tensor_limit(residual)
 
 
-def _output(x, weight, stride):
-    """The channels_last output of the conv of ``x`` (padding k // 2, k odd)."""
+def _output(x, weight, stride, residual=None):
+    """The channels_last output of the conv of ``x`` (padding k // 2, k odd), in the dtype the
+    reference returns: x's, promoted by the residual's (as under autocast, when they differ)."""
     B, _, H, W = x.shape
     H_out, W_out = (H - 1) // stride + 1, (W - 1) // stride + 1
-    return torch.empty(B, weight.shape[0], H_out, W_out, device=x.device, dtype=x.dtype,
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return torch.empty(B, weight.shape[0], H_out, W_out, device=x.device, dtype=dtype,
                        memory_format=torch.channels_last)
 
 
@@ -150,7 +152,7 @@ def _conv_bn_act_triton(x, weight, scale, shift, stride, residual, relu):
     dtype = compute_dtype(x)
     x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
-    out = _output(x, weight, stride)
+    out = _output(x, weight, stride, residual)
     precision = dot_precision(x.dtype, torch.backends.cudnn.allow_tf32)
     conv_launch(x, weight, scale, shift, out, stride, residual, relu, precision).run()
     return out

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .backend import (
     Launch,
+    compute_dtype,
     dispatch,
     dot_precision,
     jit,
@@ -345,5 +346,7 @@ def attention(q, k, v, scale=None, dropout_p=0.0, backend=None):
     """
     if dispatch('attention', backend, (q, k, v), triton_limit=lambda: _limit(q, k, v),
                 differentiable=('triton',), reference_only=dropout_p > 0) == 'triton':
+        dtype = compute_dtype(q)  # autocast runs the reference's SDPA in its dtype too
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return FlashAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     return attention_reference(q, k, v, scale, dropout_p)

@@ -254,3 +254,48 @@ def test_onednn_leaves_what_it_cannot_run_to_pytorch(monkeypatch):
         linear_x, linear_w = torch.randn(3, 8).bfloat16(), torch.randn(4, 8).bfloat16()
         torch.testing.assert_close(K.linear(linear_x, linear_w, backend='onednn'),
                                    F.linear(linear_x, linear_w))
+
+
+def _autocast_cases():
+    """Each op on fp32 inputs, as (its call with a backend, its reference's call)."""
+    from conformer.kernels.fcu import fcu_down_reference, fcu_up_reference
+    from conformer.kernels.flash_attention import attention_reference
+
+    torch.manual_seed(0)
+    x, weight, scale, shift = _conv_args(torch.float32)
+    residual = torch.randn(2, 16, 9, 11)
+    q, k, v = (torch.randn(2, 3, 20, 16) for _ in range(3))
+    tokens, maps = torch.randn(2, 6, 32), torch.randn(2, 8, 6, 9)
+    down = (maps, torch.randn(32, 8, 1, 1) / 8**0.5, torch.randn(32), (2, 3),
+            torch.rand(32) + 0.5, torch.randn(32), 1e-6)
+    up = (tokens, (2, 3), torch.randn(8, 32, 1, 1) / 32**0.5, torch.randn(8), torch.rand(8) + 0.5,
+          torch.randn(8), (6, 9), maps)
+    linear_args = (torch.randn(5, 32), torch.randn(24, 32) / 32**0.5, torch.randn(24))
+    conv = (x, weight, scale, shift)
+    return {
+        'conv_bn_act': (lambda b: K.conv_bn_act(*conv, backend=b), lambda: conv_bn_act_reference(
+            *conv)),
+        'conv_bn_act+residual': (lambda b: K.conv_bn_act(*conv, residual=residual, backend=b),
+                                 lambda: conv_bn_act_reference(*conv, residual=residual)),
+        'linear': (lambda b: K.linear(*linear_args, gelu=True, backend=b),
+                   lambda: linear_reference(*linear_args, gelu=True)),
+        'attention': (lambda b: K.attention(q, k, v, backend=b), lambda: attention_reference(
+            q, k, v)),
+        'fcu_down': (lambda b: K.fcu_down(*down, backend=b), lambda: fcu_down_reference(*down)),
+        'fcu_up': (lambda b: K.fcu_up(*up, backend=b), lambda: fcu_up_reference(*up)),
+    }
+
+
+@pytest.mark.parametrize('backend', ['triton', 'onednn'])
+@pytest.mark.parametrize('op', list(_autocast_cases()))
+def test_every_path_returns_what_its_reference_returns_under_autocast(op, backend):
+    """Under autocast an op computes in autocast's dtype and returns its reference's dtype (fp32
+    where the reference's residual add or LayerNorm promotes), whichever backend runs it; fp16
+    autocast, as the interpreter's bf16 math is wrong."""
+    call, reference = _autocast_cases()[op]
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+        got, want = call(backend), reference()
+    assert want.dtype == (torch.float32 if op in ('conv_bn_act+residual', 'fcu_up')
+                          else torch.float16)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
