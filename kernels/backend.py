@@ -11,9 +11,8 @@ branches on the device or the backend. An op's ``backend=`` argument wins over t
   tests); an unsupported shape raises an error naming the limit instead of falling back.
 - ``'onednn'``: for CPU inference, oneDNN on weights packed once (:mod:`.onednn`) for the ops
   that have it and the inputs it takes, outside CPU autocast; everything else as under
-  ``'auto'``. Packed weights
-  are a cache that pays off only while the weights stay fixed, hence not the default
-  (:func:`conformer.deploy.optimize_for_inference` picks it).
+  ``'auto'``. Packed weights are a cache that pays off only while the weights stay fixed,
+  hence not the default (:func:`conformer.deploy.optimize_for_inference` picks it).
 - ``'torch'``: always the PyTorch reference.
 
 Implementations without a backward (all but Triton attention) and attention dropout leave

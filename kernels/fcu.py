@@ -222,10 +222,13 @@ def row_split(channels):
 
 
 def _fcu_down_output(x, weight, grid_hw):
-    """Tokens in the dtype the reference returns: its LayerNorm's under the current autocast,
-    which keeps the compute dtype on CPU but is fp32 on CUDA. A zero-element probe asks
-    PyTorch's own autocast policy and runs nothing."""
-    dtype = F.layer_norm(x.new_empty(0, 1), (1,)).dtype
+    """Tokens in the dtype the reference returns: x's, or under autocast its LayerNorm's, which
+    keeps the compute dtype on CPU but is fp32 on CUDA. A zero-element probe asks PyTorch's own
+    autocast policy and runs nothing; without autocast it is not needed."""
+    device = x.device.type  # 'meta' too (the compile check), which has no autocast
+    dtype = x.dtype
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        dtype = F.layer_norm(x.new_empty(0, 1), (1,)).dtype
     return x.new_empty(x.shape[0], grid_hw[0] * grid_hw[1], weight.shape[0], dtype=dtype)
 
 
