@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST
 from .folder import ImageFolder
+from .shards import ShardDataset
 
 
 class ClassSubset(Dataset):
@@ -55,8 +56,26 @@ class ClassSubset(Dataset):
         return img, self.targets[index]
 
 
-def build_datasets(data) -> Tuple[Dataset, Dataset, List[str]]:
-    """(train, eval, class names) for `data.name` in {'fashion_mnist', 'imagefolder'}.
+class Unlabelled(Dataset):
+    """`dataset` without its labels: target -1 and no classes (self-supervised pretraining)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.classes = dataset, []
+        self.targets = torch.full((len(dataset),), -1, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index][0], -1
+
+
+def build_datasets(data) -> Tuple[Dataset, Optional[Dataset], List[str]]:
+    """(train, eval, class names) for `data.name` in {'fashion_mnist', 'imagefolder', 'shards'}.
+
+    With data.labelled=false the training set has no labels (targets -1, no classes): an image
+    folder is then listed at any depth, without class folders. The evaluation set keeps its
+    labels, and is None for an unlabelled folder without an evaluation split.
 
     Args:
         data: the `data` config group (`DataConfig`): name, root, splits, in_chans, class
@@ -70,20 +89,39 @@ def build_datasets(data) -> Tuple[Dataset, Dataset, List[str]]:
             raise ValueError('Fashion-MNIST is grayscale: set data.in_chans=1')
         train = FashionMNIST(data.root, 'train', download=data.download)
         evaluation = FashionMNIST(data.root, 'test', download=data.download)
-    elif data.name == 'imagefolder':
+    elif data.name in ('imagefolder', 'shards'):
         if not data.root:
-            raise ValueError('data.root is not set: point it at a folder with '
-                             f'{data.train_split}/ and {data.eval_split}/ class folders')
+            layout = (f'{data.train_split}/ and {data.eval_split}/ class folders'
+                      if data.name == 'imagefolder' else 'tar shards and their _info.json')
+            raise ValueError(f'data.root is not set: point it at a folder with {layout}')
         root = Path(data.root).expanduser()
-        train = ImageFolder(root / data.train_split, data.in_chans, data.strict)
-        evaluation = ImageFolder(root / data.eval_split, data.in_chans, data.strict,
-                                 exact_count=True)
+        if data.name == 'shards':
+            train = ShardDataset(root, data.train_split, data.in_chans, data.strict,
+                                 workers=data.index_workers)
+            evaluation = ShardDataset(root, data.eval_split, data.in_chans, data.strict,
+                                      exact_count=True, workers=data.index_workers)
+        elif not data.labelled:
+            folder = root / data.train_split
+            train = ImageFolder(folder if folder.is_dir() else root, data.in_chans, data.strict,
+                                labelled=False, workers=data.index_workers)
+            folder = root / data.eval_split
+            evaluation = (ImageFolder(folder, data.in_chans, data.strict, exact_count=True,
+                                      workers=data.index_workers) if folder.is_dir() else None)
+            return train, evaluation, []
+        else:
+            train = ImageFolder(root / data.train_split, data.in_chans, data.strict,
+                                workers=data.index_workers)
+            evaluation = ImageFolder(root / data.eval_split, data.in_chans, data.strict,
+                                     exact_count=True, workers=data.index_workers)
         if train.classes != evaluation.classes:
             missing = sorted(set(train.classes) ^ set(evaluation.classes))
-            raise ValueError(f'{data.train_split}/ and {data.eval_split}/ under {root} have '
-                             f'different class folders (differing: {missing[:10]})')
+            raise ValueError(f'the {data.train_split} and {data.eval_split} splits under {root} '
+                             f'have different classes (differing: {missing[:10]})')
     else:
-        raise ValueError(f"data.name must be 'fashion_mnist' or 'imagefolder', got {data.name!r}")
+        raise ValueError(f"data.name must be 'fashion_mnist', 'imagefolder' or 'shards', got "
+                         f"{data.name!r}")
+    if not data.labelled:
+        return Unlabelled(train), evaluation, []
     classes = list(train.classes)
     if data.classes is not None:
         train = ClassSubset(train, list(data.classes), data.samples_per_class, data.subset_seed)

@@ -12,7 +12,7 @@ visualisation.
 """
 import struct
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,11 +30,11 @@ _CHANNEL_MODES = {1: 'L', 3: 'RGB'}
 _SIXTEEN_BIT = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
 
 
-def read_image(path: Union[str, Path], in_chans: int) -> Image.Image:
+def read_image(path: Union[str, Path, BinaryIO], in_chans: int) -> Image.Image:
     """The image at `path`, upright (EXIF orientation applied) and in the model's mode.
 
     Args:
-        path: an image file in any format PIL reads.
+        path: an image file in any format PIL reads (or a binary file object holding one).
         in_chans: the model's input channels, 3 ('RGB') or 1 ('L').
 
     Raises one of `READ_ERRORS` for a file that is not a readable image.

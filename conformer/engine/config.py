@@ -47,12 +47,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = 'imagefolder'  # 'imagefolder' | 'fashion_mnist'
+    name: str = 'imagefolder'  # 'imagefolder' | 'shards' | 'fashion_mnist'
     root: Optional[str] = None
     train_split: str = 'train'
     eval_split: str = 'val'
     download: bool = True  # fashion_mnist only: fetch with torchvision when no local copy
-    strict: bool = False  # imagefolder: fail on the first unreadable image instead of skipping
+    strict: bool = False  # imagefolder, shards: fail on the first unreadable image
+    # imagefolder: false lists every image under <root>/<train_split> (or <root>) at any depth,
+    # without classes (target -1), for self-supervised pretraining
+    labelled: bool = True
+    index_workers: Optional[int] = None  # processes that build a listing's index (None: cores)
     in_chans: int = 3
     input_size: int = 224
     interpolation: str = 'bicubic'
@@ -160,7 +164,7 @@ class EvalConfig:
 
 _OPTIMIZERS = tuple(list_optimizers())
 CHOICES = {
-    'data.name': ('imagefolder', 'fashion_mnist'),
+    'data.name': ('imagefolder', 'shards', 'fashion_mnist'),
     'data.interpolation': ('bicubic', 'bilinear', 'nearest', 'box', 'hamming', 'lanczos'),
     'aug.train_crop': ('rrc', 'pad'),
     'optim.name': _OPTIMIZERS + tuple(f'lookahead_{name}' for name in _OPTIMIZERS),
@@ -180,6 +184,7 @@ BOUNDS = {
     'data.batch_size': '[1, inf)',
     'data.eval_batch_size': '[1, inf)',
     'data.num_workers': '[0, inf)',
+    'data.index_workers': '[1, inf)',
     'aug.pad': '[0, inf)',
     'aug.hflip': '[0, 1]',
     'aug.color_jitter': '[0, inf)',
@@ -267,6 +272,9 @@ def check(cfg, world_size: Optional[int] = None) -> None:
     if classes is not None and (not classes or len(set(classes)) < len(classes)):
         fail(f'data.classes={list(classes)}: list each class index once, or leave it '
              f'unset (null) to keep every class')
+    if not data.labelled and (classes is not None or data.samples_per_class is not None):
+        fail('data.labelled=false trains without labels; data.classes and '
+             'data.samples_per_class pick images by label: leave them unset (null)')
     if len(aug.scale) != 2 or not 0 < aug.scale[0] <= aug.scale[1] <= 1:
         fail(f'aug.scale={list(aug.scale)} must be [min, max] image-area fractions with '
              f'0 < min <= max <= 1, e.g. [0.08, 1.0]')
