@@ -18,15 +18,16 @@ unreadable files by name instead of killing a run hours in:
   naming the file, since a stand-in would change the score.
 """
 import logging
+import os
 from pathlib import Path
-from typing import BinaryIO, List, Optional, Tuple, Union
+from typing import BinaryIO, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import IMAGE_SUFFIXES, READ_ERRORS, read_image, to_mode
+from .images import IMAGE_SUFFIXES, READ_ERRORS, read_planned, to_mode
 from .index import Listing, list_tree, load_or_build, tree_change
 
 __all__ = ['ImageFolder', 'IndexedImages', 'to_mode']
@@ -78,18 +79,26 @@ class IndexedImages(Dataset):
         """How messages name image `index` (its file)."""
         raise NotImplementedError
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int, plan: Optional[Callable[[Image.Image], None]] = None
+             ) -> Image.Image:
         """Read image `index` with `in_chans` channels, without the unreadable-file fallback.
 
         Args:
             index: position in the listing.
+            plan: sees a JPEG before it decodes (`images.read_planned`).
         """
-        return read_image(self.source(index), self.in_chans)
+        return read_planned(self.source(index), self.in_chans, plan)
 
     def __getitem__(self, index: int) -> Tuple[Image.Image, int]:
+        return self.get(index)
+
+    def get(self, index: int, plan: Optional[Callable[[Image.Image], None]] = None
+            ) -> Tuple[Image.Image, int]:
+        """`dataset[index]`, with `plan` (a crop's) seeing the image before it decodes; a
+        stand-in for an image that fails to decode is read without it."""
         label = int(self.listing.labels[index])
         try:
-            return self.load(index), label
+            return self.load(index, plan), label
         except READ_ERRORS as e:
             if self.strict or self.exact_count:
                 why = ('set data.strict=false to skip unreadable files' if self.strict else
@@ -171,7 +180,7 @@ class ImageFolder(IndexedImages):
                 for n, t in zip(self.listing.names(), self.listing.labels)]
 
     def source(self, index: int) -> str:
-        return str(self.root / self.listing.name(index))
+        return f'{self.root}{os.sep}{self.listing.name(index)}'
 
     where = source
 

@@ -10,14 +10,16 @@ visualisation.
   32-bit integer 'I' (the mode 16-bit PNG and TIFF files open in) are read as 0..65535, divided
   by 257; float 'F' is read as 0..1, times 255. Values outside the range are clipped.
 """
+import io
 import struct
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Callable, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ['IMAGE_SUFFIXES', 'READ_ERRORS', 'check_image_header', 'read_image', 'to_mode']
+_ORIENTATION = 0x0112  # the EXIF tag
 
 # file name endings read as images (compared in lower case)
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp',
@@ -39,7 +41,30 @@ def read_image(path: Union[str, Path, BinaryIO], in_chans: int) -> Image.Image:
 
     Raises one of `READ_ERRORS` for a file that is not a readable image.
     """
+    return read_planned(path, in_chans)
+
+
+def read_planned(path: Union[str, Path, BinaryIO], in_chans: int,
+                 plan: Optional[Callable[[Image.Image], None]] = None) -> Image.Image:
+    """`read_image`, letting `plan` see a JPEG before it is decoded (to set a draft scale)
+    when the JPEG needs no orientation or mode change; the result is decoded either way, so
+    a damaged file fails here, where the dataset names it.
+
+    Args:
+        path: an image file in any format PIL reads (or a binary file object holding one).
+        in_chans: the model's input channels, 3 ('RGB') or 1 ('L').
+        plan: called with the undecoded image (see transforms.DraftResizedCrop.plan).
+    """
+    if plan is not None and not hasattr(path, 'read'):
+        with open(path, 'rb') as f:  # one read; the image decodes from memory
+            path = io.BytesIO(f.read())
     with Image.open(path) as img:
+        if plan is not None and img.format == 'JPEG' and \
+                img.mode == _CHANNEL_MODES.get(in_chans) and \
+                img.getexif().get(_ORIENTATION, 1) == 1:
+            plan(img)
+            img.load()
+            return img
         img.load()
         return to_mode(ImageOps.exif_transpose(img), in_chans)
 

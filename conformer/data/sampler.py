@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .transforms import crop_planner
+
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant to spread nearby seeds apart
 
 
@@ -147,6 +149,8 @@ class SeededTransform(Dataset):
 
     def __init__(self, dataset: Dataset, transform: Optional[Callable]):
         self.dataset, self.transform = dataset, transform
+        # datasets that can show the crop an undecoded image (IndexedImages.get)
+        self._plan = crop_planner(transform) if hasattr(dataset, 'get') else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -167,13 +171,16 @@ class SeededTransform(Dataset):
                 np.random.set_state(np_state)
 
     def _load(self, index: int, seed: Optional[int] = None) -> Tuple[Any, int]:
-        img, target = self.dataset[index]
         if self.transform is None:
-            return img, target
+            return self.dataset[index]
         if seed is not None:
             random.seed(seed)
             np.random.seed(seed % 2 ** 32)
             # the CPU generator only: torch.manual_seed would also queue a CUDA seeding call
             # (with a captured stack trace) per sample while CUDA is uninitialised
             torch.default_generator.manual_seed(seed)
+        if self._plan is not None:  # the crop is drawn before the JPEG decodes (draft mode)
+            img, target = self.dataset.get(index, self._plan)
+        else:
+            img, target = self.dataset[index]
         return self.transform(img), target
