@@ -53,11 +53,7 @@ class IndexedImages(Dataset):
         self.strict, self.exact_count = strict, exact_count
         self.classes: List[str] = list(listing.classes)
         self.targets = torch.from_numpy(listing.labels.astype(np.int64))
-        # the entries of each label, for a stand-in of the same class (one group: unlabelled)
-        labels = listing.labels
-        self._by_label = np.argsort(labels, kind='stable')
-        self._label_start = np.searchsorted(labels[self._by_label], labels, side='left')
-        self._label_end = np.searchsorted(labels[self._by_label], labels, side='right')
+        self._by_label: Optional[Tuple[np.ndarray, np.ndarray]] = None  # see _members
         if listing.unreadable:
             if strict:
                 raise ValueError(f'cannot read image {listing.unreadable[0]} (set '
@@ -107,8 +103,7 @@ class IndexedImages(Dataset):
                 raise RuntimeError(f'cannot read image {self.where(index)}: {e} ({why})') from e
             _logger.warning('unreadable image %s (%s): another image of its class stands in',
                             self.where(index), e)
-        start, end = int(self._label_start[index]), int(self._label_end[index])
-        members = self._by_label[start:end]
+        members = self._members(label)
         here = int(np.searchsorted(members, index))
         for offset in range(1, len(members)):
             stand_in = int(members[(here + offset) % len(members)])
@@ -118,6 +113,17 @@ class IndexedImages(Dataset):
                 continue
         raise RuntimeError(f'{self.group(label)} holds no readable image (every file fails '
                            f'to decode, e.g. {self.where(index)}); replace or remove those files')
+
+    def _members(self, label: int) -> np.ndarray:
+        """The entries with `label`, in order: stand-in candidates (sorted on first need,
+        which keeps loading an index of a million entries free of the sort)."""
+        if self._by_label is None:
+            labels = self.listing.labels
+            bounds = np.zeros(len(self.classes) + 2, np.int64)
+            np.cumsum(np.bincount(labels + 1, minlength=len(self.classes) + 1), out=bounds[1:])
+            self._by_label = np.argsort(labels, kind='stable'), bounds
+        order, bounds = self._by_label
+        return order[bounds[label + 1]:bounds[label + 2]]
 
     def group(self, label: int) -> str:
         """How messages name the images of `label` (-1: all of them)."""
