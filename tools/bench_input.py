@@ -103,10 +103,11 @@ def bench_listing(args) -> dict:
     from conformer.engine.config import DataConfig
     work = Path(tempfile.mkdtemp(prefix='bench-listing-'))
     try:
-        result = dict(images=args.images, workers=args.workers)
+        result = dict(images=args.images, workers=args.workers,
+                      index_entries=args.index_entries)
         big = small_tree(work / 'big' / 'train', args.images, 100)
         small_tree(work / 'big' / 'val', 100, 100)
-        small_tree(work / 'small' / 'train', 1000, 100)
+        small_tree(work / 'small' / 'train', min(1000, args.images), 100)
         small_tree(work / 'small' / 'val', 100, 100)
         serial_scan(big)  # the page cache warm, as for every figure below
         result['serial_scan_s'] = timed(lambda: serial_scan(big))[0]
@@ -120,7 +121,7 @@ def bench_listing(args) -> dict:
             build_datasets(cfg)  # indexes both splits
             result[f'startup_{name}_s'] = statistics.median(
                 timed(lambda: build_datasets(cfg))[0] for _ in range(5))
-        synthetic_index(work / 'imagenet')
+        synthetic_index(work / 'imagenet', args.index_entries)
         result['imagenet_index_load_s'] = statistics.median(
             timed(lambda: ImageFolder(str(work / 'imagenet')))[0] for _ in range(5))
         result['imagenet_index_bytes'] = os.path.getsize(
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     listing = sub.add_parser('listing', help='listing and start-up times')
     listing.add_argument('--images', type=int, default=50_000)
     listing.add_argument('--workers', type=int, default=2, help='index-building processes')
+    listing.add_argument('--index-entries', type=int, default=1_281_167,
+                         help='entries of the synthetic index whose load is timed')
     pipeline = sub.add_parser('pipeline', help='training transform images/s per core')
     pipeline.add_argument('--images', type=int, default=200)
     pipeline.add_argument('--rounds', type=int, default=5)

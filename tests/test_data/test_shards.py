@@ -210,3 +210,11 @@ def test_the_writer_keeps_jpeg_bytes_and_reencodes_other_formats_losslessly(tmp_
     assert '00000001.png' in members and members['00000001.cls'] == b'0'
     read = ShardDataset(str(tmp_path / 'out'), 'train')
     assert digest(read[1][0]) == digest(source[1][0])
+
+
+def test_the_shards_command_names_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(['write', str(tmp_path / 'nowhere'), str(tmp_path / 'out')])
+    assert exit_.value.code == 2
+    assert f'image folder {tmp_path / "nowhere" / "train"} does not exist' in \
+        capsys.readouterr().err
