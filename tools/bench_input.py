@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Benchmark the training input: the listing at start-up, and the training transform's images/s.
 
-``listing``: a tree of small JPEGs (50,000 by default) listed four ways, the project's former
-serial scan (every header opened in one process, as ImageFolder did before it had an index),
-building the index with worker processes, loading the index, and torchvision's ImageFolder
-(which opens no file); then the start-up cost a run pays (building its datasets, index
-present) for that tree and for one of 1,000 images; then the load time of a synthetic index of
-1,281,167 entries (ImageNet-1k train's count, 1,000 class folders).
+``listing``: a tree of small JPEGs (50,000 by default) listed several ways, medians of three
+interleaved rounds: the project's former serial scan (every header opened in one process, as
+ImageFolder did before it had an index), building the index in one and in `--workers`
+processes, and torchvision's ImageFolder (which opens no file). Then loading the index, the
+start-up cost a run pays (building its datasets, index present) for that tree and for one of
+1,000 images, and the load time of a synthetic index of 1,281,167 entries (ImageNet-1k
+train's count, 1,000 class folders).
 
 ``pipeline``: generated ImageNet-like JPEGs (500x375 up to 800x600, quality 90) through the DeiT
 training transform (random resized crop 224 bicubic, flip, colour jitter 0.3,
@@ -110,10 +111,15 @@ def bench_listing(args) -> dict:
         small_tree(work / 'small' / 'train', min(1000, args.images), 100)
         small_tree(work / 'small' / 'val', 100, 100)
         serial_scan(big)  # the page cache warm, as for every figure below
-        result['serial_scan_s'] = timed(lambda: serial_scan(big))[0]
-        result['torchvision_s'] = timed(lambda: torchvision.datasets.ImageFolder(str(big)))[0]
-        result['index_build_s'] = timed(
-            lambda: index.list_tree(big.resolve(), True, args.workers))[0]
+        ways = {'serial_scan_s': lambda: serial_scan(big),
+                'torchvision_s': lambda: torchvision.datasets.ImageFolder(str(big)),
+                'index_build_1_worker_s': lambda: index.list_tree(big.resolve(), True, 1),
+                'index_build_s': lambda: index.list_tree(big.resolve(), True, args.workers)}
+        times = {name: [] for name in ways}
+        for _ in range(3):  # interleaved: a busy spell slows every way alike
+            for name, fn in ways.items():
+                times[name].append(timed(fn)[0])
+        result.update({name: statistics.median(t) for name, t in times.items()})
         ImageFolder(str(big), workers=args.workers)  # writes it
         result['index_load_s'] = timed(lambda: ImageFolder(str(big)))[0]
         for name in ('big', 'small'):

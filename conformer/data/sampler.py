@@ -136,6 +136,10 @@ class ShardSampler(Sampler):
 class SeededTransform(Dataset):
     """Applies `transform` to `dataset[i]`; a key `(i, seed)` seeds its randomness.
 
+    The seed is set before the image is read: a dataset with `get(i, plan)` (the indexed
+    folders and shards) lets the transform's first crop draw its parameters on the undecoded
+    JPEG (`transforms.DraftResizedCrop`), with the same draws as after decoding.
+
     The RNG states of `random`, numpy and torch are restored afterwards, so the loading
     process's own random stream (dropout, drop path, mixup) is untouched. The DataLoader
     fetches a whole batch through `__getitems__`, which saves and restores those states once
