@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     pipeline.add_argument('--images', type=int, default=200)
     pipeline.add_argument('--rounds', type=int, default=5)
     for p in (listing, pipeline):
-        p.add_argument('--out', help='write the result as JSON here')
+        p.add_argument('--out', help='write the result as JSON to this file')
     args = parser.parse_args(argv)
     result = (bench_listing if args.what == 'listing' else bench_pipeline)(args)
     result.update(cpu=cpu_name(), cores=len(os.sched_getaffinity(0)), torch=torch.__version__,

@@ -104,9 +104,9 @@ class IndexedImages(Dataset):
             _logger.warning('unreadable image %s (%s): another image of its class stands in',
                             self.where(index), e)
         members = self._members(label)
-        here = int(np.searchsorted(members, index))
+        position = int(np.searchsorted(members, index))
         for offset in range(1, len(members)):
-            stand_in = int(members[(here + offset) % len(members)])
+            stand_in = int(members[(position + offset) % len(members)])
             try:
                 return self.load(stand_in), label
             except READ_ERRORS:

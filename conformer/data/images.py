@@ -48,7 +48,7 @@ def read_planned(path: Union[str, Path, BinaryIO], in_chans: int,
                  plan: Optional[Callable[[Image.Image], None]] = None) -> Image.Image:
     """`read_image`, letting `plan` see a JPEG before it is decoded (to set a draft scale)
     when the JPEG needs no orientation or mode change; the result is decoded either way, so
-    a damaged file fails here, where the dataset names it.
+    a damaged file fails in this call, where the dataset names it.
 
     Args:
         path: an image file in any format PIL reads (or a binary file object holding one).

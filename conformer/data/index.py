@@ -327,18 +327,23 @@ def load_or_build(source: Path, tag: str, kind: str, build: Callable[[], Listing
             _logger.warning('cannot write the index beside the data (%s); writing %s', e, cached)
             listing.save(cached)
         return listing
-    start, last_log, seen = time.monotonic(), time.monotonic(), None
+    start, last_log = time.monotonic(), time.monotonic()
+    seen: Dict[Path, Optional[int]] = {}
     while True:
-        mtime = path.stat().st_mtime_ns if path.is_file() else None
-        if mtime is not None and mtime != seen:  # a new file: worth loading
-            seen = mtime
-            listing, _ = fresh(path)
-            if listing is not None:
-                return listing
+        for candidate in dict.fromkeys((path, cached)):  # the builder may fall back to the cache
+            try:
+                mtime = candidate.stat().st_mtime_ns
+            except OSError:  # not written yet
+                mtime = None
+            if mtime is not None and mtime != seen.get(candidate):  # a new file: load it
+                seen[candidate] = mtime
+                listing, _ = fresh(candidate)
+                if listing is not None:
+                    return listing
         if time.monotonic() - start > wait_timeout:
             raise TimeoutError(f'waited {wait_timeout:.0f} s for the first process to write '
-                               f'the index {path} of {source}; did it fail? Build it alone '
-                               f'once (a one-process run, or conformer-shards --index-only)')
+                               f'the index {path} of {source}; did it fail? Build the index '
+                               f'once in one process: conformer-shards index {source}')
         if time.monotonic() - last_log > _WAIT_LOG_SECONDS:
             _logger.info('rank %d: waiting for the first process to index %s', rank, source)
             last_log = time.monotonic()

@@ -136,6 +136,16 @@ def test_other_ranks_wait_for_the_first_to_build_the_index(tmp_path):
     assert waiter.returncode == 0 and out.strip().endswith('4'), out
 
 
+def test_a_waiting_rank_gives_up_naming_the_command_that_builds_the_index(tmp_path,
+                                                                          monkeypatch):
+    root = tree(tmp_path / 'data', LAYOUT)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '1')
+    with pytest.raises(TimeoutError, match=f'conformer-shards index {root.resolve()}'):
+        index.load_or_build(root, '', 'folder', lambda: None,
+                            lambda listing: None, wait_timeout=1.0)
+
+
 def test_an_unlabelled_folder_lists_every_image_at_any_depth(tmp_path):
     root = tree(tmp_path / 'data', {'a.png': (1, 0, 0), 'x/y/b.png': (2, 0, 0),
                                     'x/c.png': (3, 0, 0)})
