@@ -69,8 +69,9 @@ def test_timms_wds_reader_reads_the_written_shards(written):
     assert seen == expected
 
 
-def test_shards_train_exactly_like_their_folder(written, tmp_path):
-    """Same images in the same order with the same augmentation seeds: the same weights."""
+def test_shards_train_and_resume_exactly_like_their_folder(written, tmp_path):
+    """Same images in the same order with the same augmentation seeds: the same weights, also
+    after a stop and a resume mid-epoch."""
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -83,19 +84,22 @@ def test_shards_train_exactly_like_their_folder(written, tmp_path):
             'data.eval_batch_size=9', 'data.num_workers=0', 'aug=small', 'trainer.epochs=2',
             'trainer.threads=1', 'trainer.deterministic=true', 'logging.progress=false',
             'aug.repeated_aug=3']
+    on_shards = ['data=shards', f'data.root={shards}', 'data.input_size=16',
+                 'data.batch_size=12', 'data.eval_batch_size=9', 'data.num_workers=0']
+    # the folder, the shards, and the shards stopped mid-epoch at step 2 then resumed
+    runs = (('folder', [f'data.root={folder}']), ('shards', on_shards),
+            ('resumed', [*on_shards, 'trainer.max_steps=2']),
+            ('resumed', [*on_shards, 'trainer.resume=auto']))
     results = {}
-    for name, data in (('folder', [f'data.root={folder}']),
-                       ('shards', ['data=shards', f'data.root={shards}', 'data.input_size=16',
-                                   'data.batch_size=12', 'data.eval_batch_size=9',
-                                   'data.num_workers=0'])):
+    for name, data in runs:
         with initialize_config_dir(config_dir(), version_base='1.3'):
             cfg = compose('train', overrides=[*tiny, *data])
         results[name] = train(cfg, tmp_path / name)
         assert results[name]['status'] == 'finished'
-    assert results['folder']['top1'] == results['shards']['top1']
-    a, b = (torch.load(tmp_path / n / 'checkpoints' / 'last.pth', weights_only=True)['model']
-            for n in ('folder', 'shards'))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert results['folder']['top1'] == results['shards']['top1'] == results['resumed']['top1']
+    a, b, c = (torch.load(tmp_path / n / 'checkpoints' / 'last.pth', weights_only=True)['model']
+               for n in ('folder', 'shards', 'resumed'))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     summary = json.loads((tmp_path / 'shards' / 'metrics.json').read_text())
     assert summary['count'] == 18  # every eval image once
 
