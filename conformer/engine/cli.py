@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from datetime import datetime
@@ -29,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from . import config as _schema  # noqa: F401  (registers train_schema / eval_schema)
-from .distributed import launch_time, launched_rank
+from .distributed import LaunchError, check_launch, launch_time, launched_rank
 
 _logger = logging.getLogger(__name__)
+_new_run_folder: Optional[Path] = None  # the run folder this attempt created, if it did
 USAGE_ERRORS = (CompactHydraException, MissingMandatoryValue, InterpolationResolutionError)
 # conformer.weights.CheckpointError is a ValueError; OSError covers missing, existing,
 # unwritable and full files and folders
@@ -116,6 +118,12 @@ def _main(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> Non
         with _stop_on_expected_errors():
             return task(cfg)
 
+    try:  # before any work: a wrong launcher variable would fail deep in a later step
+        check_launch()
+    except LaunchError as e:
+        if full:
+            raise
+        _exit(prog, e, 1)
     previous = os.environ.get('HYDRA_FULL_ERROR')
     os.environ['HYDRA_FULL_ERROR'] = '1'  # Hydra raises composition errors; reported below
     try:
@@ -124,16 +132,36 @@ def _main(config_name: str, task: Callable[[DictConfig], Any], prog: str) -> Non
     except _Stop as stop:
         if full:
             raise stop.error
+        remove_unused_run_folder()
         _exit(prog, stop.error, stop.status)
     except USAGE_ERRORS as e:
         if full:
             raise
-        _exit(prog, e, 2)
+        launch = _cause(e, LaunchError)  # the run folder's name waits for the other ranks
+        _exit(prog, launch or e, 1 if launch else 2)
     finally:
         if previous is None:
             os.environ.pop('HYDRA_FULL_ERROR', None)
         else:
             os.environ['HYDRA_FULL_ERROR'] = previous
+
+
+def _cause(error: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The first error of type `kind` in `error`'s chain of causes and contexts."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def remove_unused_run_folder() -> None:
+    """Remove the run folder this attempt created when the run was refused before it wrote
+    anything of its own: Hydra's record and log of a run that never started would otherwise
+    be left behind, one folder per failed attempt."""
+    folder = _new_run_folder
+    if folder is None or launched_rank() != 0 or not folder.is_dir():
+        return
+    if all(p.name == '.hydra' or p.suffix == '.log' for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exit(prog: str, error: BaseException, status: int) -> None:
@@ -170,7 +198,9 @@ class RunFolderCheck(Callback):
     config it was trained with)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _new_run_folder
         run_dir = Path(config.hydra.run.dir)
+        _new_run_folder = None if run_dir.exists() else run_dir
         with _stop_on_expected_errors():
             prepare_folder(run_dir, 'hydra.run.dir')
         subdir = config.hydra.output_subdir
