@@ -29,6 +29,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from conformer.weights import DownloadError
+
 from . import config as _schema  # noqa: F401  (registers train_schema / eval_schema)
 from .distributed import LaunchError, check_launch, launch_time, launched_rank
 
@@ -36,8 +38,8 @@ _logger = logging.getLogger(__name__)
 _new_run_folder: Optional[Path] = None  # the run folder this attempt created, if it did
 USAGE_ERRORS = (CompactHydraException, MissingMandatoryValue, InterpolationResolutionError)
 # conformer.weights.CheckpointError is a ValueError; OSError covers missing, existing,
-# unwritable and full files and folders
-EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+# unwritable and full files and folders; DownloadError weights that cannot be fetched
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, DownloadError)
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,6 +102,10 @@ def _full_error() -> bool:
 
 def _one_line(error: BaseException) -> str:
     text = str(error).split('Config search path:')[0]  # Hydra's list of config sources
+    if 'Original Traceback (most recent call last)' in text:
+        # raised in a DataLoader worker, which re-raises it with the worker's traceback in the
+        # message: the last line is the error itself, `<type>: <message>`
+        text = text.strip().splitlines()[-1].split(': ', 1)[-1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cause = error.__cause__
     if isinstance(error, CompactHydraException) and cause is not None and lines:
@@ -219,17 +225,40 @@ def _train(cfg: DictConfig) -> float:
     result = train(cfg, run_dir)
     if launched_rank() != 0:  # one summary per run, from the rank that wrote it
         return result.get('top1', float('nan'))
+    print(run_summary(result, cfg.data.eval_split, run_dir, cfg.logging.plot))
     if 'top1' not in result:
-        print(f'run {result["status"]} at step {result["step"]} | '
-              f'checkpoint {result["checkpoint"]}')
         return float('nan')
+    return result['ema_top1'] if 'ema_top1' in result else result['top1']  # what sweepers
+    # (e.g. Optuna) optimise
+
+
+def run_summary(result: dict, split: str, run_dir: Path, plot: bool) -> str:
+    """The line a training run ends with: the eval split's top-1 of the last checkpoint and,
+    when another checkpoint scored higher, the best one's, each with its file; then the run's
+    records (curves.png only when it was drawn).
+
+    Args:
+        result: what `train` returned (metrics.json).
+        split: data.eval_split, which the figures are measured on.
+        run_dir: the run folder.
+        plot: logging.plot.
+    """
+    last = Path(result['checkpoint']) if result.get('checkpoint') not in (None, 'None') else None
+    records = [str(run_dir / 'metrics.json')]
+    if plot and (run_dir / 'curves.png').is_file():
+        records.append(str(run_dir / 'curves.png'))
+    if 'top1' not in result:
+        return f'run {result["status"]} at step {result["step"]} | checkpoint {last}'
     which = 'EMA' if 'ema_top1' in result else 'model'
     top1 = result['ema_top1'] if which == 'EMA' else result['top1']
-    print(f'test top-1 {top1:.2f}% ({which}; model {result["top1"]:.2f}%, CNN head '
-          f'{result["top1_conv"]:.2f}%, transformer head {result["top1_trans"]:.2f}%) | '
-          f'checkpoint {result["checkpoint"]} | {run_dir / "metrics.json"} | '
-          f'{run_dir / "curves.png"}')
-    return top1  # Hydra sweepers (e.g. Optuna) optimise the returned value
+    line = (f'{split} top-1 {top1:.2f}% of the last checkpoint {last} ({which}; model '
+            f'{result["top1"]:.2f}%, CNN head {result["top1_conv"]:.2f}%, transformer head '
+            f'{result["top1_trans"]:.2f}%)')
+    best = last.with_name('best.pth') if last is not None else None
+    best_top1 = result.get('best_top1')
+    if best is not None and best_top1 is not None and best_top1 > top1 and best.is_file():
+        line += f' | best {split} top-1 {best_top1:.2f}%: {best}'
+    return ' | '.join([line, *records])
 
 
 def _eval(cfg: DictConfig) -> float:

@@ -34,9 +34,9 @@ class RunLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError('logging.tensorboard=true needs the tensorboard package: pip '
-                                  'install tensorboard (or set logging.tensorboard=false)') from e
+            except ImportError as e:  # a setting the environment cannot serve: a config error
+                raise ValueError('logging.tensorboard=true needs the tensorboard package: pip '
+                                 'install tensorboard (or set logging.tensorboard=false)') from e
             self.tb = SummaryWriter(str(self.run_dir / 'tensorboard'))
 
     def log(self, kind: str, step: int, **values: Any) -> None:

@@ -370,7 +370,9 @@ def finished_result(run_dir: Path, resume: str, saved: Dict[str, Any]) -> Dict[s
                     'further, start a new run from its weights (model.checkpoint=%s, another '
                     'hydra.run.dir)', run_dir, saved['step'], resume)
     try:
-        return json.loads((run_dir / 'metrics.json').read_text())
+        # this folder's checkpoint, also when the folder is a copy of the one that trained
+        return dict(json.loads((run_dir / 'metrics.json').read_text()), checkpoint=resume,
+                    run_dir=str(run_dir))
     except (OSError, ValueError):  # no summary (another folder's checkpoint, or removed)
         return dict(status='finished', epoch=saved['epoch'], step=saved['step'],
                     checkpoint=resume, run_dir=str(run_dir), **saved['meta']['metrics'])

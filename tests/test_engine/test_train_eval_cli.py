@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import REPO
+from helpers.image_folders import make_folder
 
 TINY = {  # a small model and data settings each tool takes
     'eval': ['model=conformer_nano_patch4', 'model.base_channel=8', 'model.embed_dim=16',
@@ -155,3 +156,20 @@ def test_a_read_only_run_folder_is_named_with_the_fix(tmp_path):
         run_dir.chmod(0o755)
     assert_reported(result, 'conformer-train', 1,
                     f'cannot write to {run_dir} (read-only): choose a writable hydra.run.dir')
+
+
+def test_a_finished_run_copied_elsewhere_reports_its_own_files(tmp_path):
+    images = make_folder(tmp_path / 'images', per_class=4)
+    args = [f'data.root={images}', 'trainer.max_steps=2', 'trainer.device=cpu',
+            'logging.plot=false']
+    first = run_tool('train', *args, f'hydra.run.dir={tmp_path}/first', cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert 'curves.png' not in first.stdout  # logging.plot=false draws none
+    shutil.copytree(tmp_path / 'first', tmp_path / 'copy')
+    again = run_tool('train', *args, 'trainer.resume=auto', f'hydra.run.dir={tmp_path}/copy',
+                     cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert 'nothing to train' in again.stdout + again.stderr
+    line = again.stdout.strip().splitlines()[-1]
+    assert line.startswith('val top-1') and f'{tmp_path}/copy/checkpoints/' in line
+    assert f'{tmp_path}/first' not in line

@@ -131,6 +131,9 @@ def test_weights_of_another_variant_list_the_mismatched_shapes(layouts):
                           pretrained_cfg_overlay=dict(file=str(path)))
     msg = str(e.value)
     assert str(path) in msg and 'another Conformer variant' in msg
+    # the setting that differs comes first, named as the config and the tools name it
+    assert msg.startswith(f'{path}: the weights are for another Conformer variant; the model '
+                          f'has embed_dim=64 (the weights have 128). Set these to the weights')
     assert 'cls_token: file (1, 1, 128), model (1, 1, 64)' in msg
     assert 'file:  stem_type=small with patch_size=4 or pooled with patch_size=8, ' \
            'base_channel=32, channel_ratio=1, embed_dim=128, depth=6' in msg
