@@ -158,7 +158,7 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
         differences = architecture_differences(file_state_dict, model)
         settings = (f' the model has {"; ".join(differences)}. Set these to the weights\' '
                     f'values (model.<key>= for conformer-train/-eval, --model-args KEY=VALUE '
-                    f'for the other tools), or leave them unset to take the variant\'s;'
+                    f"for the other tools), or leave them unset to take the variant's;"
                     if differences else '')  # the settings first, then the tensors they shape
         raise CheckpointError(
             f'{origin}: the weights are for another Conformer variant;{settings} '
