@@ -262,12 +262,24 @@ def run_summary(result: dict, split: str, run_dir: Path, plot: bool) -> str:
 
 
 def _eval(cfg: DictConfig) -> float:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, plot_confusion
     result = evaluate_checkpoint(cfg)
+    if launched_rank() != 0:
+        return result['top1']
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    confusion = dict(classes=result['classes'], rows='true class', columns='predicted class',
+                     matrix=result.pop('confusion'))
+    (run_dir / 'confusion.json').write_text(json.dumps(confusion) + '\n')
     (run_dir / 'eval.json').write_text(json.dumps(result, indent=2) + '\n')
-    print(f'top-1 {result["top1"]:.2f}% (CNN head {result["top1_conv"]:.2f}%, transformer head '
-          f'{result["top1_trans"]:.2f}%) on {result["count"]} images | {run_dir / "eval.json"}')
+    plot_confusion(confusion['matrix'], confusion['classes'], run_dir / 'confusion.png',
+                   f'{result["split"]} split, {result["count"]} images: top-1 '
+                   f'{result["top1"]:.2f}%')
+    worst = sorted((v, k) for k, v in result['per_class_top1'].items() if v is not None)[:3]
+    print(f'{result["split"]} top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}% (CNN '
+          f'head {result["top1_conv"]:.2f}%, transformer head {result["top1_trans"]:.2f}%) on '
+          f'{result["count"]} images, {result["device"]} | lowest classes: '
+          f'{", ".join(f"{k} {v:.1f}%" for v, k in worst)} | {run_dir / "eval.json"} '
+          f'(per-class top-1) | {run_dir / "confusion.png"} | {run_dir / "confusion.json"}')
     return result['top1']
 
 
