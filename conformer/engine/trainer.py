@@ -554,6 +554,7 @@ def warn_if_cores_shared(run: Run, window: MetricWindow) -> None:
     """Once per run: training on CPU got less than half the cores its threads could use
     (judged after the first window, which includes warm-up)."""
     window.windows += 1
+    run.logger.pace.check(run.total_steps, run.env.device.type)  # crowded cores: warn early
     threads = torch.get_num_threads()
     if run.env.device.type != 'cpu' or window.warned or window.windows == 1 or threads == 1:
         return

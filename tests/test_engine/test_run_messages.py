@@ -81,3 +81,31 @@ def test_a_tensor_error_keeps_its_traceback():  # a bug, not the user's to fix
     with pytest.raises(RuntimeError) as error:
         torch.zeros(2) @ torch.zeros(3)
     assert cli.exit_status(error.value) is None
+
+
+def test_crowded_cores_are_named_early_with_the_time_left(monkeypatch, caplog):
+    from conformer.engine import logger
+    monkeypatch.setattr(logger.os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    clock = iter(range(0, 1000, 10))  # 10 s between checks
+    monkeypatch.setattr(logger.time, 'perf_counter', lambda: next(clock))
+    load = [3.0]
+    monkeypatch.setattr(logger.os, 'getloadavg', lambda: (load[0], 0., 0.))
+    pace = logger.PaceMonitor()
+    for step in (50, 100):  # the first check (warm-up) only starts the clock
+        pace.step = step
+        pace.check(total_steps=2000)
+    assert not caplog.records  # load 3 on 2 cores: the run's own threads and a little more
+    load[0] = 5.0
+    pace.step = 150
+    pace.check(total_steps=2000)
+    pace.step = 200
+    pace.check(total_steps=2000)  # warns once
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and 'the load average is 5.0' in warnings[0]
+    # 100 steps in 20 s since the warm-up: 1850 steps left take 370 s
+    assert 'needs about 6 min more' in warnings[0] and 'trainer.threads=1' in warnings[0]
+    for quiet in (logger.PaceMonitor(enabled=False), logger.PaceMonitor()):
+        for step in (50, 100, 150):
+            quiet.step = step
+            quiet.check(total_steps=2000, device_type='cpu' if not quiet.enabled else 'cuda')
+    assert len(caplog.records) == 1  # other ranks and GPUs are not judged
