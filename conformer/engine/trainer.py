@@ -634,7 +634,8 @@ def evaluate_run(run: Run, state: RunState, window: MetricWindow, epoch: int, ba
     state.best = max(state.best, headline)
     state.metrics = dict(metrics, best_top1=state.best)
     if run.env.is_main:
-        bar.write(f'epoch {epoch} step {state.step}: eval top-1 {metrics["top1"]:.2f}%'
+        bar.write(f'epoch {epoch} step {state.step}: {run.cfg.data.eval_split} top-1 '
+                  f'{metrics["top1"]:.2f}%'
                   + (f', EMA {metrics["ema_top1"]:.2f}%' if run.ema is not None else ''))
     save_checkpoint(run, state, window, is_best)
 
