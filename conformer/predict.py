@@ -6,7 +6,7 @@ high bit depths, transparency) and go through the model's own ``pretrained_cfg``
 reported and skipped; the rest are still classified.
 """
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import timm
 import torch
@@ -24,8 +24,8 @@ DEFAULT_MODEL = 'conformer_small_patch16'
 
 
 def create_model(name: Optional[str] = None, pretrained: bool = False,
-                 checkpoint: Optional[str] = None,
-                 num_classes: Optional[int] = None) -> nn.Module:
+                 checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
+                 model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """The model to run, in eval mode.
 
     Args:
@@ -39,10 +39,15 @@ def create_model(name: Optional[str] = None, pretrained: bool = False,
             as those weights were trained, with the preprocessing and class names they record
             (:func:`conformer.weights.model_from_weights`).
         num_classes: the class count; with ``checkpoint`` only checked against the file.
+        model_kwargs: architecture settings over the variant's (embed_dim=64, ...), and over
+            what the weights record: weights of a custom architecture that they do not
+            record need them.
     """
     if checkpoint is not None:  # model_from_weights checks the name itself
-        return model_from_weights(checkpoint, model_name=name, num_classes=num_classes)[0]
-    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+        return model_from_weights(checkpoint, model_name=name, num_classes=num_classes,
+                                  model_kwargs=model_kwargs)[0]
+    kwargs = dict(model_kwargs or {}, **({} if num_classes is None else
+                                         dict(num_classes=num_classes)))
     return timm.create_model(check_model_name(name or DEFAULT_MODEL), pretrained=pretrained,
                              **kwargs).eval()
 

@@ -256,26 +256,40 @@ def small_fashion_mnist(folder: Path, per_class: dict) -> Path:
     return folder
 
 
-def my_images(folder: Path) -> None:
-    """The README's `my_images` layout: two classes, 16 training and 4 val images each."""
+def my_images(folder: Path, grey: bool = False) -> None:
+    """The README's `my_images` layout: two classes, 16 training and 4 val images each (grey
+    ones: a dark and a light class, as scans of digits or parts would be)."""
     rng = np.random.default_rng(0)
     for split, count in (('train', 16), ('val', 4)):
         for tint, label in enumerate(('cat', 'dog')):
             class_folder = folder / split / label
             class_folder.mkdir(parents=True)
             for i in range(1, count + 1):
-                pixels = rng.integers(0, 128, (48, 48, 3)) + 100 * np.eye(3)[tint]
+                if grey:
+                    pixels = rng.integers(0, 128, (48, 48)) + 100 * tint
+                else:
+                    pixels = rng.integers(0, 128, (48, 48, 3)) + 100 * np.eye(3)[tint]
                 Image.fromarray(pixels.astype(np.uint8)).save(class_folder / f'{i:03}.jpg')
 
 
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
     """A scratch folder laid out like a clone after set-up, and the environment to run in."""
+    yield from make_workspace(tmp_path_factory, grey=False)
+
+
+@pytest.fixture(scope='module')
+def grey_workspace(tmp_path_factory):
+    """The same, with grey images in `my_images`."""
+    yield from make_workspace(tmp_path_factory, grey=True)
+
+
+def make_workspace(tmp_path_factory, grey: bool):
     ws = tmp_path_factory.mktemp('readme')
     (ws / '.venv').symlink_to(Path(sys.prefix))  # the venv the set-up command makes
     (ws / 'tools').symlink_to(REPO / 'tools')
     fmnist = small_fashion_mnist(ws.parent / f'{ws.name}-fmnist', {'train': 100, 'test': 10})
-    my_images(ws / 'my_images')
+    my_images(ws / 'my_images', grey)
     shim = ws.parent / f'{ws.name}-site'
     shim.mkdir()
     (shim / 'sitecustomize.py').write_text(SITECUSTOMIZE)
@@ -316,3 +330,41 @@ def test_readme_block_runs(block, workspace):
         assert table and not set(table) - printed, (
             f'README.md: the models table differs from what conformer-model-table prints:\n'
             f'{result.stdout}')
+
+
+def own_images_recipes() -> List[Block]:
+    """The training commands of the README's "Train on your own images" section."""
+    text = README.read_text()
+    start = text.index('## Train on your own images')
+    end = text.index('\n## ', start + 1)
+    first, last = text[:start].count('\n') + 1, text[:end].count('\n') + 1
+    return [b for b in BLOCKS if first <= b.line <= last and b.language == 'bash'
+            and TRAIN.search(b.code + ' ')]
+
+
+@pytest.mark.slow
+def test_the_own_images_recipes_run_as_written_on_grey_images(grey_workspace):
+    """From scratch on the CPU, from the hosted weights, and from the quickstart's
+    checkpoint (made first, as the set-up command does), shortened as every block is."""
+    ws, env, fmnist = grey_workspace
+    recipes = own_images_recipes()
+    assert len(recipes) == 3, [b.code for b in recipes]
+    blocks = [runnable_code(marked('setup')), *(b.code for b in recipes)]
+    for code in blocks:
+        result = subprocess.run(['bash', '-c', bash_script(code, fmnist)], cwd=ws, env=env,
+                                capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert result.returncode == 0, f'{code}\n--- stderr\n{result.stderr[-4000:]}'
+        assert 'val top-1' in result.stdout or 'experiment=quickstart' in code
+    runs = {path.parent.parent.name: torch.load(path, map_location='cpu', weights_only=True)
+            for path in (ws / 'runs').glob('*/checkpoints/last.pth')}
+    assert set(runs) == {'quickstart', 'my_images', 'my_images_cpu',
+                         'my_images_from_quickstart'}
+    for name in ('my_images', 'my_images_cpu', 'my_images_from_quickstart'):
+        assert runs[name]['meta']['classes'] == ['cat', 'dog'] and runs[name]['step'] == 2
+    cpu = runs['my_images_cpu']['meta']
+    assert (cpu['variant'], cpu['in_chans'], cpu['mean']) == ('conformer_nano_patch4', 1,
+                                                              [0.449])
+    # the quickstart's architecture, channels and normalisation came with its checkpoint
+    mine, quick = runs['my_images_from_quickstart']['meta'], runs['quickstart']['meta']
+    for key in ('variant', 'model_kwargs', 'in_chans', 'mean', 'std'):
+        assert mine[key] == quick[key], key

@@ -1,8 +1,9 @@
 """What the command-line tools share: the model and weights options, finding images, and
 output paths checked before any work."""
 import argparse
+import ast
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -11,7 +12,7 @@ from conformer.data import IMAGE_SUFFIXES
 from conformer.predict import DEFAULT_MODEL, create_model
 from conformer.weights import DownloadError
 
-__all__ = ['MODEL_ERRORS', 'add_model_arguments', 'find_images', 'model_from_args',
+__all__ = ['MODEL_ERRORS', 'add_model_arguments', 'find_images', 'model_args', 'model_from_args',
            'model_inputs', 'output_file']
 
 # what create_model raises for a bad name, weights file or source (the message says which)
@@ -35,6 +36,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, labels: bool = True) ->
                          help='weights to run: a file (conformer-train, the paper, mmpretrain, '
                               'safetensors), a model folder, a URL or hf-hub:ORG/NAME; the '
                               'classes and preprocessing they were trained with come along')
+    parser.add_argument('--model-args', metavar='KEY=VALUE,...', type=model_args,
+                        help="architecture settings over the variant's (and the recorded) "
+                             'ones, e.g. embed_dim=64,num_heads=2,stem_type=pooled: weights of '
+                             'a custom architecture that they do not record need them')
     parser.add_argument('--num-classes', type=int,
                         help="the class count (default: the weights'; with --checkpoint it is "
                              "only checked against the file)")
@@ -45,13 +50,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, labels: bool = True) ->
                                  "'none' (class indices) or a text file with one label per line")
 
 
+def model_args(text: str) -> Dict[str, Any]:
+    """``--model-args``: ``KEY=VALUE,...``, each value read as a Python literal when it is one
+    (64, 4.0, None) and as text otherwise (pooled)."""
+    kwargs = {}
+    for item in text.split(','):
+        key, sep, value = item.strip().partition('=')
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentTypeError(f'{item!r} is not KEY=VALUE (e.g. '
+                                             f'embed_dim=64,num_heads=2)')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
 def model_from_args(args: argparse.Namespace) -> nn.Module:
     """:func:`conformer.predict.create_model` for the options of :func:`add_model_arguments`.
 
     Args:
-        args: the parsed options (``model``, ``pretrained``, ``checkpoint``, ``num_classes``).
+        args: the parsed options (``model``, ``pretrained``, ``checkpoint``, ``num_classes``,
+            ``model_args``).
     """
-    return create_model(args.model, args.pretrained, args.checkpoint, args.num_classes)
+    return create_model(args.model, args.pretrained, args.checkpoint, args.num_classes,
+                        args.model_args)
 
 
 def model_inputs(args: argparse.Namespace) -> List[str]:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from conformer.cli.common import model_args
 from conformer.cli.outputs import refuse_inputs
 from conformer.weights import DownloadError
 from conformer.weights.convert import OUT_FILES, convert
@@ -28,6 +29,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('source', help='weights to convert')
     parser.add_argument('out_dir', help='folder to write')
     parser.add_argument('--model', help='timm model name (default: recognised from the file)')
+    parser.add_argument('--model-args', metavar='KEY=VALUE,...', type=model_args,
+                        help='architecture settings the weights were trained with (e.g. '
+                             'embed_dim=64,num_heads=2), for weights that do not record them')
     parser.add_argument('--no-ema', dest='use_ema', action='store_false',
                         help='take the raw weights of a checkpoint that also holds EMA weights')
     parser.add_argument('--top1', type=float, help='top-1 accuracy (%%) for the model card')
@@ -43,7 +47,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for name in OUT_FILES:  # even with --overwrite, never the weights being converted
             refuse_inputs(Path(args.out_dir) / name, 'out_dir', [source])
-        convert(args.source, args.out_dir, model_name=args.model, use_ema=args.use_ema,
+        convert(args.source, args.out_dir, model_name=args.model,
+                model_kwargs=args.model_args, use_ema=args.use_ema,
                 top1=args.top1, dataset=args.dataset, license=args.license,
                 repo_id=args.repo_id, overwrite=args.overwrite)
     except (ValueError, DownloadError) as e:  # CheckpointError is a ValueError

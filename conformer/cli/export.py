@@ -9,7 +9,14 @@ from typing import List, Optional, Sequence
 import torch
 
 from conformer.cli.common import MODEL_ERRORS, add_model_arguments, model_from_args, output_file
-from conformer.export import MISSING_EXTRA, check_onnx, check_program, export_onnx, export_program
+from conformer.export import (
+    MISSING_EXTRA,
+    check_onnx,
+    check_opset,
+    check_program,
+    export_onnx,
+    export_program,
+)
 
 __all__ = ['ONNX_PACKAGES', 'missing_onnx_packages', 'main']
 
@@ -58,6 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if missing:
             parser.error(f'{MISSING_EXTRA} (missing: {", ".join(missing)}); or pass '
                          f'--format pt2 for the torch.export program alone')
+        try:  # before the model is built and traced
+            check_opset(args.opset)
+        except ValueError as e:
+            parser.error(str(e))
     # '--output out/model.v2' keeps its '.v2'; an '.onnx' or '.pt2' given with it is dropped
     stem = Path(args.output)
     if not stem.name or stem.is_dir():

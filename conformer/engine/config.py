@@ -7,6 +7,7 @@ cannot (values out of range, incompatible settings) before any data is read or a
 are allocated.
 """
 import difflib
+import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -14,13 +15,16 @@ import timm
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import parse_model_name
 from timm.optim import list_optimizers
 
 from conformer.models import check_model_name
 
-from .build import model_kwargs
+from .build import explicit_keys, model_kwargs
 from .distributed import launch_env
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -263,9 +267,11 @@ def check(cfg, world_size: Optional[int] = None) -> None:
     except ValueError as e:
         fail(f'model.name: {e}')
     data, aug = cfg.data, cfg.aug
+    fit_normalisation(cfg)
     if len(data.mean) != data.in_chans or len(data.std) != data.in_chans:
         fail(f'data.mean/data.std need {data.in_chans} values (data.in_chans), got '
-             f'{len(data.mean)}/{len(data.std)}')
+             f'{len(data.mean)}/{len(data.std)}: give one value per channel, or leave them '
+             f'unset for the ImageNet statistics averaged over the channels')
     if min(data.std) <= 0:
         fail(f'data.std={list(data.std)}: images are divided by it, every value must be > 0')
     classes = data.classes
@@ -308,6 +314,23 @@ def check(cfg, world_size: Optional[int] = None) -> None:
         fail('trainer.fsdp=true with trainer.ema=true is not supported (the EMA copy would '
              'need sharding too): keep trainer.fsdp=false (DDP, as the ImageNet recipes do) to '
              'train with EMA, or set trainer.ema=false to shard the model with FSDP')
+
+
+def fit_normalisation(cfg) -> None:
+    """data.mean/data.std left at the RGB ImageNet statistics (not set on the command line)
+    for data.in_chans other than 3: their average, once per channel (grey: 0.449 / 0.226), as
+    timm does for pretrained weights of another channel count."""
+    data = cfg.data
+    explicit = explicit_keys(cfg) or set()
+    for key, default in (('mean', IMAGENET_DEFAULT_MEAN), ('std', IMAGENET_DEFAULT_STD)):
+        values = list(data[key])
+        if len(values) != data.in_chans and f'data.{key}' not in explicit and \
+                len(values) == len(default) and all(abs(a - b) < 1e-6
+                                                    for a, b in zip(values, default)):
+            fitted = [round(sum(default) / len(default), 4)] * data.in_chans
+            _logger.info('data.%s=%s: the ImageNet values averaged for data.in_chans=%d',
+                         key, fitted, data.in_chans)
+            data[key] = fitted
 
 
 def check_architecture(cfg, fail) -> None:

@@ -3,13 +3,18 @@ the collectives the engine uses.
 
 Launched plainly, a run is one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) every process joins one group; nothing else in
-the engine reads those variables. NCCL groups take CUDA tensors only, so every collective here
-moves its tensor to `collective_device()` and back.
+the engine reads those variables. They are checked before any work (`check_launch`): a bad one
+is named, and a rank waiting for the others says so and gives up after a timeout.
+
+NCCL groups take CUDA tensors only, so every collective here moves its tensor to
+`collective_device()` and back.
 """
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional, Tuple
 
 import torch
@@ -52,17 +57,77 @@ def first_host(nodelist: str) -> str:
     return prefix + re.split('[-,]', ranges)[0] if ranges else prefix
 
 
+class LaunchError(ValueError):
+    """The launcher's variables (torchrun's or srun's) describe no process this can be."""
+
+
+# seconds a rank waits for the others to join the rendezvous (CONFORMER_RENDEZVOUS_TIMEOUT)
+RENDEZVOUS_TIMEOUT = 600.
+
+
+def _env_int(name: str, default: Optional[int] = None, low: int = 0) -> int:
+    """The integer an environment variable holds, >= `low`; a bad one is named."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low:
+        raise LaunchError(f'{name}={value!r} is not an integer >= {low}: the launcher (torchrun '
+                          f'or srun) sets it; unset it, or launch through the launcher')
+    return number
+
+
 def launch_env() -> Launch:
     """This process's place in the launch: torchrun's variables first (also when torchrun runs
-    under srun), then srun's, else a single process."""
+    under srun), then srun's, else a single process.
+
+    Raises:
+        LaunchError: a variable that is not a number, or a rank outside the world size; the
+            message names the variable.
+    """
     env = os.environ
     if 'WORLD_SIZE' in env:
-        return Launch(int(env.get('RANK', 0)), int(env['WORLD_SIZE']),
-                      int(env.get('LOCAL_RANK', 0)))
-    if 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
-        return Launch(int(env['SLURM_PROCID']), int(env['SLURM_NTASKS']),
-                      int(env.get('SLURM_LOCALID', 0)))
-    return Launch(0, 1, 0)
+        names = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+    elif 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
+        names = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')
+    else:
+        return Launch(0, 1, 0)
+    rank, world_size = _env_int(names[0], 0), _env_int(names[1], low=1)
+    local_rank = _env_int(names[2], 0)
+    if rank >= world_size:
+        raise LaunchError(
+            f'{names[0]}={rank} with {names[1]}={world_size}: a rank must be below the number '
+            f'of processes; these variables come from another launch (an inherited '
+            f'environment?): unset them to run one process, or start every rank through the '
+            f'launcher')
+    return Launch(rank, world_size, local_rank)
+
+
+def rendezvous_timeout() -> float:
+    """How long a rank waits for the others, from CONFORMER_RENDEZVOUS_TIMEOUT (seconds)."""
+    value = os.environ.get('CONFORMER_RENDEZVOUS_TIMEOUT')
+    if value is None:
+        return RENDEZVOUS_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.
+    if not seconds > 0:
+        raise LaunchError(f'CONFORMER_RENDEZVOUS_TIMEOUT={value!r} must be a number of '
+                          f'seconds > 0')
+    return seconds
+
+
+def check_launch() -> Launch:
+    """Read and check the launcher's variables before any work (see `launch_env`)."""
+    launch = launch_env()
+    if launch.world_size > 1:
+        master_address()
+        rendezvous_timeout()
+    return launch
 
 
 def master_address() -> Tuple[str, str]:
@@ -73,10 +138,13 @@ def master_address() -> Tuple[str, str]:
     if 'WORLD_SIZE' not in env and 'SLURM_PROCID' in env:
         nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') \
             or env.get('SLURM_NODELIST') or '127.0.0.1'
-        default = first_host(nodes), str(20000 + int(env.get('SLURM_JOB_ID', 0)) % 20000)
+        default = first_host(nodes), str(20000 + _env_int('SLURM_JOB_ID', 0) % 20000)
     else:
         default = '127.0.0.1', str(_DEFAULT_PORT)
-    return env.get('MASTER_ADDR') or default[0], env.get('MASTER_PORT') or default[1]
+    port = env.get('MASTER_PORT') or default[1]
+    if 'MASTER_PORT' in env and not (port.isdigit() and 0 < int(port) < 2 ** 16):
+        raise LaunchError(f'MASTER_PORT={port!r} is not a TCP port (1-65535)')
+    return env.get('MASTER_ADDR') or default[0], port
 
 
 def launched_rank() -> int:
@@ -84,14 +152,40 @@ def launched_rank() -> int:
     return launch_env().rank
 
 
+def _launcher_variables() -> str:
+    names = ('WORLD_SIZE', 'RANK') if 'WORLD_SIZE' in os.environ else ('SLURM_NTASKS',
+                                                                        'SLURM_PROCID')
+    return ' '.join(f'{name}={os.environ.get(name)}' for name in names)
+
+
 def rendezvous_store(launch: Launch) -> dist.Store:
     """The key-value store every rank of the launch reaches (MASTER_ADDR:MASTER_PORT, or
-    torchrun's agent store), created once and reused by `init_distributed`."""
+    torchrun's agent store), created once and reused by `init_distributed`. While it waits
+    for the other ranks it says so on stderr, and it gives up after `rendezvous_timeout()`.
+
+    Raises:
+        LaunchError: not every rank joined in time.
+    """
     global _store
     if _store is None:
         os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'] = master_address()  # for env://
-        _store, _, _ = next(dist.rendezvous('env://', rank=launch.rank,
-                                            world_size=launch.world_size))
+        where = f'{os.environ["MASTER_ADDR"]}:{os.environ["MASTER_PORT"]}'
+        timeout = rendezvous_timeout()
+        print(f'rank {launch.rank} of {launch.world_size} ({_launcher_variables()}): waiting up '
+              f'to {timeout:.0f} s for the other ranks to join at {where}', file=sys.stderr,
+              flush=True)
+        try:
+            _store, _, _ = next(dist.rendezvous('env://', rank=launch.rank,
+                                                world_size=launch.world_size,
+                                                timeout=timedelta(seconds=timeout)))
+        except (RuntimeError, dist.DistError) as e:  # DistStoreError: a timeout
+            raise LaunchError(
+                f'rank {launch.rank} of {launch.world_size}: the other ranks did not join at '
+                f'{where} within {timeout:.0f} s ({_launcher_variables()}; '
+                f'{str(e).splitlines()[0] if str(e) else type(e).__name__}). Start all '
+                f'{launch.world_size} processes (srun, or torchrun --nproc-per-node), or unset '
+                f'the launcher variables to run one; CONFORMER_RENDEZVOUS_TIMEOUT=<seconds> '
+                f'waits longer') from None
     return _store
 
 

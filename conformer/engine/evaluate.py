@@ -9,12 +9,14 @@ import contextlib
 import logging
 import warnings
 from functools import partial
-from typing import Any, Callable, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from conformer import runtime
 from conformer.data import build_datasets
@@ -115,7 +117,8 @@ def head_logits(model: nn.Module, images: torch.Tensor):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str,
-             channels_last: bool = False) -> Dict[str, float]:
+             channels_last: bool = False, num_classes: Optional[int] = None,
+             progress: bool = False) -> Dict[str, Any]:
     """Loss and top-1 (summed heads, each head) over `loader`, summed over ranks; the model's
     train/eval mode is restored afterwards.
 
@@ -125,10 +128,15 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
         device: where the model is.
         amp: 'bf16', 'fp16' or 'none', as from `resolve_amp`.
         channels_last: feed the images in channels_last layout.
+        num_classes: also count top-5 and the confusion matrix of the summed heads over
+            this many classes (conformer-eval); None keeps the loop lean (training).
+        progress: show a progress bar (on stderr).
 
     Returns:
         ``loss`` (mean of both heads' cross-entropies), ``top1``, ``top1_conv``,
-        ``top1_trans`` (percent) and ``count``.
+        ``top1_trans`` (percent) and ``count``; with `num_classes` also ``top5`` (percent,
+        top-k for fewer than 5 classes) and ``confusion`` (rows: true class, columns:
+        predicted class, image counts).
 
     Raises:
         ValueError: the evaluation set is empty.
@@ -136,10 +144,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
     was_training = model.training
     model.eval()
     # sums on the device: loss, correct (combined), correct conv head, correct transformer
-    # head, count; read once at the end
-    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    # head, count, correct in the top 5; read once at the end
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
+    confusion = (torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+                 if num_classes else None)
     summed_cross_entropy = partial(F.cross_entropy, reduction='sum')
-    for images, target in loader:
+    for images, target in tqdm(loader, desc='evaluating', unit='batch', disable=not progress,
+                               dynamic_ncols=True, leave=False):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -149,12 +160,71 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
         totals[0] += dual_head_loss((conv, trans), target, summed_cross_entropy)
         totals[1:4] += correct_counts(conv, trans, target)
         totals[4] += len(target)
+        if confusion is not None:
+            logits = conv + trans
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            totals[5] += (top == target[:, None]).any(1).sum()
+            confusion.view(-1).index_add_(
+                0, target * num_classes + logits.argmax(1),
+                torch.ones(len(target), dtype=torch.float64, device=device))
     model.train(was_training)
-    loss, correct, conv_correct, trans_correct, count = all_sum(totals).tolist()
+    loss, correct, conv_correct, trans_correct, count, top5 = all_sum(totals).tolist()
     if count == 0:
         raise ValueError('the evaluation set is empty')
-    return dict(loss=loss / count, top1=100 * correct / count, top1_conv=100 * conv_correct / count,
-                top1_trans=100 * trans_correct / count, count=int(count))
+    result = dict(loss=loss / count, top1=100 * correct / count,
+                  top1_conv=100 * conv_correct / count, top1_trans=100 * trans_correct / count,
+                  count=int(count))
+    if confusion is not None:
+        result.update(top5=100 * top5 / count,
+                      confusion=all_sum(confusion).round().long().tolist())
+    return result
+
+
+def per_class_accuracy(confusion: List[List[int]], classes: Sequence[str]) -> Dict[str, float]:
+    """Top-1 (percent) of each class from a confusion matrix; None for a class without images.
+
+    Args:
+        confusion: rows: true class, columns: predicted class.
+        classes: the class names, in index order.
+    """
+    return {name: (100 * row[i] / sum(row) if sum(row) else None)
+            for i, (name, row) in enumerate(zip(classes, confusion))}
+
+
+def plot_confusion(confusion: List[List[int]], classes: Sequence[str], path: Path,
+                   title: str) -> None:
+    """The confusion matrix as a PNG, each row normalised to the share of its class's images
+    (counts in the cells while there are at most 30 classes).
+
+    Args:
+        confusion: rows: true class, columns: predicted class.
+        classes: the class names.
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    size = min(4 + 0.45 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(shares.numpy(), cmap='Blues', vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class's images")
+    if n <= 30:
+        ax.set_xticks(range(n), labels=classes, rotation=90)
+        ax.set_yticks(range(n), labels=classes)
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, int(counts[i, j]), ha='center', va='center', fontsize=7,
+                            color='white' if shares[i, j] > 0.5 else 'black')
+    ax.set(xlabel='predicted class', ylabel='true class', title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def evaluate_checkpoint(cfg) -> Dict[str, Any]:
@@ -183,8 +253,11 @@ def evaluate_checkpoint(cfg) -> Dict[str, Any]:
         load_state_dict_checked(model, weights, origin)
     model.to(env.device)
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
-    return dict(evaluate(model, loader, env.device, amp), checkpoint=cfg.checkpoint,
-                classes=list(classes))
+    result = evaluate(model, loader, env.device, amp, num_classes=len(classes),
+                      progress=env.is_main)
+    return dict(result, checkpoint=cfg.checkpoint, device=str(env.device),
+                split=cfg.data.eval_split, classes=list(classes),
+                per_class_top1=per_class_accuracy(result['confusion'], classes))
 
 
 def select_trained_classes(cfg, state: Dict[str, Any], classes: List[str]) -> bool:

@@ -8,6 +8,7 @@ run on the folder drops it, and reading skips it.
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -28,15 +29,16 @@ class RunLogger:
         self.run_dir, self.enabled, self.plot = Path(run_dir), enabled, plot
         self.path = self.run_dir / 'metrics.jsonl'
         self.tb = None
+        self.pace = PaceMonitor(enabled=enabled)
         if not enabled:
             return
         drop_torn_last_line(self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError('logging.tensorboard=true needs the tensorboard package: pip '
-                                  'install tensorboard (or set logging.tensorboard=false)') from e
+            except ImportError as e:  # a setting the environment cannot serve: a config error
+                raise ValueError('logging.tensorboard=true needs the tensorboard package: pip '
+                                 'install tensorboard (or set logging.tensorboard=false)') from e
             self.tb = SummaryWriter(str(self.run_dir / 'tensorboard'))
 
     def log(self, kind: str, step: int, **values: Any) -> None:
@@ -51,6 +53,8 @@ class RunLogger:
         if not self.enabled:
             return
         record = dict(kind=kind, step=step, **values)
+        if kind == 'train':
+            self.pace.step = step
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
         if self.tb is not None:
@@ -79,6 +83,61 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class PaceMonitor:
+    """Warns once, early in a run on CPU, when other work crowds the cores the run trains on:
+    the load average far above the cores this process may use. The run then goes several
+    times slower than it would alone (OpenMP threads that spin while they wait still count as
+    busy, so the process's own CPU time does not show it); the warning gives the time left
+    at the current pace and what to do.
+
+    Args:
+        enabled: False on the ranks that report nothing.
+        load_factor: warn when the 1-minute load average exceeds this many times the cores.
+        warm_up_checks: checks to skip first (the first window includes compilation and
+            the first batches' loading).
+    """
+
+    def __init__(self, enabled: bool = True, load_factor: float = 2.0, warm_up_checks: int = 1):
+        self.enabled, self.load_factor, self.warm_up_checks = enabled, load_factor, warm_up_checks
+        self.step = 0  # the step of the latest training record
+        self.checks, self.warned, self.start = 0, False, None
+
+    def check(self, total_steps: int, device_type: str = 'cpu') -> None:
+        """Called after each training record; warns at most once.
+
+        Args:
+            total_steps: the steps the run takes in all.
+            device_type: where it trains; GPUs are not judged.
+        """
+        now = time.perf_counter()
+        self.checks += 1
+        if self.checks <= self.warm_up_checks or self.start is None:
+            self.start = (now, self.step)
+            return
+        if self.warned or not self.enabled or device_type != 'cpu' or \
+                not hasattr(os, 'getloadavg'):
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
+            (os.cpu_count() or 1)
+        load = os.getloadavg()[0]
+        if load <= self.load_factor * cores:
+            return
+        self.warned = True
+        seconds_per_step = (now - self.start[0]) / max(self.step - self.start[1], 1)
+        left = (total_steps - self.step) * seconds_per_step
+        _logger.warning(
+            'training goes far slower than its %d cores allow: the load average is %.1f, so '
+            'other work competes for them, and at this pace the run needs about %s more. Run '
+            'it when the machine is idle, or set trainer.threads=1 (often faster on busy '
+            'cores); it can be stopped now (Ctrl-C saves a checkpoint) and resumed later with '
+            'trainer.resume=auto', cores, load, _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f'{minutes:.0f} min' if minutes < 120 else f'{minutes / 60:.1f} h'
 
 
 def drop_torn_last_line(path: Path) -> None:

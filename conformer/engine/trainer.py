@@ -370,7 +370,9 @@ def finished_result(run_dir: Path, resume: str, saved: Dict[str, Any]) -> Dict[s
                     'further, start a new run from its weights (model.checkpoint=%s, another '
                     'hydra.run.dir)', run_dir, saved['step'], resume)
     try:
-        return json.loads((run_dir / 'metrics.json').read_text())
+        # this folder's checkpoint, also when the folder is a copy of the one that trained
+        return dict(json.loads((run_dir / 'metrics.json').read_text()), checkpoint=resume,
+                    run_dir=str(run_dir))
     except (OSError, ValueError):  # no summary (another folder's checkpoint, or removed)
         return dict(status='finished', epoch=saved['epoch'], step=saved['step'],
                     checkpoint=resume, run_dir=str(run_dir), **saved['meta']['metrics'])
@@ -552,6 +554,7 @@ def warn_if_cores_shared(run: Run, window: MetricWindow) -> None:
     """Once per run: training on CPU got less than half the cores its threads could use
     (judged after the first window, which includes warm-up)."""
     window.windows += 1
+    run.logger.pace.check(run.total_steps, run.env.device.type)  # crowded cores: warn early
     threads = torch.get_num_threads()
     if run.env.device.type != 'cpu' or window.warned or window.windows == 1 or threads == 1:
         return
@@ -631,7 +634,8 @@ def evaluate_run(run: Run, state: RunState, window: MetricWindow, epoch: int, ba
     state.best = max(state.best, headline)
     state.metrics = dict(metrics, best_top1=state.best)
     if run.env.is_main:
-        bar.write(f'epoch {epoch} step {state.step}: eval top-1 {metrics["top1"]:.2f}%'
+        bar.write(f'epoch {epoch} step {state.step}: {run.cfg.data.eval_split} top-1 '
+                  f'{metrics["top1"]:.2f}%'
                   + (f', EMA {metrics["ema_top1"]:.2f}%' if run.ema is not None else ''))
     save_checkpoint(run, state, window, is_best)
 

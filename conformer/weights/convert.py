@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from timm.models import get_pretrained_cfg, save_for_hf
@@ -49,7 +49,8 @@ CITATION = """@inproceedings{peng2021conformer,
 def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Optional[str] = None,
             use_ema: bool = True, top1: Optional[float] = None, dataset: Optional[str] = None,
             license: Optional[str] = None, repo_id: Optional[str] = None,
-            cache_dir: Optional[Union[str, Path]] = None, overwrite: bool = False) -> Path:
+            cache_dir: Optional[Union[str, Path]] = None, overwrite: bool = False,
+            model_kwargs: Optional[Dict[str, Any]] = None) -> Path:
     """Write `out_dir` (model.safetensors, config.json, README.md) from the weights at `source`
     and return it.
 
@@ -66,6 +67,8 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
         repo_id: the Hub repo the card's usage names; None means ``ORG/<out_dir's name>``.
         cache_dir: where downloads are kept.
         overwrite: replace files of those names already in `out_dir` (else refused).
+        model_kwargs: architecture settings the weights were trained with, over what they
+            record (see `model_from_weights`).
 
     Raises:
         ValueError: `out_dir` cannot be written or would lose files.
@@ -73,7 +76,7 @@ def convert(source: Union[str, Path], out_dir: Union[str, Path], model_name: Opt
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     model, checkpoint = model_from_weights(source, model_name, use_ema=use_ema,
-                                           cache_dir=cache_dir)
+                                           cache_dir=cache_dir, model_kwargs=model_kwargs)
     cfg = model.pretrained_cfg
     release = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get('tag') else None
     if license:

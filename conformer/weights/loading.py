@@ -19,16 +19,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
-from timm.models import _builder
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import LocalEntryNotFoundError
+from timm.models import _builder, _factory
 
 from conformer.models import Conformer
 from conformer.models.conformer import STEM_STRIDES, checkpoint_filter_fn
 
-from .download import fetch_hf, fetch_url, find_weights_file
+from .download import DownloadError, fetch_hf, fetch_url, find_weights_file
 from .reader import Checkpoint, CheckpointError, read_checkpoint
 
-__all__ = ['weights_file', 'load_weights', 'load_state_dict_checked', 'describe_architecture',
-           'install_timm_loader']
+__all__ = ['weights_file', 'load_weights', 'load_state_dict_checked', 'architecture',
+           'architecture_differences', 'describe_architecture', 'install_timm_loader']
 
 _logger = logging.getLogger(__name__)
 
@@ -153,9 +155,14 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: StateDict, origi
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape))
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if mismatched:
+        differences = architecture_differences(file_state_dict, model)
+        settings = (f' the model has {"; ".join(differences)}. Set these to the weights\' '
+                    f'values (model.<key>= for conformer-train/-eval, --model-args KEY=VALUE '
+                    f"for the other tools), or leave them unset to take the variant's;"
+                    if differences else '')  # the settings first, then the tensors they shape
         raise CheckpointError(
-            f'{origin}: the weights are for another Conformer variant; {len(mismatched)} '
-            f'tensors differ in shape:\n{_listing(mismatched)}\n'
+            f'{origin}: the weights are for another Conformer variant;{settings} '
+            f'{len(mismatched)} tensors differ in shape:\n{_listing(mismatched)}\n'
             f'file:  {describe_architecture(file_state_dict)}\n'
             f'model: {describe_architecture(model)}\n'
             f'Create the variant the weights were trained for.')
@@ -204,6 +211,52 @@ def _listing(rows: List[Tuple[str, Any, Any]]) -> str:
     return lines + (f'\n  ... and {len(rows) - 8} more' if len(rows) > 8 else '')
 
 
+# hyper-parameters `architecture` reads from the shapes, in the model's keyword names
+SHAPE_KEYS = ('base_channel', 'channel_ratio', 'embed_dim', 'depth', 'mlp_ratio')
+
+
+def architecture(weights: Union[StateDict, torch.nn.Module]) -> Dict[str, Any]:
+    """The Conformer hyper-parameters a model's or a state_dict's shapes show (paper,
+    mmpretrain or DDP keys): `SHAPE_KEYS`, ``token_stride`` (the patch embedding's stride on
+    the stem's output), ``stem_kernel`` (7 for the 'imagenet' stem), ``in_chans`` and
+    ``num_classes``. num_heads cannot be seen, nor whether a 3x3 stem pools.
+
+    Args:
+        weights: a model or a state_dict.
+
+    Raises:
+        KeyError: not in the Conformer layout.
+    """
+    state_dict = plain_keys(weights.state_dict() if isinstance(weights, torch.nn.Module)
+                            else weights)
+    stem, patch = state_dict['conv1.weight'], state_dict['trans_patch_conv.weight']
+    first, head = state_dict['conv_1.conv3.weight'], state_dict.get('conv_cls_head.weight')
+    fc1 = next((state_dict[k] for k in ('trans_1.mlp.fc1.weight', 'trans_1.ffn.layers.0.0.weight')
+                if k in state_dict), None)
+    return dict(base_channel=stem.shape[0], channel_ratio=first.shape[0] // stem.shape[0],
+                embed_dim=patch.shape[0],
+                depth=1 + len({k.split('.')[0] for k in state_dict if k.startswith('conv_trans_')}),
+                mlp_ratio=fc1.shape[0] / patch.shape[0] if fc1 is not None else None,
+                token_stride=patch.shape[-1], stem_kernel=stem.shape[-1], in_chans=stem.shape[1],
+                num_classes=head.shape[0] if head is not None else 0)
+
+
+def architecture_differences(file_state_dict: StateDict, model: torch.nn.Module) -> List[str]:
+    """'key=<model's> (the weights have <file's>)' for each hyper-parameter in which a model
+    and a file's weights differ; [] when the shapes do not tell (another layout)."""
+    try:
+        file, own = architecture(file_state_dict), architecture(model)
+    except KeyError:
+        return []
+    differences = [f'{k}={own[k]} (the weights have {file[k]})' for k in SHAPE_KEYS
+                   if file[k] is not None and file[k] != own[k]]
+    if (file['token_stride'], file['stem_kernel']) != (own['token_stride'], own['stem_kernel']):
+        patch_size = getattr(model, 'patch_size', '?')
+        differences.append(f'stem_type/patch_size (the model: patch_size={patch_size}; the '
+                           f'weights: {describe_architecture(file_state_dict).split(", base")[0]})')
+    return differences
+
+
 def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
     """The Conformer hyper-parameters a model's or a state_dict's shapes imply (paper,
     mmpretrain or DDP keys).
@@ -216,32 +269,28 @@ def describe_architecture(weights: Union[StateDict, torch.nn.Module]) -> str:
     """
     state_dict = plain_keys(weights.state_dict() if isinstance(weights, torch.nn.Module)
                             else weights)
-    try:
-        stem, patch = state_dict['conv1.weight'], state_dict['trans_patch_conv.weight']
-        first = state_dict['conv_1.conv3.weight']
-    except KeyError:
-        return 'not in the Conformer layout'
-    head = state_dict.get('conv_cls_head.weight')
-    reshaped = [f'{k} {tuple(v.shape)}' for k, v in (('conv1.weight', stem),
-                ('trans_patch_conv.weight', patch), ('conv_1.conv3.weight', first),
-                ('conv_cls_head.weight', head)) if v is not None and v.dim() != _DIMS[k]]
+    reshaped = [f'{k} {tuple(v.shape)}' for k, v in state_dict.items()
+                if k in _DIMS and v.dim() != _DIMS[k]]
     if reshaped:
         return f'not in the Conformer layout (reshaped: {", ".join(reshaped)})'
-    token_stride = patch.shape[-1]  # of the patch embedding, on the stem's output
+    try:
+        arch = architecture(state_dict)
+    except KeyError:
+        return 'not in the Conformer layout'
+    token_stride = arch['token_stride']
     if isinstance(weights, Conformer):  # a model knows its stem
         stem_types = {stride: name for name, stride in STEM_STRIDES.items()}
         stem_and_patch = (f'stem_type={stem_types[weights.patch_size // token_stride]}, '
                           f'patch_size={weights.patch_size}')
-    elif stem.shape[-1] == 7:
+    elif arch['stem_kernel'] == 7:
         stem_and_patch = f'stem_type=imagenet, patch_size={4 * token_stride}'
     else:
         stem_and_patch = (f'stem_type=small with patch_size={token_stride} or pooled with '
                           f'patch_size={2 * token_stride}')
-    depth = 1 + len({k.split('.')[0] for k in state_dict if k.startswith('conv_trans_')})
-    return (f'{stem_and_patch}, base_channel={stem.shape[0]}, '
-            f'channel_ratio={first.shape[0] // stem.shape[0]}, embed_dim={patch.shape[0]}, '
-            f'depth={depth}, in_chans={stem.shape[1]}, '
-            f'num_classes={head.shape[0] if head is not None else 0}')
+    return (f'{stem_and_patch}, base_channel={arch["base_channel"]}, '
+            f'channel_ratio={arch["channel_ratio"]}, embed_dim={arch["embed_dim"]}, '
+            f'depth={arch["depth"]}, in_chans={arch["in_chans"]}, '
+            f'num_classes={arch["num_classes"]}')
 
 
 def plain_keys(state_dict: StateDict) -> StateDict:
@@ -290,7 +339,33 @@ def install_timm_loader() -> None:
         return timm_load_pretrained(model, pretrained_cfg, num_classes, in_chans, filter_fn,
                                     strict, cache_dir)
 
+    install_hub_config_loader()
     load_pretrained.__doc__ = timm_load_pretrained.__doc__
     load_pretrained.__wrapped__ = timm_load_pretrained
     load_pretrained.conformer_zoo = True
     _builder.load_pretrained = load_pretrained
+
+
+def install_hub_config_loader() -> None:
+    """Make `timm.create_model('hf-hub:ORG/NAME')` say what to do when the repo's config.json
+    is neither cached nor reachable (offline, no network), naming the repo, instead of
+    huggingface_hub's generic message. Idempotent; other errors pass as they are."""
+    timm_load_config = getattr(_factory, 'load_model_config_from_hf', None)
+    if timm_load_config is None or getattr(timm_load_config, 'conformer_zoo', False):
+        return
+
+    def load_model_config_from_hf(model_id, *args, **kwargs):
+        try:
+            return timm_load_config(model_id, *args, **kwargs)
+        except LocalEntryNotFoundError as e:
+            cache = kwargs.get('cache_dir') or hf_constants.HF_HUB_CACHE
+            repo = str(model_id).partition('@')[0]
+            raise DownloadError(
+                f'hf-hub:{model_id}: its config.json is not in the Hugging Face cache ({cache}) '
+                f'and the Hub cannot be reached or HF_HUB_OFFLINE is set; run once with network '
+                f'access, or on another machine `hf download {repo}` and copy that cache over, '
+                f'or pass a local copy (local-dir:FOLDER)') from e
+
+    load_model_config_from_hf.__wrapped__ = timm_load_config
+    load_model_config_from_hf.conformer_zoo = True
+    _factory.load_model_config_from_hf = load_model_config_from_hf

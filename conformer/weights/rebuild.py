@@ -8,26 +8,38 @@ it was trained with. These come from what the file and its folder record: confor
 ``model.safetensors``, and the shapes of the weights themselves.
 """
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import timm
+import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
 from conformer.models import check_model_name
 
 from .download import DownloadError, fetch_hf
-from .loading import describe_architecture, load_state_dict_checked, plain_keys, weights_file
+from .loading import (
+    SHAPE_KEYS,
+    architecture,
+    describe_architecture,
+    load_state_dict_checked,
+    plain_keys,
+    weights_file,
+)
 from .reader import Checkpoint, CheckpointError, read_checkpoint
 
-__all__ = ['model_from_weights', 'known_release', 'weights_record']
+__all__ = ['model_from_weights', 'known_release', 'variants_of_shape', 'weights_record']
+
+_logger = logging.getLogger(__name__)
 
 
 def model_from_weights(source: Union[str, Path], model_name: Optional[str] = None,
                        use_ema: bool = True, num_classes: Optional[int] = None,
-                       cache_dir: Optional[Union[str, Path]] = None
+                       cache_dir: Optional[Union[str, Path]] = None,
+                       model_kwargs: Optional[Dict[str, Any]] = None
                        ) -> Tuple[nn.Module, Checkpoint]:
     """Build the Conformer the weights at `source` were trained as and load them (eval mode),
     for tools that run them: predict, export, visualize, conformer-convert.
@@ -51,6 +63,9 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
             builds a model returning pooled features; any other count is refused, as fresh
             heads predict noise.
         cache_dir: where downloads are kept.
+        model_kwargs: architecture settings (embed_dim=..., num_heads=...) the weights were
+            trained with, over what they record: weights without a record of another
+            architecture than their variant's default need them.
 
     Returns:
         The model and what was read (file, format, weights key, meta).
@@ -71,8 +86,8 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
             f'{checkpoint.path}: the weights {trained}, so a model with {num_classes} classes '
             f'would predict with untrained heads; omit num_classes (or pass {trained_classes})'
             + (', or 0 for pooled features' if trained_classes else ' for pooled features'))
-    overrides = {k: v for k, v in (record.get('model_kwargs') or {}).items()
-                 if k not in ('num_classes', 'in_chans')}  # these come from the weights
+    overrides = {k: v for k, v in dict(record.get('model_kwargs') or {}, **(model_kwargs or {}))
+                 .items() if k not in ('num_classes', 'in_chans')}  # these come from the weights
     model = timm.create_model(name, **overrides, in_chans=in_chans,
                               num_classes=trained_classes if num_classes is None else num_classes)
     load_state_dict_checked(model, checkpoint.state_dict, str(checkpoint.path))
@@ -177,10 +192,38 @@ def _recorded_variant(checkpoint: Checkpoint, record: Dict[str, Any]) -> str:
     in_name = [n for n in conformers if n in checkpoint.path.name.lower()]
     if len(in_name) == 1:
         return in_name[0]
+    by_shape = variants_of_shape(checkpoint.state_dict)
+    if len(by_shape) == 1:
+        _logger.info('%s: no variant recorded; its shapes are those of %s', checkpoint.path,
+                     by_shape[0])
+        return by_shape[0]
+    which = (f'its shapes fit {by_shape}' if by_shape else
+             "no variant's default architecture fits its shapes")
     raise CheckpointError(
-        f'{checkpoint.path}: cannot tell which Conformer variant these weights are '
-        f'({describe_architecture(checkpoint.state_dict)}); pass --model (model_name=), one '
-        f'of {conformers}')
+        f'{checkpoint.path}: cannot tell which Conformer variant these weights are ({which}: '
+        f'{describe_architecture(checkpoint.state_dict)}); name the variant and the settings '
+        f'it was trained with: --model NAME --model-args KEY=VALUE ... (model_name=, '
+        f'model_kwargs=), one of {conformers}')
+
+
+def variants_of_shape(state_dict: Dict[str, Any]) -> List[str]:
+    """The registered variants whose default architecture has the shapes of `state_dict`
+    (any class count and input channels); num_heads and whether a 3x3 stem pools cannot be
+    seen, so variants differing only in those would all be listed."""
+    try:
+        weights = architecture(state_dict)
+    except KeyError:
+        return []
+    keys = [k for k in (*SHAPE_KEYS, 'token_stride', 'stem_kernel') if weights[k] is not None]
+    found = []
+    for name in timm.list_models('conformer*'):
+        with torch.device('meta'):  # shapes only: no memory, no initialisation
+            model = timm.create_model(name, num_classes=weights['num_classes'],
+                                      in_chans=weights['in_chans'])
+        own = architecture(model)
+        if all(own[k] == weights[k] for k in keys):
+            found.append(name)
+    return found
 
 
 def _trained_heads_and_stem(checkpoint: Checkpoint) -> Tuple[int, int]:

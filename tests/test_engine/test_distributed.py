@@ -175,6 +175,54 @@ def test_srun_variables_give_the_rank_world_size_and_master(monkeypatch):
     assert distributed.master_address() == ('127.0.0.1', '1234')
 
 
+LAUNCH_VARIABLES = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT',
+                    'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'SLURM_JOB_ID',
+                    'CONFORMER_RENDEZVOUS_TIMEOUT')
+
+
+@pytest.mark.parametrize('variables, message', [
+    (dict(SLURM_PROCID='1', SLURM_NTASKS='1'), 'SLURM_PROCID=1 with SLURM_NTASKS=1: a rank must'),
+    (dict(SLURM_PROCID='0', SLURM_NTASKS='abc'), "SLURM_NTASKS='abc' is not an integer >= 1"),
+    (dict(SLURM_PROCID='-1', SLURM_NTASKS='2'), "SLURM_PROCID='-1' is not an integer >= 0"),
+    (dict(SLURM_PROCID='0', SLURM_NTASKS='0'), "SLURM_NTASKS='0' is not an integer >= 1"),
+    (dict(WORLD_SIZE='2', RANK='2'), 'RANK=2 with WORLD_SIZE=2'),
+    (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='x'), "LOCAL_RANK='x' is not an integer"),
+    (dict(SLURM_PROCID='0', SLURM_NTASKS='2', SLURM_JOB_ID='j1'), "SLURM_JOB_ID='j1'"),
+    (dict(WORLD_SIZE='2', RANK='0', MASTER_PORT='99999'), "MASTER_PORT='99999' is not a TCP"),
+    (dict(WORLD_SIZE='2', RANK='0', CONFORMER_RENDEZVOUS_TIMEOUT='soon'),
+     "CONFORMER_RENDEZVOUS_TIMEOUT='soon' must be a number of seconds > 0"),
+])
+def test_a_wrong_launcher_variable_is_named(monkeypatch, variables, message):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.LaunchError) as error:
+        distributed.check_launch()
+    assert message in str(error.value)
+
+
+def test_a_rank_whose_peers_never_start_says_it_waits_and_gives_up(monkeypatch, capsys):
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    monkeypatch.setenv('SLURM_PROCID', '0')
+    monkeypatch.setenv('SLURM_NTASKS', '2')
+    monkeypatch.setenv('SLURM_NODELIST', 'localhost')
+    monkeypatch.setenv('SLURM_JOB_ID', str(port - 20000))
+    monkeypatch.setenv('CONFORMER_RENDEZVOUS_TIMEOUT', '1')
+    monkeypatch.setattr(distributed, '_store', None)
+    tic = time.monotonic()
+    with pytest.raises(distributed.LaunchError) as error:
+        distributed.launch_time()
+    assert time.monotonic() - tic < 60
+    assert 'waiting up to 1 s for the other ranks to join at localhost:' in capsys.readouterr().err
+    assert 'rank 0 of 2: the other ranks did not join' in str(error.value)
+    assert 'SLURM_NTASKS=2' in str(error.value) and 'CONFORMER_RENDEZVOUS_TIMEOUT' in str(
+        error.value)
+    monkeypatch.setattr(distributed, '_store', None)
+
+
 RECORDER = """
 import json, os, runpy, sys
 import torch, torch.distributed as dist

@@ -405,7 +405,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(folder, 
     killed_at = load(tmp_path / 'killed' / 'checkpoints' / 'last.pth')['step']
     assert killed_at < 12, 'the run finished before it was killed; the test proved nothing'
     out = run_cli(tmp_path / 'killed', *common, 'trainer.resume=auto')
-    assert 'test top-1' in out
+    assert 'val top-1' in out
     assert_same_state(load(tmp_path / 'whole' / 'checkpoints' / 'last.pth'),
                       load(tmp_path / 'killed' / 'checkpoints' / 'last.pth'))
 
@@ -511,7 +511,7 @@ def test_two_gloo_processes_match_one_process_and_resume_on_another_world_size(f
     run_cli(tmp_path / 'one', *common, 'trainer.accum_steps=2')
     run_cli(tmp_path / 'ddp', *common, launcher=two_procs)
     out = run_cli(tmp_path / 'fsdp', *common, 'trainer.fsdp=true', launcher=two_procs)
-    assert out.count('test top-1') == 1  # rank 0 alone reports
+    assert out.count('of the last checkpoint') == 1  # rank 0 alone reports
     one = load(tmp_path / 'one' / 'checkpoints' / 'last.pth')
     params = dict(timm.create_model('conformer_nano_patch4', num_classes=3, base_channel=8,
                                     embed_dim=16, num_heads=2, depth=6).named_parameters())
@@ -525,7 +525,7 @@ def test_two_gloo_processes_match_one_process_and_resume_on_another_world_size(f
     more = [c.replace('epochs=1', 'epochs=2') for c in common]
     # a 2-process checkpoint resumes in one process; a 1-process one resumes sharded on two
     out = run_cli(tmp_path / 'ddp', *more, 'trainer.resume=auto')
-    assert 'test top-1' in out
+    assert 'val top-1' in out
     assert load(tmp_path / 'ddp' / 'checkpoints' / 'last.pth')['step'] == 8
     run_cli(tmp_path / 'one', *more, 'trainer.resume=auto', 'trainer.fsdp=true',
             launcher=two_procs)

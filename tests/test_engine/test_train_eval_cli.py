@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import REPO
+from helpers.image_folders import make_folder
 
 TINY = {  # a small model and data settings each tool takes
     'eval': ['model=conformer_nano_patch4', 'model.base_channel=8', 'model.embed_dim=16',
@@ -75,6 +76,31 @@ def test_expected_errors_end_with_one_line_and_a_status(files, tool, args, statu
     assert_reported(result, f'conformer-{tool}', status, message.format(t=files))
 
 
+LAUNCH_CASES = [  # launcher variables, part of the message
+    (dict(SLURM_PROCID='1', SLURM_NTASKS='1'), 'SLURM_PROCID=1 with SLURM_NTASKS=1'),
+    (dict(SLURM_PROCID='0', SLURM_NTASKS='abc'), "SLURM_NTASKS='abc' is not an integer"),
+    (dict(SLURM_PROCID='0', SLURM_NTASKS='2', SLURM_NODELIST='localhost',
+          CONFORMER_RENDEZVOUS_TIMEOUT='1'), 'rank 0 of 2: the other ranks did not join'),
+]
+
+
+@pytest.mark.parametrize('tool', ['train', 'eval'])
+@pytest.mark.parametrize('variables, message', LAUNCH_CASES,
+                         ids=[' '.join(c[0]) for c in LAUNCH_CASES])
+def test_wrong_launcher_variables_end_with_one_line_before_any_work(tmp_path, tool, variables,
+                                                                     message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'WORLD_SIZE',
+                                                                     'RANK', 'LOCAL_RANK'))}
+    # the default run folder is named by the launch time, which the ranks agree on first
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / f'{tool}.py'), *TINY[tool], 'data.root=/nowhere',
+         'checkpoint=none.pth' if tool == 'eval' else 'name=run'], cwd=tmp_path, text=True,
+        capture_output=True, timeout=300,
+        env=dict(env, OMP_NUM_THREADS='1', SLURM_JOB_ID=str(os.getpid() % 20000), **variables))
+    assert_reported(result, f'conformer-{tool}', 1, message)
+    assert not (tmp_path / 'outputs').exists()  # nothing was started
+
+
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     result = run_tool('train', 'optim.lr=0', f'hydra.run.dir={tmp_path}/run',
                       cwd=tmp_path, env={'HYDRA_FULL_ERROR': '1'})
@@ -92,9 +118,20 @@ def test_a_refused_run_leaves_the_earlier_runs_record_as_it_was(files):
     result = run_tool('train', 'optim.lr=0.5', f'hydra.run.dir={earlier}', cwd=files)
     assert_reported(result, 'conformer-train', 1, 'already holds the checkpoints')
     assert {p.name: p.read_bytes() for p in records.iterdir()} == before
-    # a new folder gets Hydra's record as usual
-    result = run_tool('train', 'optim.lr=0', f'hydra.run.dir={files}/new', cwd=files)
-    assert 'optim.lr=0' in (files / 'new' / '.hydra' / 'overrides.yaml').read_text()
+    assert earlier.is_dir()
+
+
+@pytest.mark.parametrize('args', [['optim.lr=0'], ['data.root={t}/missing']])
+def test_a_run_refused_before_training_leaves_no_folder_behind(tmp_path, args):
+    """Hydra's record and log of a run that never started are removed with the folder the
+    attempt made; an existing folder is left as it was (test above)."""
+    args = [a.format(t=tmp_path) for a in args]
+    result = run_tool('train', *args, f'hydra.run.dir={tmp_path}/new/run', cwd=tmp_path)
+    assert_reported(result, 'conformer-train', 1, '')
+    assert not (tmp_path / 'new' / 'run').exists()
+    result = run_tool('train', *args, cwd=tmp_path)  # the default, dated folder
+    assert result.returncode == 1
+    assert not list((tmp_path / 'outputs' / 'train').iterdir())
 
 
 def without_root_privileges():
@@ -119,3 +156,21 @@ def test_a_read_only_run_folder_is_named_with_the_fix(tmp_path):
         run_dir.chmod(0o755)
     assert_reported(result, 'conformer-train', 1,
                     f'cannot write to {run_dir} (read-only): choose a writable hydra.run.dir')
+
+
+def test_a_finished_run_copied_elsewhere_reports_its_own_files(tmp_path):
+    images = make_folder(tmp_path / 'images', per_class=4)
+    args = [f'data.root={images}', 'trainer.max_steps=2', 'trainer.device=cpu',
+            'logging.plot=false']
+    first = run_tool('train', *args, f'hydra.run.dir={tmp_path}/first', cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert 'curves.png' not in first.stdout  # logging.plot=false draws none
+    assert 'epoch 0 step 1: val top-1' in first.stdout  # the split as configured
+    shutil.copytree(tmp_path / 'first', tmp_path / 'copy')
+    again = run_tool('train', *args, 'trainer.resume=auto', f'hydra.run.dir={tmp_path}/copy',
+                     cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert 'nothing to train' in again.stdout + again.stderr
+    line = again.stdout.strip().splitlines()[-1]
+    assert line.startswith('val top-1') and f'{tmp_path}/copy/checkpoints/' in line
+    assert f'{tmp_path}/first' not in line

@@ -160,13 +160,14 @@ def test_no_ema_takes_the_raw_weights(layouts, tmp_path):
 
 
 def test_cli_errors_are_one_line_not_tracebacks(layouts, tmp_path, capsys):
-    path, _ = layouts['paper']
+    path = tmp_path / 'custom.pth'  # bare weights of no variant's default architecture
+    torch.save(nano(embed_dim=64).state_dict(), path)
     with pytest.raises(SystemExit) as e:
         main([str(path), str(tmp_path / 'out')])
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'Traceback' not in err
-    assert err.startswith('conformer-convert: error: ') and 'pass --model' in err
-    assert 'embed_dim=128' in err
+    assert err.startswith('conformer-convert: error: ') and '--model NAME --model-args' in err
+    assert 'embed_dim=64' in err
     with pytest.raises(SystemExit):
         main([str(path), str(tmp_path / 'out'), '--model', 'resnet50'])
     assert "unknown model 'resnet50'" in capsys.readouterr().err

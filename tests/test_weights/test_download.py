@@ -145,6 +145,7 @@ from conformer.weights import DownloadError, model_from_weights
 out = {}
 calls = {
     'hub': lambda: timm.create_model('hf-hub:org/nano', pretrained=True),
+    'hub_never_cached': lambda: timm.create_model('hf-hub:org/never', pretrained=True),
     'hub_from_weights': lambda: model_from_weights('hf-hub:org/quick')[0],
     'hub_bin': lambda: timm.create_model('hf-hub:org/nano_bin', pretrained=True),
     'hub_overlay_empty_cache': lambda: timm.create_model(
@@ -211,12 +212,15 @@ def test_hub_endpoint_then_offline(server, weights, quickstart, tmp_path):
     served = len(server.gets)
     offline = run_child(tmp_path, {**env, 'HF_HUB_OFFLINE': '1'}, f'{server.url}/{name}',
                         'hub', 'url', 'hub_overlay_empty_cache', 'url_empty_cache', 'in1k',
-                        'hub_from_weights')
+                        'hub_from_weights', 'hub_never_cached')
     assert len(server.gets) == served  # offline means no request at all
     assert same(offline['hub']) and same(offline['url'])
     assert all(torch.equal(offline['hub_from_weights'][k], v) for k, v in quick_state.items())
     msg = offline['hub_overlay_empty_cache']
     assert 'hf-hub:org/nano' in msg and 'HF_HUB_OFFLINE' in msg and 'hf download org/nano' in msg
+    msg = offline['hub_never_cached']  # timm reads its config.json: named, with the fix
+    assert 'hf-hub:org/never: its config.json' in msg and 'HF_HUB_OFFLINE' in msg \
+        and 'hf download org/never' in msg
     msg = offline['url_empty_cache']
     assert f'{server.url}/{name}' in msg and str(tmp_path / 'empty_cache' / name) in msg
     in1k = 'conformer-tiny-p16_3rdparty_8xb128_in1k_20211206-f6860372.pth'
