@@ -100,7 +100,7 @@ class IndexedImages(Dataset):
                 why = ('set data.strict=false to skip unreadable files' if self.strict else
                        'evaluation counts every listed image, and a stand-in would change the '
                        'score: repair or remove the file')
-                raise RuntimeError(f'cannot read image {self.where(index)}: {e} ({why})') from e
+                raise ValueError(f'cannot read image {self.where(index)}: {e} ({why})') from e
             _logger.warning('unreadable image %s (%s): another image of its class stands in',
                             self.where(index), e)
         members = self._members(label)
@@ -111,7 +111,7 @@ class IndexedImages(Dataset):
                 return self.load(stand_in), label
             except READ_ERRORS:
                 continue
-        raise RuntimeError(f'{self.group(label)} holds no readable image (every file fails '
+        raise ValueError(f'{self.group(label)} holds no readable image (every file fails '
                            f'to decode, e.g. {self.where(index)}); replace or remove those files')
 
     def _members(self, label: int) -> np.ndarray:

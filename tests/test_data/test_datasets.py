@@ -159,7 +159,7 @@ def test_unreadable_images_are_skipped_by_name_or_fail_in_strict_mode(tmp_path, 
     assert ds[names.index('good.png')][0].getpixel((0, 0)) == (1, 2, 3)
     # in evaluation a stand-in would change the score: the file is named instead
     evaluation = ImageFolder(str(tmp_path), exact_count=True)
-    with pytest.raises(RuntimeError, match='cut.png.*a stand-in would change the score'):
+    with pytest.raises(ValueError, match='cut.png.*a stand-in would change the score'):
         evaluation[names.index('cut.png')]
     assert evaluation[names.index('good.png')][1] == 0
     with pytest.raises(ValueError, match='bad.jpg.*data.strict=false'):
@@ -210,7 +210,7 @@ def test_a_class_folder_without_one_readable_image_is_named(tmp_path):
             np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)))
         deep.write_bytes(deep.read_bytes()[:100])
     ds = ImageFolder(str(tmp_path))
-    with pytest.raises(RuntimeError, match=f'class folder {tmp_path / "dog"} holds no readable'):
+    with pytest.raises(ValueError, match=f'class folder {tmp_path / "dog"} holds no readable'):
         ds[1]
 
 

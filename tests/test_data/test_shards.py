@@ -174,7 +174,7 @@ def test_an_image_that_does_not_decode_is_named_by_shard_and_key(tmp_path, caplo
     assert label == 1 and 'another image of its class stands in' in caplog.text
     assert '.tar:00000004' in caplog.text
     evaluation = ShardDataset(str(tmp_path / 'out'), 'train', exact_count=True)
-    with pytest.raises(RuntimeError, match=r'\.tar:00000004.*a stand-in would change the score'):
+    with pytest.raises(ValueError, match=r'\.tar:00000004.*a stand-in would change the score'):
         evaluation[index]
 
 

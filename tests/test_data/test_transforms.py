@@ -85,7 +85,7 @@ def test_a_jpeg_that_fails_to_decode_is_still_named_with_the_planned_crop(tmp_pa
     again, _ = train.__getitems__([(0, 7)])[0]
     assert np.array_equal(img.numpy(), again.numpy())  # seeded: the same view every time
     evaluation = SeededTransform(ImageFolder(str(tmp_path), exact_count=True), transform)
-    with pytest.raises(RuntimeError, match='cut.jpg.*a stand-in would change the score'):
+    with pytest.raises(ValueError, match='cut.jpg.*a stand-in would change the score'):
         evaluation.__getitems__([(0, 7)])
 
 

@@ -174,3 +174,15 @@ def test_a_finished_run_copied_elsewhere_reports_its_own_files(tmp_path):
     line = again.stdout.strip().splitlines()[-1]
     assert line.startswith('val top-1') and f'{tmp_path}/copy/checkpoints/' in line
     assert f'{tmp_path}/first' not in line
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_a_class_folder_whose_images_all_fail_to_decode_is_one_line(tmp_path, workers):
+    """Headers pass the listing, pixels fail at loading, in the process or in a worker."""
+    make_folder(tmp_path / 'data')
+    for image in (tmp_path / 'data' / 'train' / 'class1').iterdir():
+        image.write_bytes(image.read_bytes()[:100])  # cut after the header
+    result = run_tool('train', f'data.root={tmp_path / "data"}', f'data.num_workers={workers}',
+                      f'hydra.run.dir={tmp_path / "run"}', cwd=tmp_path)
+    assert_reported(result, 'conformer-train', 1,
+                    f'class folder {tmp_path / "data" / "train" / "class1"} holds no readable image')
