@@ -59,6 +59,9 @@ NOT_RUN = {
     'torchrun --standalone --nproc_per_node 8 tools/train.py '
     'experiment=imagenet_conformer_base_patch16 data.root=/data/imagenet':
         'needs 8 GPUs and ImageNet',
+    'torchrun --standalone --nproc_per_node 8 tools/train.py '
+    'experiment=imagenet_conformer_small_patch16 data.root=/data/imagenet':
+        'needs 8 GPUs and ImageNet',
 }
 LANGUAGES = {'bash', 'python', 'text', 'bibtex'}  # text and bibtex blocks are not code
 MARKER = re.compile(r'<!--\s*readme-test:\s*(\S+)\s*(.*?)\s*-->')
