@@ -24,12 +24,15 @@ dynamic batch dimension: any batch size runs (each new size compiles once); anot
 size is refused with a message, since the token grid is part of the exported graph.
 """
 import copy
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -84,10 +87,11 @@ def calibration_images(calibration: Union[str, Path, torch.Tensor, Dataset, Iter
     """Read calibration images, preprocessed as for evaluation, and check them.
 
     Args:
-        calibration: a folder of ``<class>/<image>`` files (read with the model's eval
-            transform from its ``pretrained_cfg``), a tensor of images (N, C, H, W), a
-            dataset yielding an image tensor or (image, label), or an iterable of batches such
-            as a DataLoader (a tensor or (images, labels) each).
+        calibration: a folder of ``<class>/<image>`` files, a tensor of images
+            (N, C, H, W), a dataset yielding an image or (image, label), or an iterable of
+            batches such as a DataLoader (a tensor or (images, labels) each). PIL images (a
+            folder's, a dataset's) go through the model's eval transform from its
+            ``pretrained_cfg``; tensors must be preprocessed so already.
         model: the model to calibrate; its ``in_chans`` is checked.
         max_images: read at most this many images.
         batch_size: images per batch for a folder, tensor or dataset.
@@ -103,18 +107,7 @@ def calibration_images(calibration: Union[str, Path, torch.Tensor, Dataset, Iter
                          'images preprocessed as for evaluation')
     if isinstance(calibration, (str, Path)):
         from conformer.data import ImageFolder
-        folder = ImageFolder(str(calibration), in_chans=getattr(model, 'in_chans', 3))
-        transform = _eval_transform(model)
-
-        class _Transformed(Dataset):
-            def __len__(self):
-                return len(folder)
-
-            def __getitem__(self, i):
-                image, label = folder[i]
-                return transform(image), label
-
-        calibration = _Transformed()
+        calibration = ImageFolder(str(calibration), in_chans=getattr(model, 'in_chans', 3))
     if isinstance(calibration, torch.Tensor):
         calibration = [calibration[i:i + batch_size]
                        for i in range(0, len(calibration), batch_size)] if calibration.dim() \
@@ -123,7 +116,7 @@ def calibration_images(calibration: Union[str, Path, torch.Tensor, Dataset, Iter
         # an evenly spread subset, so a class-sorted folder still calibrates on every class
         step = max(1, len(calibration) // max_images)
         subset = torch.utils.data.Subset(calibration, range(0, len(calibration), step))
-        calibration = DataLoader(subset, batch_size=batch_size)
+        calibration = DataLoader(_Preprocessed(subset, model), batch_size=batch_size)
     batches, labels, count = [], [], 0
     for item in calibration:
         images, target = _split(item)
@@ -146,6 +139,25 @@ def calibration_images(calibration: Union[str, Path, torch.Tensor, Dataset, Iter
                          f'hundred is best) so the activation ranges cover real inputs')
     has_labels = all(t is not None for t in labels)
     return Calibration(batches, [t.long() for t in labels] if has_labels else None)
+
+
+class _Preprocessed(Dataset):
+    """A dataset's items with PIL images run through the model's eval transform."""
+
+    def __init__(self, dataset: Dataset, model: nn.Module):
+        self.dataset, self.model, self.transform = dataset, model, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        image, label = _split(item)
+        if isinstance(image, Image.Image):
+            self.transform = self.transform or _eval_transform(self.model)
+            image = self.transform(image)
+            return image if label is None else (image, label)
+        return item
 
 
 def _check_batch(images: torch.Tensor, model: nn.Module,
@@ -197,10 +209,17 @@ def _exportable(model: nn.Module) -> nn.Module:
 
 
 def _quantizer(keep_float: Sequence[str]):
+    # torchao registers an Enum with torch's pytree on import, which torch logs as deprecated:
+    # a line about torchao's internals that users of this function cannot act on
+    pytree_log = logging.getLogger('torch.utils._pytree')
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     except ImportError as e:
         raise ImportError(INSTALL) from e
+    finally:
+        pytree_log.setLevel(level)
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     for name in keep_float:
@@ -354,7 +373,11 @@ class QuantizedModel(InferenceModel):
         if x.requires_grad:
             raise RuntimeError('an int8 model is for inference only and has no gradients; '
                                'use the float model under autograd')
-        return self._call('forward', x)
+        with warnings.catch_warnings():
+            # inductor's int8 lowering copies zero points with torch.tensor(tensor), which
+            # warns on every compile; nothing a caller can change
+            warnings.filterwarnings('ignore', message='To copy construct from a tensor')
+            return self._call('forward', x)
 
     def _float_only(self, name: str):
         raise NotImplementedError(f'an int8 model exports forward only; for {name} deploy the '
