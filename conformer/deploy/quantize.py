@@ -279,7 +279,11 @@ def quantize_int8(model: nn.Module, calibration: Any,
     if float_dtype is None:
         float_dtype = torch.bfloat16 if runtime.native_bf16(device) else torch.float32
     exported = _export(_exportable(model), data.batches[0].to(device))
-    prepared = prepare_pt2e(exported, quantizer)
+    with warnings.catch_warnings():
+        # the stem convolution is float by default, so the max pool after it stays float too,
+        # which the quantizer reports as a warning
+        warnings.filterwarnings('ignore', message='The input of maxpool2d is not quantized')
+        prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for images in data.batches:
             prepared(images.to(device))
