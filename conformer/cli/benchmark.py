@@ -30,7 +30,7 @@ def format_table(result: dict) -> str:
     lines = [f"{result['machine']['cpu']}, {result['machine']['threads']} threads, "
              f"compile={s['compile']}, keep_freed_memory={s['keep_freed_memory']}; "
              f"GEMM GFLOP/s at start {peaks}, the faster route is the peak; speed-up and "
-             f"% peak = medians of ratios interleaved in each round"]
+             f"% peak = ratios of the medians of interleaved rounds"]
     for v in result['variants']:
         lines += ['', f"{v['variant']} @ {v['image_size']}px ({v['params_m']:.2f}M parameters)"]
         lines += _inference_table(v['inference']) + _speedup_table(v['inference'])
