@@ -176,7 +176,7 @@ def test_bf16_deploy_without_native_bf16_warns_and_keeps_layers_off_onednn(monke
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.float64])
 def test_unsupported_dtype_is_rejected(dtype):
-    with pytest.raises(ValueError, match='float32 or torch.bfloat16'):
+    with pytest.raises(ValueError, match='torch.float32, torch.bfloat16 or torch.int8'):
         optimize_for_inference(make_model(), dtype=dtype)
 
 

@@ -2,12 +2,13 @@
 training, as markdown tables and a JSON file (the harness is :mod:`conformer.benchmark`)."""
 import argparse
 import json
+import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from conformer.benchmark import MODES, run
+from conformer.benchmark import FLOAT_MODES, MODES, PEERS, run
 from conformer.cli.common import output_file
 
 __all__ = ['format_table', 'main']
@@ -29,10 +30,11 @@ def format_table(result: dict) -> str:
     lines = [f"{result['machine']['cpu']}, {result['machine']['threads']} threads, "
              f"compile={s['compile']}, keep_freed_memory={s['keep_freed_memory']}; "
              f"GEMM GFLOP/s at start {peaks}, the faster route is the peak; speed-up and "
-             f"% peak = medians of ratios interleaved in each round"]
+             f"% peak = ratios of the medians of interleaved rounds"]
     for v in result['variants']:
         lines += ['', f"{v['variant']} @ {v['image_size']}px ({v['params_m']:.2f}M parameters)"]
-        lines += _inference_table(v['inference']) + _training_table(v['training'])
+        lines += _inference_table(v['inference']) + _speedup_table(v['inference'])
+        lines += _training_table(v['training'])
     if len(result['variants']) > 1:
         lines += _summary_table(result['variants'])
     return '\n'.join(lines)
@@ -52,14 +54,41 @@ def _markdown(header: Sequence[str], rows: List[dict], keys: Sequence[str],
     return lines
 
 
+def _optional(value: Optional[float], spec: str) -> str:
+    return '' if value is None else format(value, spec)
+
+
 def _inference_table(rows: List[dict]) -> List[str]:
     return _markdown(
         ('mode', 'batch', 'img/s', 'p50 ms', 'p90 ms', 'peak MB', 'GFLOP/s', '% peak',
-         'speed-up', 'max abs diff'), rows, ('mode', 'batch'),
+         'speed-up', 'top-1 agreement', 'max abs diff'), rows, ('mode', 'batch'),
         lambda r: [f"{r['images_per_s']:.3g}", f"{r['latency_ms_p50']:.0f}",
-                   f"{r['latency_ms_p90']:.0f}", f"{r['peak_memory_mb']:.0f}",
-                   f"{r['achieved_gflops']:.0f}", f"{r['pct_of_matmul_peak']:.0f}%",
-                   f"{r['speedup_vs_eager']:.2f}x", f"{r['max_abs_logit_diff']:.1e}"])
+                   f"{r['latency_ms_p90']:.0f}", _optional(r['peak_memory_mb'], '.0f'),
+                   f"{r['achieved_gflops']:.3g}",
+                   _optional(r['pct_of_matmul_peak'], '.0f') + '%' * (
+                       r['pct_of_matmul_peak'] is not None),
+                   f"{r['speedup_vs_eager']:.2f}x",
+                   f"{100 * r['top1_agreement']:.1f}% of {r['agreement_images']}",
+                   f"{r['max_abs_logit_diff']:.1e}"])
+
+
+def _speedup_table(rows: List[dict]) -> List[str]:
+    """One row per measured mode, one column per batch size: speed-up over ``eager`` and top-1
+    agreement with it, the shape of a side-by-side comparison of engines."""
+    batches = list(dict.fromkeys(r['batch'] for r in rows))
+    modes = list(dict.fromkeys(r['mode'] for r in rows if r['status'] == 'ok'))
+    if len(modes) < 2:
+        return []
+    cell = {(r['mode'], r['batch']): r for r in rows}
+    lines = ['', '| engine | ' + ' | '.join(f'batch {b}' for b in batches) + ' |',
+             '|' + '---|' * (len(batches) + 1)]
+    for mode in modes:
+        lines.append(f'| {mode} | ' + ' | '.join(
+            f"x{cell[mode, b]['speedup_vs_eager']:.2f} "
+            f"({100 * cell[mode, b]['top1_agreement']:.0f}% top-1)"
+            if cell[mode, b]['status'] == 'ok' else cell[mode, b]['status']
+            for b in batches) + ' |')
+    return lines
 
 
 def _training_table(rows: List[dict]) -> List[str]:
@@ -101,8 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog='conformer-benchmark',
-        description='Benchmark Conformer variants: eager reference vs deploy modes '
-                    '(set OMP_WAIT_POLICY=ACTIVE for stable CPU timings).')
+        description='Benchmark Conformer variants: the eager reference against the deploy '
+                    'modes (fp32, bf16, int8) and, when installed, ONNX Runtime and OpenVINO. '
+                    'Set OMP_WAIT_POLICY=ACTIVE for steadier timings of PyTorch modes alone, '
+                    'never with the peers: idle PyTorch threads would spin during their turns.')
     parser.add_argument('--model', nargs='+',
                         help='one or more registered variants, benchmarked in turn '
                              '(default: conformer_small_patch16)')
@@ -116,7 +147,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--warmup', type=int, help='untimed calls per config (default: 2)')
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the fp32/bf16 modes (inductor freezing for inference)')
-    parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
+    parser.add_argument('--modes', nargs='+', choices=MODES,
+                        help='modes to measure (default: all; --smoke: '
+                             + ' '.join(FLOAT_MODES) + '); peers: ' + ' '.join(PEERS))
+    parser.add_argument('--calibration',
+                        help='a folder of <class>/<image> files: 512 of its images calibrate '
+                             'the int8 modes, 64 others measure top-1 agreement (default: '
+                             'seeded random images)')
     parser.add_argument('--skip-training', action='store_true')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='CPU: keep freed memory for reuse instead of glibc handing it back '
@@ -144,6 +181,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.modes is None:
+        args.modes = list(FLOAT_MODES if args.smoke else MODES)
+    peers = [m for m in args.modes if m in PEERS]
+    if peers and os.environ.get('OMP_WAIT_POLICY', '').upper() == 'ACTIVE':
+        parser.error(f'OMP_WAIT_POLICY=ACTIVE makes idle PyTorch threads spin through the '
+                     f'turns of {", ".join(peers)} and slows them; unset it, or drop the peers '
+                     f'from --modes')
     if not args.batch_sizes and args.skip_training:
         parser.error('nothing to measure: --batch-sizes is empty and --skip-training is set')
     out = output_file(parser, args.json, '--json')  # the benchmark reads no files
@@ -152,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kwargs = dict(variants=args.model, batch_sizes=args.batch_sizes,
                   train_batch=args.train_batch, image_size=args.image_size, rounds=args.rounds,
                   warmup=args.warmup, compile=args.compile, modes=args.modes,
-                  skip_training=args.skip_training, keep_freed_memory=args.keep_freed_memory)
+                  skip_training=args.skip_training, keep_freed_memory=args.keep_freed_memory,
+                  calibration=args.calibration)
     if args.smoke:
         kwargs.update(variants=['conformer_nano_patch4'], batch_sizes=[1, 2], train_batch=2,
                       image_size=32, rounds=2, warmup=1, gemm_size=256,

@@ -40,7 +40,7 @@ Documented tolerances against the eager fp32 model (tests/test_deploy.py checks 
 """
 import copy
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -192,24 +192,42 @@ def _to_float32(x: Any) -> Any:
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
-                           compile: bool = False,
-                           compile_mode: Optional[str] = None) -> InferenceModel:
+                           compile: Optional[bool] = None, compile_mode: Optional[str] = None,
+                           calibration: Any = None,
+                           keep_float: Optional[Sequence[str]] = None) -> InferenceModel:
     """Return an inference-only copy of ``model``: BatchNorm folded, channels_last weights,
-    the kernels' ``'onednn'`` backend, optionally bf16 and ``torch.compile``.
+    the kernels' ``'onednn'`` backend, optionally bf16 and ``torch.compile``; or, with
+    ``dtype=torch.int8``, post-training static int8 (:mod:`conformer.deploy.quantize`).
 
     The original model is not modified. See the module docstring for what each step does and
     the tolerances.
 
     Args:
         model: a Conformer (a model with ``set_kernel_backend``).
-        dtype: torch.float32, or torch.bfloat16 for bf16 weights and activations.
-        compile: run each method through ``torch.compile`` with inductor freezing.
+        dtype: torch.float32, torch.bfloat16 for bf16 weights and activations, or
+            torch.int8 (convolutions and linears in int8, calibrated on ``calibration``;
+            compiled unless compile=False; see :func:`conformer.deploy.quantize.quantize_int8`).
+        compile: run each method through ``torch.compile`` with inductor freezing; None
+            means True for int8 (which is only fast compiled) and False otherwise.
         compile_mode: passed to torch.compile, e.g. ``'max-autotune-no-cudagraphs'``, which
             tunes GEMM kernels but compiles far longer.
+        calibration: int8 only: a few hundred images preprocessed as for evaluation, as a
+            folder, a tensor, a dataset or a DataLoader
+            (:func:`conformer.deploy.quantize.calibration_images`).
+        keep_float: int8 only: module names left in float (default
+            :data:`conformer.deploy.quantize.DEFAULT_KEEP_FLOAT`).
     """
+    if dtype == torch.int8:
+        from conformer.deploy.quantize import DEFAULT_KEEP_FLOAT, quantize_int8
+        return quantize_int8(model, calibration, keep_float=DEFAULT_KEEP_FLOAT
+                             if keep_float is None else keep_float, compile=compile is not False,
+                             compile_mode=compile_mode)
+    if calibration is not None or keep_float is not None:
+        raise ValueError('calibration and keep_float are for dtype=torch.int8; float deploys '
+                         'need no calibration')
     if dtype not in DTYPES:
-        raise ValueError(f'dtype must be torch.float32 or torch.bfloat16, got {dtype}; '
-                         f'float16 has no fast CPU path and is not a deploy target')
+        raise ValueError(f'dtype must be torch.float32, torch.bfloat16 or torch.int8, got '
+                         f'{dtype}; float16 has no fast CPU path and is not a deploy target')
     if isinstance(model, InferenceModel):
         raise ValueError('model is already an InferenceModel; pass the original model')
     device = next(model.parameters()).device
@@ -217,6 +235,7 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
         warnings.warn(f'bf16 deploy on a {device.type} without native bf16: PyTorch emulates '
                       f'it, several times slower than fp32; deploy with dtype=torch.float32',
                       stacklevel=2)
+    compile = bool(compile)
     deployed = copy.deepcopy(model).eval()
     fold_batchnorm(deployed)
     deployed = deployed.to(memory_format=torch.channels_last)
