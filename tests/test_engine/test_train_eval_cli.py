@@ -184,5 +184,5 @@ def test_a_class_folder_whose_images_all_fail_to_decode_is_one_line(tmp_path, wo
         image.write_bytes(image.read_bytes()[:100])  # cut after the header
     result = run_tool('train', f'data.root={tmp_path / "data"}', f'data.num_workers={workers}',
                       f'hydra.run.dir={tmp_path / "run"}', cwd=tmp_path)
-    assert_reported(result, 'conformer-train', 1,
-                    f'class folder {tmp_path / "data" / "train" / "class1"} holds no readable image')
+    folder = tmp_path / 'data' / 'train' / 'class1'
+    assert_reported(result, 'conformer-train', 1, f'class folder {folder} holds no readable image')
