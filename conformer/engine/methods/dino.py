@@ -260,17 +260,20 @@ class DINO(Method):
         if state.step < m.collapse_after or record['std'] >= m.collapse_std:
             return
         entropy, uniform = record['teacher_entropy'], math.log(m.out_dim)
-        kind = ('towards the uniform distribution (sharpening lost: lower method.teacher_temp)'
-                if entropy > 0.9 * uniform else
-                'onto a few dimensions (the centring is what prevents this: keep '
-                'method.centering=true)')
+        if entropy > 0.9 * uniform:
+            kind = ('towards the uniform distribution (sharpening lost: lower '
+                    'method.teacher_temp / method.warmup_teacher_temp)')
+        elif not m.centering:
+            kind = 'onto a few dimensions (centring prevents this: set method.centering=true)'
+        else:
+            kind = ('onto a few dimensions despite centring (raise method.momentum_teacher or '
+                    'lower optim.lr; method.collapse_after delays this check past a slow start)')
         raise RepresentationCollapsed(
             f'the representation collapsed by epoch {state.epoch} step {state.step}: the '
-            f'student gives every image nearly the same output (spread {record["std"]:.3g}, '
-            f'below method.collapse_std={m.collapse_std}; healthy runs stay near 1) and its '
-            f'entropy is {entropy:.3g} nats of at most {uniform:.3g}, so it collapsed {kind}. '
-            f'Training on would not recover it; stopped. Latest checkpoint: '
-            f'{state.checkpoint or "none yet"}')
+            f'student gives every image nearly the same output (spread {record["std"]:.3g} '
+            f'below method.collapse_std={m.collapse_std}; outputs spread over the sphere give '
+            f"1) and the teacher's entropy is {entropy:.3g} nats of at most {uniform:.3g}, so "
+            f'it collapsed {kind}. Stopped; latest checkpoint: {state.checkpoint or "none yet"}')
 
     def split_state(self, full):
         model = {k[len('backbone.'):]: v for k, v in full.items() if k.startswith('backbone.')}
@@ -283,18 +286,15 @@ class DINO(Method):
                 CENTER: self.center.detach().cpu()}
 
     def evaluate(self, run, epoch: int, step: int) -> Dict[str, float]:
-        """k-NN top-1 of the teacher's (and the student's) backbone features, when the
-        training images have labels; the collapse measures of the last window either way."""
+        """k-NN top-1 of the teacher's backbone features (DINO evaluates the teacher) when the
+        training images have labels."""
         distribute_bn(self.teacher)
-        metrics: Dict[str, float] = {}
-        for name, net in (('', self.teacher), ('student_', self.student)):
-            top1 = knn_top1_of(net.backbone, self.m.embedding, run.train_set, run.eval_set,
-                               run.cfg, run.env, run.amp, k=self.m.knn_k,
-                               temperature=self.m.knn_temperature)
-            if top1 is None:
-                _logger.info('k-NN skipped: the training images carry no labels')
-                break
-            metrics[f'{name}knn_top1'] = top1
+        top1 = knn_top1_of(self.teacher.backbone, self.m.embedding, run.train_set,
+                           run.eval_set, run.cfg, run.env, run.amp, k=self.m.knn_k,
+                           temperature=self.m.knn_temperature)
+        metrics = {} if top1 is None else {'knn_top1': top1}
+        if top1 is None:
+            _logger.info('k-NN skipped: the training images carry no labels')
         run.logger.log('eval', step, epoch=epoch, **metrics)
         return metrics
 
@@ -304,8 +304,7 @@ class DINO(Method):
     def summary(self, metrics: Dict[str, float], epoch: int, step: int) -> str:
         if 'knn_top1' not in metrics:
             return f'epoch {epoch} step {step}: no labels, no k-NN evaluation'
-        return (f'epoch {epoch} step {step}: k-NN top-1 {metrics["knn_top1"]:.2f}% (teacher), '
-                f'{metrics["student_knn_top1"]:.2f}% (student)')
+        return f'epoch {epoch} step {step}: k-NN top-1 {metrics["knn_top1"]:.2f}% (teacher)'
 
 
 def run_world_size() -> int:
