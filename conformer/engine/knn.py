@@ -177,6 +177,8 @@ def evaluate_knn(cfg) -> Dict[str, Any]:
         if top1 is None:
             raise ValueError('k-NN needs labelled images: the configured data has none '
                              '(point data.* at a labelled dataset)')
+    if cfg.weights == 'pixels':
+        embedding = 'pixels'
     return dict(knn_top1=top1, weights=cfg.weights, embedding=embedding, k=cfg.k,
                 temperature=cfg.temperature, bank=len(bank_set), count=len(query_set),
                 checkpoint=cfg.checkpoint, classes=list(classes))
@@ -190,9 +192,11 @@ def _knn(cfg) -> float:
     result = evaluate_knn(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / 'knn.json').write_text(json.dumps(result, indent=2) + '\n')
+    features = ('raw pixels' if result['weights'] == 'pixels' else
+                f'{result["weights"]} weights, {result["embedding"]} embedding')
     print(f'k-NN top-1 {result["knn_top1"]:.2f}% (k={result["k"]}, T={result["temperature"]}, '
-          f'{result["weights"]} weights, {result["embedding"]} embedding; {result["bank"]} '
-          f'labelled bank images, {result["count"]} queries) | {run_dir / "knn.json"}')
+          f'{features}; {result["bank"]} labelled bank images, {result["count"]} queries) | '
+          f'{run_dir / "knn.json"}')
     return result['knn_top1']
 
 
