@@ -129,6 +129,7 @@ class DINO(Method):
         # optimizer step, towards the mean over the global batch (all ranks, all micro-batches)
         self.step_sum = torch.zeros(1, self.m.out_dim)
         self.step_count = 0
+        self.decayed: Optional[List[bool]] = None  # which optimizer groups have weight decay
 
     def num_classes(self, classes: Sequence[str]) -> int:
         return 0  # the backbone's heads are left out; fine-tuning makes new ones
@@ -240,8 +241,11 @@ class DINO(Method):
     def before_update(self, run, state) -> None:
         total = self.total_steps(run)
         decay = cosine(self.cfg.optim.weight_decay, self.m.weight_decay_end, state.step, total)
-        for group in run.optimizer.param_groups:
-            if group.setdefault('decay_scheduled', group['weight_decay'] > 0):
+        groups = run.optimizer.param_groups
+        if self.decayed is None:  # timm's no-decay groups (biases, norms, tokens) stay at 0
+            self.decayed = [group['weight_decay'] > 0 for group in groups]
+        for group, decayed in zip(groups, self.decayed):
+            if decayed:
                 group['weight_decay'] = decay
         if state.epoch < self.m.freeze_last_layer:  # DINO: stabler start
             for p in self.student.head.last_layer_parameters():
