@@ -526,7 +526,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     other_classes = [k for k in head_keys if k in state_dict and (
         k not in target or (state_dict[k].shape != target[k].shape
                             and state_dict[k].shape[1:] == target[k].shape[1:]))]
-    if model.num_classes and not any(k in state_dict for k in head_keys):
+    if model.num_classes and 'cls_token' in state_dict and not any(
+            k in state_dict for k in head_keys):
         # a backbone saved without heads (num_classes=0, e.g. self-supervised pretraining)
         state_dict.update({k: target[k] for k in head_keys})
         _logger.info('Pretrained weights have no heads: conv_cls_head and trans_cls_head '
