@@ -563,8 +563,7 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     """Every rank takes part (collectives), rank 0 writes; never after a non-finite loss.
     HOST SYNC."""
     check_finite(state, window.totals())
-    distribute_bn(run.model, run.ema.module if run.ema is not None else None,
-                  *run.method.bn_modules())
+    average_bn(run)
     model_state = get_model_state_dict(run.trained, options=FULL)
     # a finite loss can still step to non-finite weights; rank 0 holds them all
     bad = [name for name, value in model_state.items()
@@ -599,9 +598,17 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     state.checkpoint = path
 
 
+def average_bn(run: Run) -> None:
+    """Average the BatchNorm statistics of the model, its EMA and the method's other networks
+    (DINO's teacher) over ranks."""
+    distribute_bn(run.model, run.ema.module if run.ema is not None else None,
+                  *run.method.bn_modules())
+
+
 def evaluate_run(run: Run, state: RunState, window: MetricWindow, epoch: int, bar: tqdm) -> None:
     """Evaluate as the run's method does (supervised: the model and its EMA), keep the best,
     and checkpoint."""
+    average_bn(run)  # one set of BatchNorm statistics over ranks, as the checkpoint will hold
     metrics = run.method.evaluate(run, epoch, state.step)
     headline = run.method.headline(metrics)
     is_best = headline > state.best

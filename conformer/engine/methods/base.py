@@ -36,8 +36,8 @@ class Method:
         """Move what the method holds beside the trained network (teacher, centre)."""
 
     def bn_modules(self) -> List[nn.Module]:
-        """Modules besides the model and its EMA whose BatchNorm statistics are averaged over
-        ranks before evaluation and checkpoints."""
+        """Modules besides the model and its EMA whose BatchNorm statistics the loop averages
+        over ranks before evaluation and checkpoints."""
         return []
 
     def transform(self) -> Optional[Callable]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from conformer.data.multicrop import MultiCrop
 
-from ..distributed import all_sum, distribute_bn
+from ..distributed import all_sum
 from ..evaluate import autocast
 from ..knn import embed, knn_top1_of
 from .base import Method
@@ -292,7 +292,6 @@ class DINO(Method):
     def evaluate(self, run, epoch: int, step: int) -> Dict[str, float]:
         """k-NN top-1 of the teacher's backbone features (DINO evaluates the teacher) when the
         training images have labels."""
-        distribute_bn(self.teacher)
         top1 = knn_top1_of(self.teacher.backbone, self.m.embedding, run.train_set,
                            run.eval_set, run.cfg, run.env, run.amp, k=self.m.knn_k,
                            temperature=self.m.knn_temperature)

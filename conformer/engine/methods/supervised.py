@@ -11,7 +11,6 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from ..build import eval_loader, freeze_backbone
-from ..distributed import distribute_bn
 from ..evaluate import autocast, correct_counts, dual_head_loss, evaluate
 from .base import Method
 
@@ -81,7 +80,8 @@ class Supervised(Method):
 
 def run_eval(cfg, env, amp: str, model, ema, eval_set, epoch: int, step: int,
              logger) -> Dict[str, float]:
-    distribute_bn(model, ema.module if ema is not None else None)  # one set over ranks
+    """Top-1 of the model and its EMA on the eval split (BatchNorm statistics already averaged
+    over ranks by the loop), logged."""
     loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
     with unsharded(model):
         metrics = evaluate(model, loader, env.device, amp, cfg.model.channels_last)
