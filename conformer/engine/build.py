@@ -1,7 +1,7 @@
 """Model, data loaders, optimizer and schedule from a config: shared by train and eval."""
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 import timm
 import torch
@@ -206,7 +206,7 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 
 
 def train_loader(dataset, data_cfg, aug_cfg, sampler: GlobalBatchSampler, micro_batch: int,
-                 epoch_seed: int) -> DataLoader:
+                 epoch_seed: int, transform: Optional[Callable] = None) -> DataLoader:
     """The training DataLoader: seeded augmentation of each sample (`SeededTransform`).
 
     Args:
@@ -216,8 +216,12 @@ def train_loader(dataset, data_cfg, aug_cfg, sampler: GlobalBatchSampler, micro_
         sampler: yields this rank's (index, augmentation seed) keys.
         micro_batch: images per forward pass.
         epoch_seed: seeds the loader's own generator.
+        transform: the training transform, if not the one `aug_cfg` describes (a method's
+            views, e.g. DINO's multi-crop).
     """
-    view = SeededTransform(dataset, build_transform(aug_cfg, data_cfg, is_training=True))
+    if transform is None:
+        transform = build_transform(aug_cfg, data_cfg, is_training=True)
+    view = SeededTransform(dataset, transform)
     return DataLoader(view, batch_size=micro_batch, sampler=sampler,
                       num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(epoch_seed),

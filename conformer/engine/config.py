@@ -114,6 +114,36 @@ class SchedConfig:
 
 
 @dataclass
+class MethodConfig:
+    """What a run learns (configs/method/): 'supervised' (labels, both heads) or 'dino'
+    (self-distillation without labels, Caron et al. 2021); the other keys are DINO's."""
+    name: str = 'supervised'  # 'supervised' | 'dino'
+    embedding: str = 'both'  # what the projection head sees: 'cnn' (pooled) | 'cls' | 'both'
+    out_dim: int = 65536  # prototypes: the projection head's output width
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True  # weight-normed last layer with its norm fixed at 1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07  # after warmup_teacher_temp_epochs
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    centering: bool = True  # off only to show collapse
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # rises to 1 on a cosine over the run
+    weight_decay_end: float = 0.4  # weight decay rises from optim.weight_decay on a cosine
+    freeze_last_layer: int = 1  # epochs the head's last layer does not learn
+    global_size: int = 224
+    global_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops: int = 8
+    local_size: int = 96
+    local_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    collapse_std: float = 0.1  # collapsed when the outputs' spread falls below this
+    collapse_after: int = 0  # steps before the collapse check starts
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke tests)
@@ -147,6 +177,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -166,6 +197,25 @@ class EvalConfig:
     threads: Optional[int] = None
 
 
+@dataclass
+class KnnConfig:
+    """conformer-knn: k-NN top-1 of frozen features; the training split is the bank."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    checkpoint: Optional[str] = None  # a .pth written by conformer-train (its record sets model.*)
+    # 'auto': the teacher (DINO) or EMA weights when saved, else the model's; 'model'; 'random'
+    # (the checkpoint's architecture, freshly initialised); 'pixels' (no network)
+    weights: str = 'auto'
+    embedding: Optional[str] = None  # 'cnn' | 'cls' | 'both'; None: the DINO head's, else both
+    k: int = 20
+    temperature: float = 0.07
+    seed: int = 0  # of the random initialisation
+    amp: str = 'auto'
+    device: str = 'auto'
+    threads: Optional[int] = None
+
+
 _OPTIMIZERS = tuple(list_optimizers())
 CHOICES = {
     'data.name': ('imagefolder', 'shards', 'fashion_mnist'),
@@ -178,6 +228,9 @@ CHOICES = {
     'trainer.amp': ('auto', 'bf16', 'fp16', 'none'),
     'amp': ('auto', 'bf16', 'fp16', 'none'),  # conformer-eval's
     'trainer.device': ('auto', 'cpu', 'cuda'),
+    'method.name': ('supervised', 'dino'),
+    'method.embedding': ('both', 'cnn', 'cls'),
+    'weights': ('auto', 'model', 'random', 'pixels'),  # conformer-knn's
 }
 # The range of every number, as an interval; optional settings left unset (null) are skipped.
 BOUNDS = {
@@ -219,6 +272,26 @@ BOUNDS = {
     'trainer.ckpt_every_steps': '[1, inf)',
     'trainer.keep_last': '[1, inf)',
     'logging.every_steps': '[1, inf)',
+    'method.out_dim': '[1, inf)',
+    'method.hidden_dim': '[1, inf)',
+    'method.bottleneck_dim': '[1, inf)',
+    'method.student_temp': '(0, inf)',
+    'method.teacher_temp': '(0, inf)',
+    'method.warmup_teacher_temp': '(0, inf)',
+    'method.warmup_teacher_temp_epochs': '[0, inf)',
+    'method.center_momentum': '[0, 1)',
+    'method.momentum_teacher': '[0, 1]',
+    'method.weight_decay_end': '[0, inf)',
+    'method.freeze_last_layer': '[0, inf)',
+    'method.global_size': '[1, inf)',
+    'method.local_crops': '[0, inf)',
+    'method.local_size': '[1, inf)',
+    'method.knn_k': '[1, inf)',
+    'method.knn_temperature': '(0, inf)',
+    'method.collapse_std': '[0, 1)',
+    'method.collapse_after': '[0, inf)',
+    'k': '[1, inf)',  # conformer-knn's
+    'temperature': '(0, inf)',
 }
 # timm's auto-augment policies, by the name before the first '-' (rand-m9-mstd0.5-inc1)
 AUTO_AUGMENT = {'rrc': ('rand', 'augmix', 'original', 'originalr', 'v0', 'v0r', '3a'),
@@ -310,6 +383,8 @@ def check(cfg, world_size: Optional[int] = None) -> None:
     if cfg.model.freeze_backbone and cfg.optim.layer_decay is not None:
         fail('model.freeze_backbone (linear probe) trains only the heads; '
              'drop optim.layer_decay')
+    if OmegaConf.select(cfg, 'method.name') == 'dino':
+        check_dino(cfg, fail)
     if t.fsdp and t.ema:
         fail('trainer.fsdp=true with trainer.ema=true is not supported (the EMA copy would '
              'need sharding too): keep trainer.fsdp=false (DDP, as the ImageNet recipes do) to '
@@ -333,6 +408,26 @@ def fit_normalisation(cfg) -> None:
             data[key] = fitted
 
 
+def check_dino(cfg, fail) -> None:
+    """Settings DINO cannot honour."""
+    m = cfg.method
+    for key in ('global_scale', 'local_scale'):
+        scale = m[key]
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            fail(f'method.{key}={list(scale)} must be [min, max] image-area fractions with '
+                 f'0 < min <= max <= 1, e.g. [0.4, 1.0]')
+    if cfg.trainer.ema:
+        fail('method=dino keeps its own momentum teacher (method.momentum_teacher); set '
+             'trainer.ema=false')
+    if cfg.trainer.fsdp:
+        fail('method=dino is not supported with trainer.fsdp=true (the teacher would need the '
+             'same sharding); use DDP (trainer.fsdp=false)')
+    if cfg.model.freeze_backbone:
+        fail('method=dino trains the backbone; set model.freeze_backbone=false')
+    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
+        fail('method=dino has no labels to mix; set aug.mixup=0 and aug.cutmix=0')
+
+
 def check_architecture(cfg, fail) -> None:
     """Build the model on the meta device (no memory, ~0.1 s), so that bad model.* settings
     and images smaller than a patch fail now rather than at the first training step."""
@@ -346,6 +441,13 @@ def check_architecture(cfg, fail) -> None:
                                       **model_kwargs(cfg.model))
     except ValueError as e:
         fail(f'model.* settings: {e}')
+    if OmegaConf.select(cfg, 'method.name') == 'dino':
+        smallest = min(cfg.method.global_size,
+                       cfg.method.local_size if cfg.method.local_crops else cfg.method.global_size)
+        if smallest < model.patch_size:
+            fail(f'method crops of {smallest} px are smaller than the patch size '
+                 f'{model.patch_size} of {cfg.model.name}; raise method.local_size / '
+                 f'method.global_size or lower model.patch_size')
     if cfg.data.input_size < model.patch_size:
         fail(f'data.input_size={cfg.data.input_size} is smaller than the patch size '
              f'{model.patch_size} of {cfg.model.name}; raise data.input_size or lower '
@@ -356,6 +458,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name='train_schema', node=TrainConfig)
     cs.store(name='eval_schema', node=EvalConfig)
+    cs.store(name='knn_schema', node=KnnConfig)
 
 
 register()

@@ -180,11 +180,17 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> None:
     train = [r for r in history if r['kind'] == 'train']
     evals = [r for r in history if r['kind'] == 'eval']
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r['step'] for r in train], [r['loss'] for r in train], label='train')
-    ax_loss.plot([r['step'] for r in evals], [r['loss'] for r in evals], 'o-', label='eval')
-    ax_loss.set(xlabel='step', ylabel='loss (mean of both heads)', title='loss')
-    ax_acc.plot([r['step'] for r in train], [r['top1'] for r in train], label='train (batch)')
-    ax_acc.plot([r['step'] for r in evals], [r['top1'] for r in evals], 'o-', label='eval')
+    def curve(ax, records, key, *style, **kw):  # the records that have `key`
+        points = [(r['step'], r[key]) for r in records if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], *style, **kw)
+
+    curve(ax_loss, train, 'loss', label='train')
+    curve(ax_loss, evals, 'loss', 'o-', label='eval')
+    ax_loss.set(xlabel='step', ylabel='loss', title='loss')
+    curve(ax_acc, train, 'top1', label='train (batch)')
+    curve(ax_acc, evals, 'top1', 'o-', label='eval')
+    if evals and 'knn_top1' in evals[-1]:  # self-supervised runs: k-NN of frozen features
+        curve(ax_acc, evals, 'knn_top1', 'o-', label='eval k-NN (teacher)')
     if evals and 'ema_top1' in evals[-1]:
         ax_acc.plot([r['step'] for r in evals], [r['ema_top1'] for r in evals], 's-',
                     label='eval (EMA)')

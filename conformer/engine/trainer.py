@@ -1,10 +1,12 @@
 """The training loop, readable top to bottom: `train(cfg, run_dir)`.
 
 One optimizer step consumes one global batch (data.batch_size images over all ranks and
-accumulation micro-batches). The loss is the paper's: the mean of the CNN head's and the
-transformer head's cross-entropies. Checkpoints hold everything the next step depends on
-(weights, EMA, optimizer, schedule, scaler, data position, every rank's RNG), so a resumed
-run continues exactly where the killed one stopped.
+accumulation micro-batches). What is learnt comes from the run's method
+(`conformer.engine.methods`): supervised, the paper's loss (the mean of the CNN head's and the
+transformer head's cross-entropies), or self-supervised DINO; the loop, its checkpoints, logs,
+resume and distribution are the same for both. Checkpoints hold everything the next step
+depends on (weights, EMA, the method's state, optimizer, schedule, scaler, data position,
+every rank's RNG), so a resumed run continues exactly where the killed one stopped.
 """
 import contextlib
 import fcntl
@@ -21,8 +23,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from conformer.data import GlobalBatchSampler, build_datasets
@@ -48,8 +48,6 @@ from .build import (
     build_model,
     check_classes,
     describe_from_weights,
-    eval_loader,
-    freeze_backbone,
     model_kwargs,
     saved_ema,
     set_threads,
@@ -66,8 +64,9 @@ from .distributed import (
     launched_rank,
     shutdown,
 )
-from .evaluate import autocast, correct_counts, dual_head_loss, evaluate, resolve_amp
+from .evaluate import resolve_amp
 from .logger import RunLogger
+from .methods import Method, build_method
 
 _logger = logging.getLogger(__name__)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -138,20 +137,6 @@ def setup_runtime(t, env: DistEnv) -> None:
     np.random.seed(t.seed + env.rank)
 
 
-@contextlib.contextmanager
-def unsharded(model: torch.nn.Module):
-    """Gather FSDP2-sharded parameters for the duration: evaluation calls the model's
-    submodules directly, which bypasses the hooks that gather them in a normal forward."""
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for module in sharded:
-        module.unshard()
-    try:
-        yield
-    finally:
-        for module in sharded:
-            module.reshard()
-
-
 def resume_state(cfg, directory: Path) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     """(path, state) of the checkpoint trainer.resume names, or (None, None) for a new run;
     read and checked before any work, and a new run never overwrites an earlier one's files."""
@@ -215,14 +200,13 @@ class Run:
     env: DistEnv
     amp: str
     model: nn.Module  # the plain module: state dicts, EMA and evaluation read it
-    trained: nn.Module  # what the optimizer steps: the model, or its DDP/FSDP2 wrapper
+    method: Method  # what the run learns: its step, extra state and evaluation
+    trained: nn.Module  # what the optimizer steps: the method's network, or its DDP/FSDP2 wrapper
     forward: Callable  # `trained`, compiled with trainer.compile
     ema: Optional[ModelEmaV3]
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    mixup: Optional[Mixup]
-    criterion: nn.Module
     train_set: Any
     eval_set: Any
     sampler: GlobalBatchSampler
@@ -247,22 +231,22 @@ class RunState:
 
 class MetricWindow:
     """Training sums since the last log, kept on the device: adding to them never waits for
-    the device; reading them (`totals`) is a host sync."""
-    LOSS, CORRECT, CORRECT_CONV, CORRECT_TRANS, IMAGES, NONFINITE = range(6)
+    the device; reading them (`totals`) is a host sync. The loss, the images and the count of
+    non-finite losses come first, then the method's own per-image sums (`Method.sums`)."""
+    LOSS, IMAGES, NONFINITE, METHOD = range(4)
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, method_sums: int = 0):
+        self.sums = torch.zeros(self.METHOD + method_sums, dtype=torch.float64, device=device)
         self.tic, self.cpu_tic = time.perf_counter(), time.process_time()
         self.windows = 0  # logged so far
         self.warned = False
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, outputs, target: torch.Tensor) -> None:
-        conv, trans = (o.float() for o in outputs)
-        self.sums[self.LOSS] += loss.detach().double() * len(target)
-        self.sums[self.CORRECT:self.IMAGES] += correct_counts(conv, trans, target)
-        self.sums[self.IMAGES] += len(target)
+    def add(self, loss: torch.Tensor, images: int, method_sums: torch.Tensor) -> None:
+        self.sums[self.LOSS] += loss.detach().double() * images
+        self.sums[self.IMAGES] += images
         self.sums[self.NONFINITE] += ~torch.isfinite(loss.detach())
+        self.sums[self.METHOD:] += method_sums.double()
 
     def totals(self) -> List[float]:
         """The sums over all ranks. HOST SYNC."""
@@ -301,7 +285,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         cleanup.callback(run.logger.close)
         state = start_state(run, resume, saved)
         t, steps_per_epoch = cfg.trainer, run.sampler.steps_per_epoch
-        window = MetricWindow(env.device)
+        window = MetricWindow(env.device, len(run.method.sums))
         stop = StopRequested()
         cleanup.callback(stop.restore)
         bar = cleanup.enter_context(tqdm(
@@ -311,7 +295,8 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
             epoch = state.epoch
             run.sampler.set_epoch(epoch, state.step_in_epoch)
             batches = iter(train_loader(run.train_set, cfg.data, cfg.aug, run.sampler,
-                                        run.micro_batch, epoch_seed=t.seed * 1000 + epoch))
+                                        run.micro_batch, epoch_seed=t.seed * 1000 + epoch,
+                                        transform=run.method.transform()))
             set_train_mode(run.model, cfg.model.freeze_backbone)
             window.reset()
             while True:
@@ -396,9 +381,11 @@ def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
     sampler = GlobalBatchSampler(len(train_set), cfg.data.batch_size, env.rank, env.world_size,
                                  seed=t.seed, repeats=cfg.aug.repeated_aug)
 
-    model = build_model(cfg.model, len(classes), cfg.data.in_chans)
+    method = build_method(cfg)
+    model = build_model(cfg.model, method.num_classes(classes), cfg.data.in_chans)
     if saved is not None:  # into the plain module (before wrapping), with a shape check
-        ckpt.check_data(saved, f'trainer.resume={resume}', len(classes), cfg.data.in_chans)
+        ckpt.check_data(saved, f'trainer.resume={resume}', method.num_classes(classes),
+                        cfg.data.in_chans)
         check_classes(saved, f'trainer.resume={resume}', classes)
         recorded = saved['sampler'].get('num_samples', len(train_set))
         if recorded != len(train_set):  # the saved data position would mean other images
@@ -406,33 +393,33 @@ def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
                              f'images, this run has {len(train_set)}: resume with the same '
                              f'data.root, data.classes and data.samples_per_class')
         load_state_dict_checked(model, saved['model'], f'trainer.resume={resume}')
-    model.set_dual_head_training(True)  # train-mode calls return (conv_logits, trans_logits)
-    if cfg.model.freeze_backbone:
-        freeze_backbone(model)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if cfg.model.sync_bn and env.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(env.device)
+    # the network the optimizer trains: the model, or the model and the method's head
+    net = method.attach(model, saved, f'trainer.resume={resume}')
+    if cfg.model.sync_bn and env.enabled:  # swaps the BN layers in place, `model` included
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net.to(env.device)
+    method.to(env.device)
     if cfg.model.channels_last:
-        model.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema else None
 
     # wrap for distribution before the optimizer sees the parameters (fully_shard replaces
     # them); `model` stays the plain module for state dicts and EMA
-    trained = model
+    trained = net
     if t.fsdp:
         for block in model.children():  # one all-gather per coupled block, as it runs
             if isinstance(block, ConvTransBlock):
                 fully_shard(block)
-        trained = fully_shard(model)
+        trained = fully_shard(net)
     elif env.enabled:
         trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
+            net, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
 
     lr = cfg.optim.lr * (cfg.data.batch_size / cfg.optim.lr_base_batch
                          if cfg.optim.lr_base_batch else 1.)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.name, lr=lr,
+    optimizer = create_optimizer_v2(net, opt=cfg.optim.name, lr=lr,
                                     weight_decay=cfg.optim.weight_decay,
                                     momentum=cfg.optim.momentum, layer_decay=cfg.optim.layer_decay)
     scheduler, _ = create_scheduler_v2(
@@ -440,29 +427,20 @@ def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
         warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr, step_on_epochs=False,
         updates_per_epoch=sampler.steps_per_epoch)
 
-    mixup = None
-    if cfg.aug.mixup > 0 or cfg.aug.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix,
-                      prob=cfg.aug.mixup_prob, switch_prob=cfg.aug.mixup_switch_prob,
-                      label_smoothing=cfg.aug.label_smoothing, num_classes=len(classes))
-        criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.aug.label_smoothing)
-
     total_steps = t.epochs * sampler.steps_per_epoch
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
-    meta = dict(variant=cfg.model.name, num_classes=len(classes), in_chans=cfg.data.in_chans,
+    meta = dict(variant=cfg.model.name, num_classes=model.num_classes, in_chans=cfg.data.in_chans,
                 classes=list(classes), model_kwargs=model_kwargs(cfg.model),
                 input_size=cfg.data.input_size, mean=list(cfg.data.mean), std=list(cfg.data.std),
                 interpolation=cfg.data.interpolation,
                 # the eval transform: resize + centre crop, or for pad-crop a plain centre crop
                 crop_pct=cfg.data.crop_pct if cfg.aug.train_crop == 'rrc' else 1.0)
     return Run(
-        cfg=cfg, run_dir=run_dir, env=env, amp=amp, model=model, trained=trained,
+        cfg=cfg, run_dir=run_dir, env=env, amp=amp, model=model, method=method, trained=trained,
         forward=torch.compile(trained) if t.compile else trained, ema=ema, optimizer=optimizer,
         scheduler=scheduler, scaler=torch.amp.GradScaler(env.device.type, enabled=amp == 'fp16'),
-        mixup=mixup, criterion=criterion, train_set=train_set, eval_set=eval_set,
+        train_set=train_set, eval_set=eval_set,
         sampler=sampler, micro_batch=per_rank // t.accum_steps, total_steps=total_steps,
         manager=ckpt.CheckpointManager(run_dir / 'checkpoints', t.keep_last),
         logger=RunLogger(run_dir, env.is_main, cfg.logging.tensorboard, cfg.logging.plot),
@@ -505,25 +483,17 @@ def train_step(run: Run, state: RunState, batches: Iterator, window: MetricWindo
     cfg, env = run.cfg, run.env
     accum = cfg.trainer.accum_steps
     for micro in range(accum):
-        images, target = next(batches)
-        images = images.to(env.device, non_blocking=True)
-        target = target.to(env.device, non_blocking=True)
-        if cfg.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        hard_target = target
-        if run.mixup is not None:
-            images, target = run.mixup(images, target)
+        batch = next(batches)
         # DDP all-reduces gradients on the last micro-batch only; FSDP2 on every one
         sync = micro == accum - 1 or not env.enabled or cfg.trainer.fsdp
         with (contextlib.nullcontext() if sync else run.trained.no_sync()):
-            with autocast(env.device, run.amp):
-                outputs = run.forward(images)
-            loss = dual_head_loss(outputs, target, run.criterion)
+            loss, images, sums = run.method.step(run, state, batch)
             run.scaler.scale(loss / accum).backward()
-        window.add(loss, outputs, hard_target)
+        window.add(loss, images, sums)
+    run.method.before_update(run, state)
     if cfg.optim.clip_grad is not None:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.clip_grad)
+        torch.nn.utils.clip_grad_norm_(run.trained.parameters(), cfg.optim.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -532,22 +502,26 @@ def train_step(run: Run, state: RunState, batches: Iterator, window: MetricWindo
     run.scheduler.step_update(num_updates=state.step)
     if run.ema is not None:
         run.ema.update(run.model, step=state.step)
+    run.method.after_update(run, state)
 
 
 def log_train(run: Run, state: RunState, window: MetricWindow, bar: tqdm) -> None:
-    """Log the window's loss, accuracies and speed, and stop on a non-finite loss. HOST SYNC."""
-    loss, correct, conv, trans, images, _ = sums = window.totals()
+    """Log the window's loss, the method's values and speed; stop on a non-finite loss, or
+    when the method says the run has failed (DINO: collapse). HOST SYNC."""
+    sums = window.totals()
     check_finite(state, sums)
-    seen = max(images, 1.)
-    record = dict(epoch=state.epoch, loss=loss / seen, top1=100 * correct / seen,
-                  top1_conv=100 * conv / seen, top1_trans=100 * trans / seen,
+    seen = max(sums[MetricWindow.IMAGES], 1.)
+    values = run.method.record(sums[MetricWindow.METHOD:], seen)
+    record = dict(epoch=state.epoch, loss=sums[MetricWindow.LOSS] / seen, **values,
                   lr=run.optimizer.param_groups[-1]['lr'],
                   images_per_s=seen / max(time.perf_counter() - window.tic, 1e-9))
     run.logger.log('train', state.step, **record)
     warn_if_cores_shared(run, window)
-    bar.set_postfix(epoch=state.epoch, loss=f'{record["loss"]:.3f}', acc=f'{record["top1"]:.1f}',
-                    img_s=f'{record["images_per_s"]:.0f}')
+    shown = next(iter(values))  # the method's first value: top-1, or DINO's output spread
+    bar.set_postfix(epoch=state.epoch, loss=f'{record["loss"]:.3f}',
+                    **{shown: f'{values[shown]:.3g}'}, img_s=f'{record["images_per_s"]:.0f}')
     window.reset()
+    run.method.check(record, state)
 
 
 def warn_if_cores_shared(run: Run, window: MetricWindow) -> None:
@@ -592,7 +566,7 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     """Every rank takes part (collectives), rank 0 writes; never after a non-finite loss.
     HOST SYNC."""
     check_finite(state, window.totals())
-    distribute_bn(run.model, run.ema.module if run.ema is not None else None)
+    average_bn(run)
     model_state = get_model_state_dict(run.trained, options=FULL)
     # a finite loss can still step to non-finite weights; rank 0 holds them all
     bad = [name for name, value in model_state.items()
@@ -609,6 +583,7 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     path = None
     if run.env.is_main:
         cfg = run.cfg
+        model_state, method_state = run.method.split_state(model_state)
         saved = dict(
             model=model_state,
             meta=dict(run.meta, epoch=state.epoch, step=state.step, metrics=state.metrics),
@@ -617,7 +592,8 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
             step_in_epoch=state.step_in_epoch,
             sampler=dict(seed=cfg.trainer.seed, global_batch=cfg.data.batch_size,
                          repeats=cfg.aug.repeated_aug, num_samples=len(run.train_set)),
-            rng=rng, world_size=run.env.world_size, config=OmegaConf.to_container(cfg))
+            rng=rng, world_size=run.env.world_size, config=OmegaConf.to_container(cfg),
+            **method_state, **run.method.state())
         if run.ema is not None:
             saved[EMA_KEY] = run.ema.module.state_dict()
         path = run.manager.save(saved, state.step, is_best)
@@ -625,29 +601,27 @@ def save_checkpoint(run: Run, state: RunState, window: MetricWindow, is_best: bo
     state.checkpoint = path
 
 
+def average_bn(run: Run) -> None:
+    """Average the BatchNorm statistics of the model, its EMA and the method's other networks
+    (DINO's teacher) over ranks."""
+    distribute_bn(run.model, run.ema.module if run.ema is not None else None,
+                  *run.method.bn_modules())
+
+
 def evaluate_run(run: Run, state: RunState, window: MetricWindow, epoch: int, bar: tqdm) -> None:
-    """Evaluate the model (and its EMA), keep the best, and checkpoint."""
-    metrics = run_eval(run.cfg, run.env, run.amp, run.model, run.ema, run.eval_set, epoch,
-                       state.step, run.logger)
-    headline = metrics['ema_top1'] if run.ema is not None else metrics['top1']
+    """Evaluate as the run's method does (supervised: the model and its EMA), keep the best,
+    and checkpoint."""
+    average_bn(run)  # one set of BatchNorm statistics over ranks, as the checkpoint will hold
+    metrics = run.method.evaluate(run, epoch, state.step)
+    headline = run.method.headline(metrics)
     is_best = headline > state.best
     state.best = max(state.best, headline)
     state.metrics = dict(metrics, best_top1=state.best)
-    if run.env.is_main:
+    line = run.method.summary(metrics, epoch, state.step)
+    if run.env.is_main and line:
+        bar.write(line)
+    elif run.env.is_main:
         bar.write(f'epoch {epoch} step {state.step}: {run.cfg.data.eval_split} top-1 '
                   f'{metrics["top1"]:.2f}%'
                   + (f', EMA {metrics["ema_top1"]:.2f}%' if run.ema is not None else ''))
     save_checkpoint(run, state, window, is_best)
-
-
-def run_eval(cfg, env: DistEnv, amp: str, model, ema, eval_set, epoch: int, step: int,
-             logger: RunLogger) -> Dict[str, float]:
-    distribute_bn(model, ema.module if ema is not None else None)  # one set over ranks
-    loader = eval_loader(eval_set, cfg.data, cfg.aug, env.rank, env.world_size)
-    with unsharded(model):
-        metrics = evaluate(model, loader, env.device, amp, cfg.model.channels_last)
-    if ema is not None:
-        ema_metrics = evaluate(ema.module, loader, env.device, amp, cfg.model.channels_last)
-        metrics.update({f'ema_{k}': v for k, v in ema_metrics.items() if k != 'count'})
-    logger.log('eval', step, epoch=epoch, **metrics)
-    return metrics

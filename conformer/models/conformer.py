@@ -493,9 +493,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
 
     Takes the paper's keys (also under DDP `module.` / torch.compile `_orig_mod.` prefixes)
     and mmpretrain's (`backbone.` / `head.` prefixes, mmcv names in the transformer blocks).
-    Heads trained for another num_classes keep the model's fresh initialisation (num_classes=0:
-    dropped) and a stem trained on another channel count is adapted to the model's in_chans,
-    each with one log line, so the result loads strictly. Any other shape mismatch (weights of
+    Heads trained for another num_classes, or absent from a backbone saved without them, keep
+    the model's fresh initialisation (num_classes=0: dropped) and a stem trained on another
+    channel count is adapted to the model's in_chans, each with one log line, so the result
+    loads strictly. Any other shape mismatch (weights of
     another variant) is left in place for the loader to report.
 
     Args:
@@ -525,7 +526,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor],
     other_classes = [k for k in head_keys if k in state_dict and (
         k not in target or (state_dict[k].shape != target[k].shape
                             and state_dict[k].shape[1:] == target[k].shape[1:]))]
-    if other_classes:
+    if model.num_classes and 'cls_token' in state_dict and not any(
+            k in state_dict for k in head_keys):
+        # a backbone saved without heads (num_classes=0, e.g. self-supervised pretraining)
+        state_dict.update({k: target[k] for k in head_keys})
+        _logger.info('Pretrained weights have no heads: conv_cls_head and trans_cls_head '
+                     'start from random init')
+    elif other_classes:
         pretrained_classes = state_dict[other_classes[0]].shape[0]
         for k in other_classes:
             if k in target:
