@@ -114,8 +114,11 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
 def knn_top1_of(model: nn.Module, embedding: str, bank_set, query_set, cfg, env, amp: str,
                 k: int = 20, temperature: float = 0.07) -> Optional[float]:
     """k-NN top-1 of `model`'s frozen features (eval mode): the training images with their
-    labels are the bank, the eval images the queries. None when the images carry no labels
-    (-1)."""
+    labels are the bank, the eval images the queries. None, before any work, when there is no
+    eval split or either split's images carry no labels (-1)."""
+    if query_set is None or any(len(s) and int(torch.as_tensor(s.targets).min()) < 0
+                                for s in (bank_set, query_set)):
+        return None
     was_training = model.training
     model.eval()
     try:
@@ -128,8 +131,6 @@ def knn_top1_of(model: nn.Module, embedding: str, bank_set, query_set, cfg, env,
         queries, query_labels = extract(features, query_set, cfg, env)
     finally:
         model.train(was_training)
-    if (bank_labels < 0).any() or (query_labels < 0).any():
-        return None
     return knn_top1(bank, bank_labels, queries, query_labels, k, temperature)
 
 

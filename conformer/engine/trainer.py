@@ -39,7 +39,7 @@ from tqdm import tqdm
 from conformer.data import GlobalBatchSampler, build_datasets
 from conformer.models import ConvTransBlock
 from conformer.runtime import keep_freed_memory
-from conformer.weights import load_state_dict_checked
+from conformer.weights import CheckpointError, load_state_dict_checked
 from conformer.weights.rebuild import weights_record
 
 from . import checkpoint as ckpt
@@ -334,8 +334,13 @@ def describe_from_pretrained(cfg) -> None:
     """Fine-tuning from model.checkpoint takes the model, architecture, input channels and
     preprocessing from what the file records (explicit settings win)."""
     path = os.path.expanduser(cfg.model.checkpoint or '')
-    if path and os.path.isfile(path):  # else build_model names the missing file
-        describe_from_weights(cfg, 'model.checkpoint', weights_record(path)[1])
+    if not (path and os.path.isfile(path)):  # else build_model names the missing file
+        return
+    try:
+        record = weights_record(path)[1]
+    except CheckpointError:  # a plain file of a custom architecture: the configured model
+        record = weights_record(path, model_name=cfg.model.name)[1]
+    describe_from_weights(cfg, 'model.checkpoint', record)
 
 
 def finished(cfg, saved: Dict[str, Any]) -> bool:

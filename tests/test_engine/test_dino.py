@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -189,7 +190,7 @@ def test_the_pretrained_backbone_transfers_through_model_checkpoint(folder, tmp_
     # and a supervised fine-tuning run takes it, with its architecture, from the file
     out = run_train(RUN + ['aug=none'], tmp_path / 'finetune', f'data.root={folder}',
                     'trainer.epochs=1', f'model.checkpoint={path}')
-    assert 'test top-1' in out
+    assert 'val top-1' in out
     tuned = load(tmp_path / 'finetune' / 'checkpoints' / 'last.pth')
     assert tuned['meta']['model_kwargs']['patch_size'] == 4
 
@@ -217,3 +218,19 @@ def test_on_real_images_centring_holds_the_spread_the_run_without_it_loses(tmp_p
                    wait=False)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1 and 'centring prevents this' in out, out
+
+
+def test_a_folder_without_class_folders_pretrains_without_evaluation(tmp_path):
+    """data.labelled=false: images at any depth, no labels, no eval split; k-NN is skipped
+    before any feature is computed."""
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / 'images' / ('deeper' if i % 2 else '')
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            folder / f'{i}.png')
+    out = run_cli(tmp_path / 'run', f'data.root={tmp_path / "images"}', 'data.labelled=false',
+                  'trainer.epochs=1')
+    assert 'no labels, no k-NN evaluation' in out
+    saved = load(tmp_path / 'run' / 'checkpoints' / 'last.pth')
+    assert saved['step'] == 1 and saved['sampler']['num_samples'] == 12
