@@ -136,3 +136,15 @@ def test_conformer_train_fine_tunes_from_a_plain_file_and_names_a_conflicting_se
                    f'hydra.run.dir={tmp_path}/conflict')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'the model has embed_dim=64 (the weights have 128)' in result.stderr
+
+
+def test_conformer_train_fine_tunes_from_a_plain_file_of_a_custom_architecture(tmp_path):
+    """No variant's default has these shapes: the configured model.* settings say what it is."""
+    path = tmp_path / 'w.safetensors'
+    save_plain(path, **CUSTOM)
+    custom = [f'model.{key}={value}' for key, value in CUSTOM.items()]
+    result = train(tmp_path, f'model.checkpoint={path}', *custom)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(tmp_path / 'run' / 'checkpoints' / 'last.pth', map_location='cpu',
+                       weights_only=True)
+    assert state['meta']['model_kwargs']['embed_dim'] == 16
