@@ -62,11 +62,13 @@ NOT_RUN = {
     'torchrun --standalone --nproc_per_node 8 tools/train.py '
     'experiment=imagenet_conformer_small_patch16 data.root=/data/imagenet':
         'needs 8 GPUs and ImageNet',
+    'torchrun --nproc_per_node=8 tools/train.py experiment=dino_imagenet_conformer_small_patch16 '
+    'data.root=/data/imagenet': 'needs 8 GPUs and ImageNet',
 }
 LANGUAGES = {'bash', 'python', 'text', 'bibtex'}  # text and bibtex blocks are not code
 MARKER = re.compile(r'<!--\s*readme-test:\s*(\S+)\s*(.*?)\s*-->')
 TRAIN = re.compile(r'(^|\s)(conformer-train|\S*tools/train\.py)\s')
-EVAL = re.compile(r'(^|\s)(conformer-eval|\S*tools/eval\.py)\s')
+EVAL = re.compile(r'(^|\s)(conformer-eval|conformer-knn|\S*tools/(eval|knn)\.py)\s')
 BENCHMARK = re.compile(r'(^|\s)(conformer-benchmark|\S*tools/benchmark\.py)(\s|$)')
 SHORT_BENCHMARK = ('--model conformer_nano_patch4 --image-size 32 --batch-sizes 1 --rounds 1 '
                    '--warmup 1')
