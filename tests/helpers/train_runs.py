@@ -1,5 +1,6 @@
 """Training runs through the command line, as users start them, for the engine tests."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,3 +35,17 @@ def wait_for(path, proc, timeout=300):
 
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def kill_and_resume(run, run_dir, *overrides, kill_at: int, total: int) -> str:
+    """`run(run_dir, ...)` killed with SIGKILL once step `kill_at`'s checkpoint exists (the
+    run must save every step), then resumed with trainer.resume=auto; returns the resumed
+    run's output."""
+    proc = run(run_dir, *overrides, wait=False)
+    wait_for(run_dir / 'checkpoints' / f'step-{kill_at:08d}.pth', proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load(run_dir / 'checkpoints' / 'last.pth')['step']
+    assert killed_at < total, 'the run finished before it was killed; the test proved nothing'
+    return run(run_dir, *overrides, 'trainer.resume=auto')

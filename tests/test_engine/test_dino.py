@@ -3,7 +3,6 @@ formula, multi-crop views, no collapse with centring and a reported collapse wit
 bitwise resume after SIGKILL (teacher, centre, head), two gloo ranks against one, and the
 transfer of the pretrained backbone through model.checkpoint."""
 import math
-import signal
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ from conformer.engine.config import check
 from conformer.engine.methods.dino import DINO, DINOHead
 
 from helpers.image_folders import make_folder
-from helpers.train_runs import load, run_train, wait_for
+from helpers.train_runs import kill_and_resume, load, run_train
 
 ARCH = ['model=conformer_nano_patch4', 'model.base_channel=8', 'model.embed_dim=16',
         'model.num_heads=2', 'model.depth=6', 'model.patch_size=4']
@@ -141,14 +140,7 @@ def assert_same_dino_state(a, b):
 def test_a_dino_run_killed_with_sigkill_resumes_bitwise(folder, tmp_path):
     common = [f'data.root={folder}', 'trainer.epochs=3', 'trainer.ckpt_every_steps=1']
     run_cli(tmp_path / 'whole', *common)
-    proc = run_cli(tmp_path / 'killed', *common, wait=False)
-    wait_for(tmp_path / 'killed' / 'checkpoints' / 'step-00000006.pth', proc)  # mid-epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = load(tmp_path / 'killed' / 'checkpoints' / 'last.pth')['step']
-    assert killed_at < 12, 'the run finished before it was killed; the test proved nothing'
-    out = run_cli(tmp_path / 'killed', *common, 'trainer.resume=auto')
+    out = kill_and_resume(run_cli, tmp_path / 'killed', *common, kill_at=6, total=12)  # epoch 2
     assert 'k-NN top-1' in out
     whole = load(tmp_path / 'whole' / 'checkpoints' / 'last.pth')
     assert whole['step'] == 12 and whole['dino_center'].abs().sum() > 0

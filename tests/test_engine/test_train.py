@@ -21,6 +21,7 @@ from conformer.weights import CheckpointError
 
 from helpers import REPO
 from helpers.image_folders import make_folder
+from helpers.train_runs import kill_and_resume, load, run_train, wait_for
 
 TINY = ['model=conformer_nano_patch4',
         'model.base_channel=8', 'model.embed_dim=16', 'model.num_heads=2', 'model.depth=6',
@@ -40,20 +41,8 @@ def compose_cfg(*overrides):
         return compose('train', overrides=list(overrides))
 
 
-def run_cli(run_dir, *overrides, wait=True, launcher=(sys.executable,), env=None):
-    cmd = [*launcher, str(REPO / 'tools' / 'train.py'), *TINY, f'hydra.run.dir={run_dir}',
-           *overrides]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS='1', **(env or {})))
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    return out
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
+def run_cli(run_dir, *overrides, **kw):
+    return run_train(TINY, run_dir, *overrides, **kw)
 
 
 def test_a_run_leaves_metrics_curves_and_a_portable_checkpoint(folder, tmp_path):
@@ -375,14 +364,6 @@ def test_the_loss_is_the_mean_of_both_heads_cross_entropies():
     assert torch.allclose(loss, expected)
 
 
-def wait_for(path: Path, proc, timeout=300):
-    start = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() - start < timeout
-        time.sleep(0.05)
-
-
 def assert_same_state(a, b):
     for key in ('model', 'state_dict_ema'):
         assert a[key].keys() == b[key].keys()
@@ -397,14 +378,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(folder, 
     common = [f'data.root={folder}', 'trainer.epochs=3', 'trainer.ckpt_every_steps=1',
               'aug.mixup=0.4']
     run_cli(tmp_path / 'whole', *common)
-    proc = run_cli(tmp_path / 'killed', *common, wait=False)
-    wait_for(tmp_path / 'killed' / 'checkpoints' / 'step-00000006.pth', proc)  # mid-epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = load(tmp_path / 'killed' / 'checkpoints' / 'last.pth')['step']
-    assert killed_at < 12, 'the run finished before it was killed; the test proved nothing'
-    out = run_cli(tmp_path / 'killed', *common, 'trainer.resume=auto')
+    out = kill_and_resume(run_cli, tmp_path / 'killed', *common, kill_at=6, total=12)  # epoch 2
     assert 'val top-1' in out
     assert_same_state(load(tmp_path / 'whole' / 'checkpoints' / 'last.pth'),
                       load(tmp_path / 'killed' / 'checkpoints' / 'last.pth'))
