@@ -16,6 +16,7 @@ from conformer.benchmark import (
     MODES,
     NO_CUDA,
     NO_NATIVE_BF16,
+    PEERS,
     SCHEMA,
     gemm_call,
     gemm_routes,
@@ -236,3 +237,15 @@ def test_peers_are_refused_while_openmp_threads_would_spin(monkeypatch, capsys, 
         main(['--modes', 'eager', 'ov_fp32', '--json', str(tmp_path / 'b.json')])
     assert exit_info.value.code == 2
     assert 'OMP_WAIT_POLICY=ACTIVE makes idle PyTorch threads spin' in capsys.readouterr().err
+
+
+def test_by_default_spinning_threads_leave_the_peers_out_and_say_so(monkeypatch, capsys,
+                                                                    tmp_path):
+    monkeypatch.setenv('OMP_WAIT_POLICY', 'active')
+    out = tmp_path / 'b.json'
+    main(['--model', 'conformer_nano_patch4', '--image-size', '32', '--batch-sizes', '1',
+          '--rounds', '1', '--warmup', '1', '--skip-training', '--json', str(out)])
+    assert 'the peers (ONNX Runtime, OpenVINO) are left out' in capsys.readouterr().err
+    [variant] = json.loads(out.read_text())['variants']
+    measured = {row['mode'] for row in variant['inference']}
+    assert 'eager' in measured and not measured & set(PEERS)

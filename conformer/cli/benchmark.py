@@ -181,10 +181,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    spinning = os.environ.get('OMP_WAIT_POLICY', '').upper() == 'ACTIVE'
     if args.modes is None:
         args.modes = list(FLOAT_MODES if args.smoke else MODES)
+        if spinning:  # the PyTorch modes alone, as that setting asks for
+            args.modes = [m for m in args.modes if m not in PEERS]
+            print('OMP_WAIT_POLICY=ACTIVE: the peers (ONNX Runtime, OpenVINO) are left out; '
+                  'unset it to measure them', file=sys.stderr)
     peers = [m for m in args.modes if m in PEERS]
-    if peers and os.environ.get('OMP_WAIT_POLICY', '').upper() == 'ACTIVE':
+    if peers and spinning:
         parser.error(f'OMP_WAIT_POLICY=ACTIVE makes idle PyTorch threads spin through the '
                      f'turns of {", ".join(peers)} and slows them; unset it, or drop the peers '
                      f'from --modes')
