@@ -1,6 +1,7 @@
 """Model, data loaders, optimizer and schedule from a config: shared by train and eval."""
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 import timm
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import conformer  # noqa: F401  (registers the conformer_* variants with timm)
 from conformer.data import GlobalBatchSampler, SeededTransform, ShardSampler, build_transform
+from conformer.weights import weights_file
 
 _logger = logging.getLogger(__name__)
 # where a training checkpoint keeps its EMA weights: timm's key, which
@@ -107,8 +109,8 @@ def available_cores() -> int:
 
 def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
     """timm.create_model; pretrained weights come from the variant's default source or, with
-    model.checkpoint, from a local file of any supported format (a new head is made when the
-    class count differs).
+    model.checkpoint, from weights of any supported format: a file, a model folder, a URL or an
+    ``hf-hub:`` name (a new head is made when the class count differs).
 
     Args:
         model_cfg: the ``model`` config group (name, pretrained, checkpoint, drop rates,
@@ -117,20 +119,32 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
         in_chans: input channels of the data.
 
     Raises:
-        FileNotFoundError: ``model.checkpoint`` does not exist.
+        FileNotFoundError: ``model.checkpoint`` is a local path that does not exist.
+        DownloadError: ``model.checkpoint`` cannot be fetched.
     """
     kwargs = model_kwargs(model_cfg)
     overlay = None
     if model_cfg.checkpoint:
-        path = os.path.expanduser(model_cfg.checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'model.checkpoint={model_cfg.checkpoint} does not exist')
-        overlay = dict(file=path)
+        overlay = dict(file=str(checkpoint_file(model_cfg.checkpoint)))
     return timm.create_model(
         model_cfg.name, pretrained=model_cfg.pretrained or overlay is not None,
         pretrained_cfg_overlay=overlay,
         num_classes=num_classes, in_chans=in_chans, drop_rate=model_cfg.drop_rate,
         drop_path_rate=model_cfg.drop_path_rate, **kwargs)
+
+
+def checkpoint_file(source: str) -> Path:
+    """model.checkpoint as a local file: a path as given, or a model folder, URL,
+    ``hf-hub:ORG/NAME`` or ``local-dir:FOLDER`` fetched (and cached) as the tools' --checkpoint.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        DownloadError: a remote source that cannot be fetched (offline, not cached).
+    """
+    path = weights_file(source)
+    if not path.is_file():
+        raise FileNotFoundError(f'model.checkpoint={source} does not exist')
+    return path
 
 
 def saved_ema(state: dict) -> Optional[dict]:

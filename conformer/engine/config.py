@@ -40,7 +40,7 @@ class ModelConfig:
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
     pretrained: bool = False  # load the variant's published weights
-    checkpoint: Optional[str] = None  # or these local weights (any format, incl. our checkpoints)
+    checkpoint: Optional[str] = None  # or these weights: a file (any format), folder, URL, hf-hub:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     freeze_backbone: bool = False  # linear probe: train only the two heads

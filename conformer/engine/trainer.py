@@ -47,6 +47,7 @@ from .build import (
     EMA_KEY,
     build_model,
     check_classes,
+    checkpoint_file,
     describe_from_weights,
     model_kwargs,
     saved_ema,
@@ -332,14 +333,15 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
 
 def describe_from_pretrained(cfg) -> None:
     """Fine-tuning from model.checkpoint takes the model, architecture, input channels and
-    preprocessing from what the file records (explicit settings win)."""
-    path = os.path.expanduser(cfg.model.checkpoint or '')
-    if not (path and os.path.isfile(path)):  # else build_model names the missing file
+    preprocessing from what the weights record (explicit settings win)."""
+    source = cfg.model.checkpoint
+    if not source:
         return
+    checkpoint_file(source)  # a missing file or an unreachable source is named first
     try:
-        record = weights_record(path)[1]
+        record = weights_record(source)[1]
     except CheckpointError:  # a plain file of a custom architecture: the configured model
-        record = weights_record(path, model_name=cfg.model.name)[1]
+        record = weights_record(source, model_name=cfg.model.name)[1]
     describe_from_weights(cfg, 'model.checkpoint', record)
 
 

@@ -227,3 +227,32 @@ def test_hub_endpoint_then_offline(server, weights, quickstart, tmp_path):
     msg = offline['in1k']
     assert ('https://download.openmmlab.com/mmclassification/v0/conformer/' + in1k in msg
             and str(torch_cache / in1k) in msg and 'f6860372' in msg)
+
+
+def test_conformer_train_fine_tunes_from_hf_hub_weights_as_from_the_same_local_file(
+        server, quickstart, tmp_path):
+    """model.checkpoint=hf-hub:ORG/NAME fetches the weights and their config.json (which
+    records the pooled-stem, grey architecture) and trains exactly as the same weights from a
+    local file; offline and never cached, the run stops with one line naming the fix."""
+    from helpers.image_folders import make_folder
+    from helpers.train_runs import load, run_train
+    quick_path, _ = quickstart
+    for f in convert(quick_path, tmp_path / 'quick').iterdir():
+        server.routes[f'/org/quick/resolve/main/{f.name}'] = f.read_bytes()
+    folder = make_folder(tmp_path / 'images', size=28)
+    base = ['data=imagefolder', f'data.root={folder}', 'data.batch_size=6', 'data.num_workers=0',
+            'aug=none', 'trainer.epochs=1', 'trainer.max_steps=2', 'trainer.threads=1',
+            'trainer.deterministic=true', 'logging.progress=false', 'logging.plot=false']
+    env = {'HF_ENDPOINT': server.url, 'HF_HOME': str(tmp_path / 'hf'), 'HF_HUB_DISABLE_XET': '1'}
+    run_train(base, tmp_path / 'hub', 'model.checkpoint=hf-hub:org/quick', env=env)
+    run_train(base, tmp_path / 'file', f'model.checkpoint={quick_path}')
+    hub, local = (load(tmp_path / run / 'checkpoints' / 'last.pth') for run in ('hub', 'file'))
+    assert hub['meta']['model_kwargs']['stem_type'] == 'pooled' and hub['meta']['in_chans'] == 1
+    assert hub['model'].keys() == local['model'].keys()
+    assert all(torch.equal(hub['model'][k], v) for k, v in local['model'].items())
+
+    proc = run_train(base, tmp_path / 'offline', 'model.checkpoint=hf-hub:org/never',
+                     env={**env, 'HF_HUB_OFFLINE': '1'}, wait=False)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and 'Traceback' not in out, out
+    assert 'hf-hub:org/never' in out and 'HF_HUB_OFFLINE' in out, out
