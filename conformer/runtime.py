@@ -1,11 +1,16 @@
-"""Process-wide CPU settings and hardware facts shared by the trainer, deploy and benchmark."""
+"""Process-wide CPU settings, hardware facts and the launcher's place for this process, shared
+by the data pipeline, the trainer, deploy and benchmark."""
 import ctypes
+import os
 import platform
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-__all__ = ['cpu_description', 'keep_freed_memory', 'native_bf16']
+__all__ = ['Launch', 'LaunchError', 'cpu_description', 'env_int', 'keep_freed_memory',
+           'launch_env', 'native_bf16']
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -61,3 +66,57 @@ def cpu_description() -> str:
     isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
     return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "
             f"model {info.get('model', '?')}; {' '.join(isa) or 'no AVX2'})")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the launch: its rank, the number of processes, and its
+    rank on this node (which GPU it drives)."""
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+class LaunchError(ValueError):
+    """The launcher's variables (torchrun's or srun's) describe no process this can be."""
+
+
+def env_int(name: str, default: Optional[int] = None, low: int = 0) -> int:
+    """The integer an environment variable holds, >= `low`; a bad one is named."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low:
+        raise LaunchError(f'{name}={value!r} is not an integer >= {low}: the launcher (torchrun '
+                          f'or srun) sets it; unset it, or launch through the launcher')
+    return number
+
+
+def launch_env() -> Launch:
+    """This process's place in the launch: torchrun's variables first (also when torchrun runs
+    under srun), then srun's, else a single process.
+
+    Raises:
+        LaunchError: a variable that is not a number, or a rank outside the world size; the
+            message names the variable.
+    """
+    env = os.environ
+    if 'WORLD_SIZE' in env:
+        names = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+    elif 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
+        names = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')
+    else:
+        return Launch(0, 1, 0)
+    rank, world_size = env_int(names[0], 0), env_int(names[1], low=1)
+    local_rank = env_int(names[2], 0)
+    if rank >= world_size:
+        raise LaunchError(
+            f'{names[0]}={rank} with {names[1]}={world_size}: a rank must be below the number '
+            f'of processes; these variables come from another launch (an inherited '
+            f'environment?): unset them to run one process, or start every rank through the '
+            f'launcher')
+    return Launch(rank, world_size, local_rank)

@@ -73,7 +73,8 @@ def test_every_imported_package_is_declared():
 
 # The library's layers, lowest first: a module may import from lower layers and its own part.
 LAYERS = [
-    {'kernels', 'runtime', 'data'},
+    {'runtime'},  # process-wide settings and the launcher's variables, read by every part
+    {'kernels', 'data'},
     {'layers'},
     {'models'},
     {'weights'},  # also `import conformer`, which registers the models and the weight loader

@@ -31,26 +31,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from conformer.runtime import launch_env
+
 from .images import IMAGE_SUFFIXES, READ_ERRORS, check_image_header
 
-__all__ = ['INDEX_NAME', 'Listing', 'cache_dir', 'launch_ranks', 'load_or_build', 'list_tree']
+__all__ = ['INDEX_NAME', 'Listing', 'cache_dir', 'load_or_build', 'list_tree']
 
 _logger = logging.getLogger(__name__)
 INDEX_NAME = '.conformer-index'  # prefix of every index file; never listed as data
 FORMAT = 1  # bump when the arrays change meaning
 _SAMPLED_FILES = 64  # files whose size and mtime are checked at every load
 _WAIT_LOG_SECONDS = 60
-
-
-def launch_ranks() -> Tuple[int, int]:
-    """(rank, rank on this node) of this process in a torchrun or srun launch, (0, 0) when
-    launched plainly; read from the environment, so it works before any process group exists."""
-    env = os.environ
-    if 'WORLD_SIZE' in env:
-        return int(env.get('RANK', 0)), int(env.get('LOCAL_RANK', 0))
-    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', 1)) > 1:
-        return int(env['SLURM_PROCID']), int(env.get('SLURM_LOCALID', 0))
-    return 0, 0
 
 
 def cache_dir() -> Path:
@@ -311,8 +302,8 @@ def load_or_build(source: Path, tag: str, kind: str, build: Callable[[], Listing
             return listing
         if why:
             stale.append(f'{candidate}: {why}')
-    rank, local_rank = launch_ranks()
-    builder = (local_rank if path == cached else rank) == 0
+    launch = launch_env()  # checked (a bad variable named) before any work by the tools
+    builder = (launch.local_rank if path == cached else launch.rank) == 0
     if builder:
         if stale:
             _logger.warning('rebuilding the stale index %s', '; '.join(stale))
@@ -345,6 +336,6 @@ def load_or_build(source: Path, tag: str, kind: str, build: Callable[[], Listing
                                f'the index {path} of {source}; did it fail? Build the index '
                                f'once in one process: conformer-shards index {source}')
         if time.monotonic() - last_log > _WAIT_LOG_SECONDS:
-            _logger.info('rank %d: waiting for the first process to index %s', rank, source)
+            _logger.info('rank %d: waiting for the first process to index %s', launch.rank, source)
             last_log = time.monotonic()
         time.sleep(0.5)

@@ -2,9 +2,10 @@
 the collectives the engine uses.
 
 Launched plainly, a run is one process. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun
-(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) every process joins one group; nothing else in
-the engine reads those variables. They are checked before any work (`check_launch`): a bad one
-is named, and a rank waiting for the others says so and gives up after a timeout.
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) every process joins one group; those variables
+are read in one place, `conformer.runtime.launch_env`, which the data index shares. They are
+checked before any work (`check_launch`): a bad one is named, and a rank waiting for the others
+says so and gives up after a timeout.
 
 NCCL groups take CUDA tensors only, so every collective here moves its tensor to
 `collective_device()` and back.
@@ -21,17 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from conformer.runtime import Launch, LaunchError, env_int, launch_env
+
 _DEFAULT_PORT = 29500
 _store: Optional[dist.Store] = None  # the rendezvous, kept for init_process_group
-
-
-@dataclass(frozen=True)
-class Launch:
-    """Where this process sits in the launch: its rank, the number of processes, and its
-    rank on this node (which GPU it drives)."""
-    rank: int
-    world_size: int
-    local_rank: int
 
 
 @dataclass
@@ -57,53 +51,8 @@ def first_host(nodelist: str) -> str:
     return prefix + re.split('[-,]', ranges)[0] if ranges else prefix
 
 
-class LaunchError(ValueError):
-    """The launcher's variables (torchrun's or srun's) describe no process this can be."""
-
-
 # seconds a rank waits for the others to join the rendezvous (CONFORMER_RENDEZVOUS_TIMEOUT)
 RENDEZVOUS_TIMEOUT = 600.
-
-
-def _env_int(name: str, default: Optional[int] = None, low: int = 0) -> int:
-    """The integer an environment variable holds, >= `low`; a bad one is named."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is None or number < low:
-        raise LaunchError(f'{name}={value!r} is not an integer >= {low}: the launcher (torchrun '
-                          f'or srun) sets it; unset it, or launch through the launcher')
-    return number
-
-
-def launch_env() -> Launch:
-    """This process's place in the launch: torchrun's variables first (also when torchrun runs
-    under srun), then srun's, else a single process.
-
-    Raises:
-        LaunchError: a variable that is not a number, or a rank outside the world size; the
-            message names the variable.
-    """
-    env = os.environ
-    if 'WORLD_SIZE' in env:
-        names = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
-    elif 'SLURM_PROCID' in env and 'SLURM_NTASKS' in env:
-        names = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID')
-    else:
-        return Launch(0, 1, 0)
-    rank, world_size = _env_int(names[0], 0), _env_int(names[1], low=1)
-    local_rank = _env_int(names[2], 0)
-    if rank >= world_size:
-        raise LaunchError(
-            f'{names[0]}={rank} with {names[1]}={world_size}: a rank must be below the number '
-            f'of processes; these variables come from another launch (an inherited '
-            f'environment?): unset them to run one process, or start every rank through the '
-            f'launcher')
-    return Launch(rank, world_size, local_rank)
 
 
 def rendezvous_timeout() -> float:
@@ -138,7 +87,7 @@ def master_address() -> Tuple[str, str]:
     if 'WORLD_SIZE' not in env and 'SLURM_PROCID' in env:
         nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') \
             or env.get('SLURM_NODELIST') or '127.0.0.1'
-        default = first_host(nodes), str(20000 + _env_int('SLURM_JOB_ID', 0) % 20000)
+        default = first_host(nodes), str(20000 + env_int('SLURM_JOB_ID', 0) % 20000)
     else:
         default = '127.0.0.1', str(_DEFAULT_PORT)
     port = env.get('MASTER_PORT') or default[1]
