@@ -14,6 +14,8 @@ from conformer.weights import DownloadError
 from conformer.weights.convert import convert
 
 from helpers.http_server import LoopbackServer
+from helpers.image_folders import make_folder
+from helpers.train_runs import load, run_train
 from helpers.weight_files import NANO, nano, to_mmpretrain
 
 
@@ -234,8 +236,6 @@ def test_conformer_train_fine_tunes_from_hf_hub_weights_as_from_the_same_local_f
     """model.checkpoint=hf-hub:ORG/NAME fetches the weights and their config.json (which
     records the pooled-stem, grey architecture) and trains exactly as the same weights from a
     local file; offline and never cached, the run stops with one line naming the fix."""
-    from helpers.image_folders import make_folder
-    from helpers.train_runs import load, run_train
     quick_path, _ = quickstart
     for f in convert(quick_path, tmp_path / 'quick').iterdir():
         server.routes[f'/org/quick/resolve/main/{f.name}'] = f.read_bytes()
