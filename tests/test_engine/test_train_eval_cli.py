@@ -54,6 +54,8 @@ CASES = [  # tool, arguments ({t}: the test's folder), exit status, part of the 
     ('train', ['trainer.device=cuda'], 1, 'trainer.device=cuda but no CUDA GPU is visible'),
     ('train', ['data.root={t}/missing'], 1, '{t}/missing/train does not exist'),
     ('train', ['trainer.resume={t}/missing.pth'], 1, 'trainer.resume={t}/missing.pth does not'),
+    ('train', ['model.checkpoint={t}/missing.pth'], 1,
+     'model.checkpoint={t}/missing.pth does not exist'),
     ('train', ['trainer.resume={t}'], 1, 'is a folder; pass a .pth file'),
     ('train', ['trainer.resume={t}/garbage.pth'], 1, 'cannot read trainer.resume={t}/garbage'),
     ('train', ['hydra.run.dir={t}/earlier'], 1, 'already holds the checkpoints of an earlier'),
