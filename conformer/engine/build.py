@@ -107,7 +107,8 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(model_cfg, num_classes: int, in_chans: int,
+                checkpoint: Optional[Path] = None) -> nn.Module:
     """timm.create_model; pretrained weights come from the variant's default source or, with
     model.checkpoint, from weights of any supported format: a file, a model folder, a URL or an
     ``hf-hub:`` name (a new head is made when the class count differs).
@@ -117,6 +118,8 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
             architecture overrides).
         num_classes: classes of the data.
         in_chans: input channels of the data.
+        checkpoint: the local file model.checkpoint was already fetched to (`checkpoint_file`),
+            so that a remote source is fetched and verified once per run.
 
     Raises:
         FileNotFoundError: ``model.checkpoint`` is a local path that does not exist.
@@ -125,7 +128,7 @@ def build_model(model_cfg, num_classes: int, in_chans: int) -> nn.Module:
     kwargs = model_kwargs(model_cfg)
     overlay = None
     if model_cfg.checkpoint:
-        overlay = dict(file=str(checkpoint_file(model_cfg.checkpoint)))
+        overlay = dict(file=str(checkpoint or checkpoint_file(model_cfg.checkpoint)))
     return timm.create_model(
         model_cfg.name, pretrained=model_cfg.pretrained or overlay is not None,
         pretrained_cfg_overlay=overlay,

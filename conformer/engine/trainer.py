@@ -270,7 +270,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         run_dir: the run's folder for checkpoints, logs and metrics
             (``trainer.resume=auto`` resumes from its last checkpoint).
     """
-    describe_from_pretrained(cfg)
+    pretrained = describe_from_pretrained(cfg)
     check(cfg)
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as cleanup:  # undoes what it is given, last first
@@ -282,7 +282,7 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
             return finished_result(run_dir, resume, saved)
         env = init_distributed(cfg.trainer.device)
         cleanup.callback(shutdown)
-        run = build_run(cfg, run_dir, env, resume, saved)
+        run = build_run(cfg, run_dir, env, resume, saved, pretrained)
         cleanup.callback(run.logger.close)
         state = start_state(run, resume, saved)
         t, steps_per_epoch = cfg.trainer, run.sampler.steps_per_epoch
@@ -331,18 +331,20 @@ def train(cfg, run_dir: Path) -> Dict[str, Any]:
         return result
 
 
-def describe_from_pretrained(cfg) -> None:
+def describe_from_pretrained(cfg) -> Optional[Path]:
     """Fine-tuning from model.checkpoint takes the model, architecture, input channels and
-    preprocessing from what the weights record (explicit settings win)."""
+    preprocessing from what the weights record (explicit settings win); returns the local
+    file of model.checkpoint, fetched once for the whole run (None without one)."""
     source = cfg.model.checkpoint
     if not source:
-        return
-    checkpoint_file(source)  # a missing file or an unreachable source is named first
+        return None
+    file = checkpoint_file(source)  # a missing file or an unreachable source is named first
     try:
-        record = weights_record(source)[1]
+        record = weights_record(source, file=file)[1]
     except CheckpointError:  # a plain file of a custom architecture: the configured model
-        record = weights_record(source, model_name=cfg.model.name)[1]
+        record = weights_record(source, model_name=cfg.model.name, file=file)[1]
     describe_from_weights(cfg, 'model.checkpoint', record)
+    return file
 
 
 def finished(cfg, saved: Dict[str, Any]) -> bool:
@@ -371,8 +373,9 @@ def finished_result(run_dir: Path, resume: str, saved: Dict[str, Any]) -> Dict[s
 
 
 def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
-              saved: Optional[Dict[str, Any]]) -> Run:
-    """Data, model (with the resumed weights), wrappers, optimizer, schedule and loss."""
+              saved: Optional[Dict[str, Any]], pretrained: Optional[Path] = None) -> Run:
+    """Data, model (from `pretrained`, model.checkpoint's local file, then the resumed
+    weights), wrappers, optimizer, schedule and loss."""
     t = cfg.trainer
     setup_runtime(t, env)
     amp = resolve_amp(t.amp, env.device, 'trainer.amp')
@@ -389,7 +392,8 @@ def build_run(cfg, run_dir: Path, env: DistEnv, resume: Optional[str],
                                  seed=t.seed, repeats=cfg.aug.repeated_aug)
 
     method = build_method(cfg)
-    model = build_model(cfg.model, method.num_classes(classes), cfg.data.in_chans)
+    model = build_model(cfg.model, method.num_classes(classes), cfg.data.in_chans,
+                        pretrained)
     if saved is not None:  # into the plain module (before wrapping), with a shape check
         ckpt.check_data(saved, f'trainer.resume={resume}', method.num_classes(classes),
                         cfg.data.in_chans)

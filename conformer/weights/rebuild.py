@@ -112,8 +112,8 @@ def model_from_weights(source: Union[str, Path], model_name: Optional[str] = Non
 
 
 def weights_record(source: Union[str, Path], model_name: Optional[str] = None,
-                   use_ema: bool = True, cache_dir: Optional[Union[str, Path]] = None
-                   ) -> Tuple[Checkpoint, Dict[str, Any]]:
+                   use_ema: bool = True, cache_dir: Optional[Union[str, Path]] = None,
+                   file: Optional[Path] = None) -> Tuple[Checkpoint, Dict[str, Any]]:
     """The weights at `source` and what they tell of the model they were trained as, under
     conformer-train's meta names: ``variant`` (`model_name`, else the hosted ``release``, else
     the record, else the file name), ``num_classes`` and ``in_chans`` (from the heads and the
@@ -125,11 +125,12 @@ def weights_record(source: Union[str, Path], model_name: Optional[str] = None,
         model_name: the variant, overriding what the weights record.
         use_ema: take the EMA weights when the file holds both.
         cache_dir: where downloads are kept.
+        file: the local file `source` was already fetched to (not fetched again).
 
     Returns:
         (the checkpoint read, the record dict).
     """
-    checkpoint = read_checkpoint(weights_file(source, cache_dir), use_ema=use_ema)
+    checkpoint = read_checkpoint(file or weights_file(source, cache_dir), use_ema=use_ema)
     record = _record(checkpoint, source, cache_dir)
     release = known_release(checkpoint.path.name)
     name = check_model_name(model_name or release or _recorded_variant(checkpoint, record))

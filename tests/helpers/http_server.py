@@ -17,11 +17,12 @@ class LoopbackServer:
     """
 
     def __init__(self, timeout: Optional[float] = 300):
-        self.routes, self.truncated, self.gets = {}, set(), []
+        self.routes, self.truncated, self.gets, self.heads = {}, set(), [], []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_HEAD(self):
+                server.heads.append(self.path)
                 self._respond(send_body=False)
 
             def do_GET(self):

@@ -235,7 +235,8 @@ def test_conformer_train_fine_tunes_from_hf_hub_weights_as_from_the_same_local_f
         server, quickstart, tmp_path):
     """model.checkpoint=hf-hub:ORG/NAME fetches the weights and their config.json (which
     records the pooled-stem, grey architecture) and trains exactly as the same weights from a
-    local file; offline and never cached, the run stops with one line naming the fix."""
+    local file, asking the Hub for the weights once; offline and never cached, the run stops
+    with one line naming the fix."""
     quick_path, _ = quickstart
     for f in convert(quick_path, tmp_path / 'quick').iterdir():
         server.routes[f'/org/quick/resolve/main/{f.name}'] = f.read_bytes()
@@ -245,6 +246,8 @@ def test_conformer_train_fine_tunes_from_hf_hub_weights_as_from_the_same_local_f
             'trainer.deterministic=true', 'logging.progress=false', 'logging.plot=false']
     env = {'HF_ENDPOINT': server.url, 'HF_HOME': str(tmp_path / 'hf'), 'HF_HUB_DISABLE_XET': '1'}
     run_train(base, tmp_path / 'hub', 'model.checkpoint=hf-hub:org/quick', env=env)
+    asked = [p for p in server.heads + server.gets if p.endswith('/model.safetensors')]
+    assert len(asked) == 2, asked  # its metadata, then the file: not again for the model
     run_train(base, tmp_path / 'file', f'model.checkpoint={quick_path}')
     hub, local = (load(tmp_path / run / 'checkpoints' / 'last.pth') for run in ('hub', 'file'))
     assert hub['meta']['model_kwargs']['stem_type'] == 'pooled' and hub['meta']['in_chans'] == 1
