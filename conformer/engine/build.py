@@ -240,9 +240,16 @@ def train_loader(dataset, data_cfg, aug_cfg, sampler: GlobalBatchSampler, micro_
         transform = build_transform(aug_cfg, data_cfg, is_training=True)
     view = SeededTransform(dataset, transform)
     return DataLoader(view, batch_size=micro_batch, sampler=sampler,
-                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      num_workers=loader_workers(data_cfg), pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(epoch_seed),
                       persistent_workers=False)
+
+
+def loader_workers(data_cfg) -> int:
+    """data.num_workers, at most the cores this process may use: more loader processes than
+    cores only take turns with the training threads (PyTorch warns of it at every epoch).
+    Augmentation is seeded per sample, so the count never changes what a run computes."""
+    return min(data_cfg.num_workers, available_cores())
 
 
 def eval_loader(dataset, data_cfg, aug_cfg, rank: int, world_size: int) -> DataLoader:
@@ -258,5 +265,5 @@ def eval_loader(dataset, data_cfg, aug_cfg, rank: int, world_size: int) -> DataL
     view = SeededTransform(dataset, build_transform(aug_cfg, data_cfg, is_training=False))
     return DataLoader(view, batch_size=data_cfg.eval_batch_size,
                       sampler=ShardSampler(len(dataset), rank, world_size),
-                      num_workers=data_cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                      num_workers=loader_workers(data_cfg), pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(0))

@@ -72,7 +72,7 @@ class DataConfig:
     subset_seed: int = 0
     batch_size: int = 128  # global batch over all ranks and accumulation steps
     eval_batch_size: int = 256  # per rank
-    num_workers: int = 4
+    num_workers: int = 4  # loader processes, at most the cores the process may use
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """What a run says: the end line names the eval split, the last and the best checkpoint and
 only the records it wrote; errors of optional packages and of DataLoader workers are one
-line."""
+line; no more loader workers than cores (PyTorch's warning)."""
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from conformer.engine import cli
+from conformer.data import GlobalBatchSampler
+from conformer.engine import build, cli
+from conformer.engine.config import AugConfig, DataConfig
 from conformer.engine.logger import RunLogger
 
 RESULT = dict(status='finished', epoch=3, step=30, top1=97.21, top1_conv=96.5, top1_trans=97.0,
@@ -109,3 +114,37 @@ def test_crowded_cores_are_named_early_with_the_time_left(monkeypatch, caplog):
             quiet.step = step
             quiet.check(total_steps=2000, device_type='cpu' if not quiet.enabled else 'cuda')
     assert len(caplog.records) == 1  # other ranks and GPUs are not judged
+
+
+class RandomImages(Dataset):
+    def __init__(self, n: int):
+        self.pixels = torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.pixels[index].numpy()), index % 3
+
+
+def test_loader_workers_never_outnumber_the_cores_and_never_change_the_batches(monkeypatch):
+    """data.num_workers=4 on a 1-core share runs one worker (no PyTorch warning at each epoch),
+    and the augmented batches are those of the main process."""
+    data = OmegaConf.structured(DataConfig(input_size=12, num_workers=4))
+    aug = OmegaConf.structured(AugConfig(scale=[0.3, 1.0]))
+    dataset = RandomImages(12)
+
+    def batches(workers):
+        monkeypatch.setattr(build, 'available_cores', lambda: workers)
+        loader = build.train_loader(dataset, data, aug, GlobalBatchSampler(12, 4, seed=1), 4,
+                                    epoch_seed=7)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # PyTorch's worker-count warning fails the test
+            return loader.num_workers, list(loader)
+
+    (one, one_core), (none, main_process) = batches(1), batches(0)
+    assert (one, none) == (1, 0)
+    assert len(one_core) == 3
+    for (x, y), (x0, y0) in zip(one_core, main_process):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
