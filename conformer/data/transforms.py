@@ -157,7 +157,7 @@ def _pad_crop_transform(aug, size: int, mean: Sequence[float], std: Sequence[flo
             fill = tuple(round(255 * m) for m in mean)
             steps.append(pillow_safe(rand_augment_transform(aug.auto_augment,
                                                             dict(img_mean=fill))))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    steps.append(ToNormalizedTensor(mean, std))
     if is_training and aug.re_prob > 0:
         steps.append(RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count,
                                    device='cpu'))

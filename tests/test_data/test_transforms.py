@@ -104,3 +104,11 @@ def test_the_fused_tensor_step_gives_totensor_and_normalize_values():
     np.testing.assert_allclose(ToNormalizedTensor((0.5,), (0.25,))(gray).numpy(),
                                T.Normalize((0.5,), (0.25,))(T.ToTensor()(gray)).numpy(),
                                atol=2e-6)
+    # the small-image path (centre crop, nothing random) of a grey 28 px image, as torchvision's
+    small = OmegaConf.structured(DataConfig(input_size=28, mean=[0.286], std=[0.353]))
+    pad = OmegaConf.structured(AugConfig(train_crop='pad', pad=0, hflip=0.0))
+    digit = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), np.uint8))
+    for is_training in (True, False):
+        got = build_transform(pad, small, is_training)(digit)
+        np.testing.assert_allclose(got.numpy(), T.Normalize((0.286,), (0.353,))(
+            T.ToTensor()(digit)).numpy(), rtol=0, atol=2e-6)

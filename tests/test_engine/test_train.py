@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conformer.engine.cli import config_dir
-from conformer.engine.trainer import train
+from conformer.engine.trainer import fused_update, train
 from conformer.weights import CheckpointError
 
 from helpers import REPO
@@ -525,3 +525,28 @@ def test_the_quickstart_learns_real_fashion_mnist(tmp_path):
     assert summary['top1'] > 30, summary  # chance is 10%
     assert f"test top-1 {summary['top1']:.2f}%" in proc.stdout
     assert (tmp_path / 'curves.png').is_file() and (tmp_path / 'checkpoints' / 'last.pth').is_file()
+
+
+def test_adam_adamw_and_sgd_take_torchs_fused_update_and_match_its_reference_step():
+    """One fused call updates every parameter (off the GPU torch's default is a Python loop);
+    other optimizers and FSDP's sharded parameters keep their default."""
+    cpu = torch.device('cpu')
+    for name in ('adam', 'adamw', 'sgd', 'lookahead_adamw'):
+        assert fused_update(name, cpu, fsdp=False) == {'fused': True}, name
+    assert fused_update('lamb', cpu, fsdp=False) == {}
+    assert fused_update('adamw', cpu, fsdp=True) == {}
+    assert fused_update('adamw', torch.device('meta'), fsdp=False) == {}
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    reference = torch.nn.Linear(5, 3)
+    reference.load_state_dict(model.state_dict())
+    for net, kwargs in ((model, fused_update('adamw', cpu, fsdp=False)),
+                        (reference, dict(foreach=False))):
+        optimizer = timm.optim.create_optimizer_v2(net, opt='adamw', lr=0.1, weight_decay=0.05,
+                                                   **kwargs)
+        for step in range(3):
+            net(torch.ones(2, 5) * step).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want)
