@@ -16,12 +16,15 @@ from torchvision.transforms import InterpolationMode
 
 def _photometric(in_chans: int, blur: float, solarize: float) -> List:
     """DINO's photometric augmentation of one crop: flip, colour jitter (p=0.8) and grayscale
-    (p=0.2) for colour images, Gaussian blur with probability `blur`, solarisation with
-    probability `solarize`."""
-    steps = [T.RandomHorizontalFlip()]
-    if in_chans == 3:  # colour jitter and grayscale mean nothing for one channel
-        steps += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                  T.RandomGrayscale(p=0.2)]
+    (p=0.2), Gaussian blur with probability `blur`, solarisation with probability `solarize`.
+
+    Gray images get the brightness and contrast part of the jitter: without it the student can
+    match the teacher by the crops' intensity statistics instead of their content."""
+    colour = in_chans == 3
+    jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1) if colour else T.ColorJitter(0.4, 0.4)
+    steps = [T.RandomHorizontalFlip(), T.RandomApply([jitter], p=0.8)]
+    if colour:
+        steps.append(T.RandomGrayscale(p=0.2))
     if blur > 0:
         steps.append(T.RandomApply([_Blur()], p=blur))
     if solarize > 0:

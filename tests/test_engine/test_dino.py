@@ -97,6 +97,20 @@ def test_multicrop_gives_two_global_and_n_local_crops_the_same_for_the_same_key(
     assert not torch.equal(first[0][0][0], other[0][0][0])
 
 
+def test_multicrop_jitters_the_brightness_of_gray_crops():
+    # A flat gray image stays flat and keeps its value under crops, flips, blur and (below 128)
+    # solarisation; only brightness jitter moves it, in DINO's range of 0.6x to 1.4x.
+    flat = Image.fromarray(torch.full((28, 28), 100, dtype=torch.uint8).numpy())
+    crops = MultiCrop(28, 16, 2, (0.4, 1.0), (0.05, 0.4), mean=[0.0], std=[1.0])
+    torch.manual_seed(0)
+    views = [view for _ in range(20) for view in crops(flat)]
+    assert all(view.max() - view.min() <= 1 / 255 for view in views)  # still flat
+    scale = torch.stack([view.mean() for view in views]) / (100 / 255)
+    assert 0.6 - 1 / 100 <= scale.min() and scale.max() <= 1.4 + 1 / 100
+    moved = (scale - 1).abs() > 1 / 100
+    assert 0.6 < moved.float().mean() < 0.95  # jitter with probability 0.8
+
+
 def test_dino_refuses_settings_it_cannot_honour():
     for overrides, message in ((['trainer.ema=true'], 'trainer.ema=false'),
                                (['trainer.fsdp=true'], 'trainer.fsdp=true'),
