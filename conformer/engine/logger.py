@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import torch
+
 _logger = logging.getLogger(__name__)
 
 
@@ -119,20 +121,24 @@ class PaceMonitor:
         if self.warned or not self.enabled or device_type != 'cpu' or \
                 not hasattr(os, 'getloadavg'):
             return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else \
-            (os.cpu_count() or 1)
-        load = os.getloadavg()[0]
+        machine = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else machine
+        # the load average counts the whole machine: a run pinned to some of its cores sees
+        # its share of it
+        load = os.getloadavg()[0] * min(cores, machine) / machine
         if load <= self.load_factor * cores:
             return
         self.warned = True
         seconds_per_step = (now - self.start[0]) / max(self.step - self.start[1], 1)
         left = (total_steps - self.step) * seconds_per_step
+        fewer_threads = ', or set trainer.threads=1 (often faster on busy cores)' \
+            if torch.get_num_threads() > 1 else ''
         _logger.warning(
-            'training goes far slower than its %d cores allow: the load average is %.1f, so '
-            'other work competes for them, and at this pace the run needs about %s more. Run '
-            'it when the machine is idle, or set trainer.threads=1 (often faster on busy '
-            'cores); it can be stopped now (Ctrl-C saves a checkpoint) and resumed later with '
-            'trainer.resume=auto', cores, load, _duration(left))
+            'training goes far slower than it could: the load average on the %d core%s it may '
+            'use is %.1f, so other work competes for them, and at this pace the run needs about '
+            '%s more. Run it when the machine is idle%s; it can be stopped now (Ctrl-C saves a '
+            'checkpoint) and resumed later with trainer.resume=auto',
+            cores, 's' if cores > 1 else '', load, _duration(left), fewer_threads)
 
 
 def _duration(seconds: float) -> str:

@@ -91,6 +91,8 @@ def test_a_tensor_error_keeps_its_traceback():  # a bug, not the user's to fix
 def test_crowded_cores_are_named_early_with_the_time_left(monkeypatch, caplog):
     from conformer.engine import logger
     monkeypatch.setattr(logger.os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(logger.os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(logger.torch, 'get_num_threads', lambda: 2)
     clock = iter(range(0, 1000, 10))  # 10 s between checks
     monkeypatch.setattr(logger.time, 'perf_counter', lambda: next(clock))
     load = [3.0]
@@ -106,7 +108,7 @@ def test_crowded_cores_are_named_early_with_the_time_left(monkeypatch, caplog):
     pace.step = 200
     pace.check(total_steps=2000)  # warns once
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and 'the load average is 5.0' in warnings[0]
+    assert len(warnings) == 1 and 'the load average on the 2 cores it may use is 5.0' in warnings[0]
     # 100 steps in 20 s since the warm-up: 1850 steps left take 370 s
     assert 'needs about 6 min more' in warnings[0] and 'trainer.threads=1' in warnings[0]
     for quiet in (logger.PaceMonitor(enabled=False), logger.PaceMonitor()):
@@ -114,6 +116,29 @@ def test_crowded_cores_are_named_early_with_the_time_left(monkeypatch, caplog):
             quiet.step = step
             quiet.check(total_steps=2000, device_type='cpu' if not quiet.enabled else 'cuda')
     assert len(caplog.records) == 1  # other ranks and GPUs are not judged
+
+
+def test_a_run_pinned_to_some_cores_is_judged_by_its_share_of_the_load(monkeypatch, caplog):
+    # One thread on one of 16 cores: the machine's load of 16 (every core busy once) is no
+    # crowding of this run's core; a load of 48 (three threads per core) is.
+    from conformer.engine import logger
+    monkeypatch.setattr(logger.os, 'sched_getaffinity', lambda pid: {3}, raising=False)
+    monkeypatch.setattr(logger.os, 'cpu_count', lambda: 16)
+    monkeypatch.setattr(logger.torch, 'get_num_threads', lambda: 1)
+    monkeypatch.setattr(logger.time, 'perf_counter', iter(range(0, 1000, 10)).__next__)
+    load = [16.0]
+    monkeypatch.setattr(logger.os, 'getloadavg', lambda: (load[0], 0., 0.))
+    pace = logger.PaceMonitor()
+    for step in (50, 100, 150):
+        pace.step = step
+        pace.check(total_steps=2000)
+    assert not caplog.records
+    load[0] = 48.0
+    pace.step = 200
+    pace.check(total_steps=2000)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert 'the load average on the 1 core it may use is 3.0' in warning
+    assert 'trainer.threads=1' not in warning  # it runs one thread already
 
 
 class RandomImages(Dataset):
