@@ -9,10 +9,18 @@ from typing import Optional
 
 import torch
 
-__all__ = ['Launch', 'LaunchError', 'cpu_description', 'env_int', 'keep_freed_memory',
-           'launch_env', 'native_bf16']
+__all__ = ['Launch', 'LaunchError', 'available_cores', 'cpu_description', 'env_int',
+           'keep_freed_memory', 'launch_env', 'native_bf16']
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, cgroups' cpusets) where
+    the OS has one, else every core."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def keep_freed_memory() -> None:

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from conformer.runtime import launch_env
+from conformer.runtime import available_cores, launch_env
 
 from .images import IMAGE_SUFFIXES, READ_ERRORS, check_image_header
 
@@ -160,8 +160,7 @@ def parallel_map(fn: Callable, items: Sequence, workers: int, desc: str) -> List
 
 
 def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(1, min(cores or 1, 16))
+    return max(1, min(available_cores(), 16))
 
 
 def list_tree(root: Path, labelled: bool, workers: Optional[int] = None) -> Listing:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import conformer  # noqa: F401  (registers the conformer_* variants with timm)
 from conformer.data import GlobalBatchSampler, SeededTransform, ShardSampler, build_transform
+from conformer.runtime import available_cores
 from conformer.weights import weights_file
 
 _logger = logging.getLogger(__name__)
@@ -99,12 +100,6 @@ def set_threads(threads: Optional[int]) -> None:
     if threads is None and 'OMP_NUM_THREADS' in os.environ:
         return
     torch.set_num_threads(threads or available_cores())
-
-
-def available_cores() -> int:
-    if hasattr(os, 'sched_getaffinity'):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def build_model(model_cfg, num_classes: int, in_chans: int,

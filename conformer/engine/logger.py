@@ -14,6 +14,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from conformer.runtime import available_cores
+
 _logger = logging.getLogger(__name__)
 
 
@@ -121,11 +123,10 @@ class PaceMonitor:
         if self.warned or not self.enabled or device_type != 'cpu' or \
                 not hasattr(os, 'getloadavg'):
             return
-        machine = os.cpu_count() or 1
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else machine
+        cores = available_cores()
         # the load average counts the whole machine: a run pinned to some of its cores sees
         # its share of it
-        load = os.getloadavg()[0] * min(cores, machine) / machine
+        load = os.getloadavg()[0] * cores / (os.cpu_count() or cores)
         if load <= self.load_factor * cores:
             return
         self.warned = True
