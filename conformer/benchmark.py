@@ -11,7 +11,7 @@ Modes:
 - ``triton``: the Triton kernels on a CUDA device; reported as skipped without one.
 
 ``bf16`` is reported as skipped on a device without native bf16
-(:func:`conformer.runtime.native_bf16`, e.g. AVX2-only CPUs such as AMD Zen 3), where PyTorch
+(:func:`conformer.runtime.native_bf16`, e.g. AMD Zen 3 or Intel Ice Lake), where PyTorch
 emulates it several times slower than fp32: there is nothing to measure but emulation.
 
 Speed-ups are medians of per-round time ratios against ``eager``, with all modes run in turn

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 __all__ = ['Launch', 'LaunchError', 'available_cores', 'cpu_description', 'env_int',
-           'keep_freed_memory', 'launch_env', 'native_bf16']
+           'cpu_flags', 'keep_freed_memory', 'launch_env', 'native_bf16']
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -44,9 +44,10 @@ def keep_freed_memory() -> None:
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls and convolutions in hardware.
 
-    CPUs without AVX-512 or AVX-NE-CONVERT (AMD before Zen 4, Intel client chips before Arrow
-    Lake) have no oneDNN bf16 path: PyTorch emulates bf16 there, several times slower than
-    fp32, so bf16 autocast slows work down.
+    On x86 that takes a bf16 instruction: AVX512_BF16 (AMD Zen 4, Intel Cooper Lake and
+    Sapphire Rapids on), AMX-BF16 or AVX-NE-CONVERT. oneDNN also accepts bf16 on AVX-512 CPUs
+    without them (Intel Skylake-SP to Ice Lake) and on AVX2-only ones, but emulates it there,
+    several times slower than fp32, so bf16 autocast would slow work down.
 
     Args:
         device: a torch.device or its name; devices other than CPU and CUDA count as without.
@@ -54,8 +55,33 @@ def native_bf16(device: torch.device) -> bool:
     device = torch.device(device)
     if device.type == 'cuda':
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return (device.type == 'cpu' and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not (device.type == 'cpu' and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    flags = cpu_flags()
+    return flags is None or bool(flags & BF16_INSTRUCTIONS)
+
+
+BF16_INSTRUCTIONS = frozenset({'avx512_bf16', 'amx_bf16', 'avx_ne_convert'})
+
+
+def _cpuinfo() -> Optional[dict]:
+    """The first processor's entries in /proc/cpuinfo, or None where there is none."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            lines = f.read().split('\n\n')[0].splitlines()
+    except OSError:
+        return None
+    return {k.strip(): v.strip() for k, v in (line.split(':', 1) for line in lines if ':' in line)}
+
+
+def cpu_flags() -> Optional[frozenset]:
+    """The x86 CPU's instruction-set flags, or None where they are unknown (not Linux, not x86:
+    there oneDNN's own check stands)."""
+    info = _cpuinfo()
+    if info is None or 'flags' not in info:
+        return None
+    return frozenset(info['flags'].split())
 
 
 def cpu_description() -> str:
@@ -63,13 +89,9 @@ def cpu_description() -> str:
     /proc/cpuinfo (``platform.processor()`` where that is missing). Cloud CPUs often report only
     "AMD EPYC"; the family tells the generations apart (25: Zen 3/4, 26: Zen 5), and with it
     the fp32 peak, which doubles from Zen 4's double-pumped AVX-512 to Zen 5's."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            info = dict(line.split(':', 1) for line in f.read().split('\n\n')[0].splitlines()
-                        if ':' in line)
-    except OSError:
+    info = _cpuinfo()
+    if info is None:
         return platform.processor() or platform.machine()
-    info = {k.strip(): v.strip() for k, v in info.items()}
     flags = set(info.get('flags', '').split())
     isa = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags]
     return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, "

@@ -97,6 +97,7 @@ def test_bf16_is_skipped_with_its_reason_where_the_device_only_emulates_it(monke
     assert [r['status'] for r in result['variants'][0]['inference']] == ['ok', NO_NATIVE_BF16]
     assert list(result['matmul_peak_gflops']) == ['float32']
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    monkeypatch.setattr('conformer.runtime.cpu_flags', lambda: frozenset({'avx512_bf16'}))
     assert unavailable('bf16', cpu) is None and gemm_routes(cpu, torch.bfloat16)[-1] == 'onednn'
 
 

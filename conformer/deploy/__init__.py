@@ -24,8 +24,8 @@ What it does to a (copy of a) Conformer, and why each step is safe:
   back for every matmul, which costs time eager; compiled, inductor fuses those casts into
   its kernels, so a compiled bf16 deploy runs under autocast with conv and linear weights
   stored in bf16 (and leaves its linears to inductor, which packs bf16 ones for oneDNN).
-  On a device without native bf16 (:func:`conformer.runtime.native_bf16`; AVX2-only CPUs
-  such as AMD Zen 3) it still runs, emulated and slower than fp32, with a warning.
+  On a device without native bf16 (:func:`conformer.runtime.native_bf16`; CPUs such as
+  AMD Zen 3 or Intel Ice Lake) it still runs, emulated and slower than fp32, with a warning.
 
 The returned :class:`InferenceModel` answers ``model(x)``, ``forward_features``,
 ``forward_head`` and ``forward_intermediates`` like the original, returns fp32 tensors in
