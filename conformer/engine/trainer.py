@@ -474,8 +474,14 @@ def start_state(run: Run, resume: Optional[str], saved: Optional[Dict[str, Any]]
     state = RunState(checkpoint=run.manager.latest())
     if saved is None:
         return state
+    # how the update runs is this run's choice, not saved state: a checkpoint of an unsharded
+    # run holds fused=True, which sharded (FSDP) parameters refuse for SGD
+    kernels = [{k: group[k] for k in ('fused', 'foreach') if k in group}
+               for group in run.optimizer.param_groups]
     set_optimizer_state_dict(run.trained, run.optimizer, saved['optimizer'],
                              options=StateDictOptions(full_state_dict=True))
+    for group, kernel in zip(run.optimizer.param_groups, kernels):
+        group.update(kernel)
     if run.ema is not None and saved_ema(saved) is not None:
         run.ema.module.load_state_dict(saved_ema(saved))
     schedule_changes = changed_settings(run.cfg, saved, SCHEDULE_SETTINGS)
