@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ['Launch', 'LaunchError', 'available_cores', 'cpu_description', 'env_int',
-           'cpu_flags', 'keep_freed_memory', 'launch_env', 'native_bf16']
+__all__ = ['BF16_INSTRUCTIONS', 'Launch', 'LaunchError', 'available_cores', 'cpu_description',
+           'cpu_flags', 'env_int', 'keep_freed_memory', 'launch_env', 'native_bf16']
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
@@ -41,6 +41,10 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value its int argument takes
 
 
+# the x86 flags of a bf16 dot product or conversion in hardware
+BF16_INSTRUCTIONS = frozenset({'avx512_bf16', 'amx_bf16', 'avx_ne_convert'})
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls and convolutions in hardware.
 
@@ -60,9 +64,6 @@ def native_bf16(device: torch.device) -> bool:
         return False
     flags = cpu_flags()
     return flags is None or bool(flags & BF16_INSTRUCTIONS)
-
-
-BF16_INSTRUCTIONS = frozenset({'avx512_bf16', 'amx_bf16', 'avx_ne_convert'})
 
 
 def _cpuinfo() -> Optional[dict]:

@@ -27,7 +27,8 @@ _packed = WeakIdKeyDictionary()  # weight -> (key, scale or None, packed weight)
 @torch.compiler.assume_constant_result  # torch.compile would graph-break at every op otherwise
 def takes_dtype(dtype):
     """Whether oneDNN's convolution and inner product take ``dtype`` on this CPU: fp32 wherever
-    PyTorch has oneDNN, bf16 only with native bf16 (elsewhere oneDNN refuses to pack it).
+    PyTorch has oneDNN, bf16 where oneDNN has a bf16 path, natively or emulated on AVX-512
+    (:func:`conformer.runtime.native_bf16` tells the two apart; elsewhere it refuses to pack).
 
     Args:
         dtype: the torch dtype to check.
