@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile
 
 import conformer  # noqa: F401
@@ -201,13 +202,17 @@ def test_deployed_model_traces_as_one_graph(dtype):
 
 
 @pytest.mark.slow
-def test_compiled_fp32_deploy_matches_eager():
+def test_compiled_fp32_deploy_matches_eager_and_calls_kernels_from_cpp():
+    """Compiled on the CPU, the graph's kernels are called by inductor's C++ wrapper (no
+    Python between them), and the answers stay those of the eager model."""
     model = make_model()
     deployed = optimize_for_inference(model, compile=True)
     for shape in [(2, 3, 32, 32), (1, 3, 40, 32)]:  # a new shape compiles again
         x = torch.randn(shape)
         with torch.no_grad():
-            torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=0)
+            out, code = run_and_get_code(deployed, x)
+            torch.testing.assert_close(out, model(x), atol=1e-4, rtol=0)
+        assert len(code) == 1 and 'CppWrapperCodeCache' in code[0], code[0][:500]
 
 
 def fashion_mnist_tensors(split):
