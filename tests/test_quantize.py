@@ -2,6 +2,9 @@
 check against the float model. Mechanics run on a random nano model through the uncompiled
 quantized graph (the numbers the compiled one computes, within rounding; compiling takes
 minutes on 2 cores); one slow test compiles."""
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -17,6 +20,7 @@ from conformer.deploy.quantize import (
     calibration_images,
     check_quantized,
     format_check,
+    load_int8,
     quantize_int8,
 )
 
@@ -188,3 +192,75 @@ def test_compiled_int8_computes_what_the_graph_does_at_two_batch_sizes(model, qu
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), quantized(x), atol=0.05, rtol=0.05)
     assert isinstance(compiled, InferenceModel)
+
+
+def test_a_saved_int8_model_loads_with_its_settings_and_answers(model, quantized, tmp_path):
+    path = quantized.save(tmp_path / 'model_int8.pt2')
+    loaded = load_int8(path, compile=False)
+    assert (loaded.input_shape, loaded.float_dtype, loaded.keep_float,
+            loaded.calibration_images) == (quantized.input_shape, quantized.float_dtype,
+                                           quantized.keep_float, quantized.calibration_images)
+    assert loaded.num_classes == 10 and loaded.pretrained_cfg['mean'] == \
+        list(model.pretrained_cfg['mean'])
+    for batch in (1, 3):  # the saved program keeps the dynamic batch
+        x = images(batch, seed=6)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), quantized(x))
+    with pytest.raises(ValueError, match='resize and crop inputs to 32x32'):
+        loaded(images(2, size=48))
+    check = check_quantized(model, loaded, images(8, seed=7))
+    assert check.layers and check.top1_agreement > 0.5
+    assert not list(tmp_path.glob('.*tmp*'))  # written through a temporary file, renamed
+
+
+def test_an_unreadable_or_float_file_is_refused_by_load_int8(model, quantized, tmp_path):
+    from conformer.export import export_program
+    with pytest.raises(FileNotFoundError, match='no such file'):
+        load_int8(tmp_path / 'missing.pt2')
+    good = quantized.save(tmp_path / 'model_int8.pt2').read_bytes()
+    (tmp_path / 'cut.pt2').write_bytes(good[:len(good) // 2])
+    with pytest.raises(ValueError, match='cannot be read as a torch.export program.*damaged'):
+        load_int8(tmp_path / 'cut.pt2')
+    torch.export.save(export_program(model, (SIZE, SIZE)), tmp_path / 'float.pt2')
+    with pytest.raises(ValueError, match='not an int8 model written by QuantizedModel.save'):
+        load_int8(tmp_path / 'float.pt2')
+
+
+@pytest.mark.slow
+def test_a_saved_int8_model_serves_int8_kernels_in_a_new_process(model, quantized, tmp_path):
+    """The file is all a server needs: a fresh process loads it and, compiled, computes what
+    the saved model computes compiled (the same int8 kernels; a graph left to its float
+    reference would differ by rounding steps)."""
+    path = quantized.save(tmp_path / 'model_int8.pt2')
+    x = images(2, seed=8)
+    torch.save(x, tmp_path / 'x.pt')
+    compiled = QuantizedModel(quantized.model, model, quantized.input_shape, torch.float32,
+                              quantized.keep_float, 64, compile=True)
+    with torch.no_grad():
+        want = compiled(x)
+    script = (
+        "import torch\n"
+        "from conformer.deploy.quantize import load_int8\n"
+        f"model = load_int8({str(path)!r})\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(x), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, '-c', script], check=True, timeout=900)
+    torch.testing.assert_close(torch.load(tmp_path / 'y.pt'), want, atol=1e-5, rtol=0)
+
+
+def test_conformer_export_int8_writes_a_model_load_int8_serves(tmp_path, capsys):
+    from conformer.cli.export import main
+    make_folder(tmp_path / 'images', per_class=12)
+    calibration = str(tmp_path / 'images' / 'train')
+    args = ['--model', 'conformer_nano_patch4', '--num-classes', '3', '--int8', calibration]
+    with pytest.raises(SystemExit):
+        main([*args, '--output', str(tmp_path / 'm')])  # the default format, both
+    assert '--int8 writes a torch.export program only: add --format pt2' in \
+        capsys.readouterr().err
+    assert main([*args, '--format', 'pt2', '--output', str(tmp_path / 'm')]) == 0
+    out = capsys.readouterr().out
+    assert 'int8, calibrated on 36 images of 3x32x32' in out and 'top-1 agreement' in out
+    loaded = load_int8(tmp_path / 'm.pt2', compile=False)
+    with torch.no_grad():
+        assert loaded(images(2)).shape == (2, 3)

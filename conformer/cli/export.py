@@ -1,5 +1,6 @@
 """``conformer-export``: a Conformer to ONNX (checked with onnxruntime) and/or a torch.export
-program (.pt2), with dynamic batch and image size (see :mod:`conformer.export`)."""
+program (.pt2), with dynamic batch and image size (see :mod:`conformer.export`); or, with
+``--int8``, its post-training int8 model (:mod:`conformer.deploy.quantize`)."""
 import argparse
 import importlib
 import sys
@@ -56,9 +57,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--opset', type=int, help="ONNX opset (default: the exporter's)")
     parser.add_argument('--atol', type=float, default=1e-3,
                         help='max abs logit difference onnxruntime may show (default 1e-3)')
+    parser.add_argument('--int8', metavar='CALIBRATION',
+                        help='write the post-training int8 model instead (.pt2 only; load it '
+                             'with conformer.deploy.quantize.load_int8), calibrated on this '
+                             'folder of <class>/<image> files (up to 512 of them) at the '
+                             "model's eval transform; needs the int8 extra (torchao)")
     args = parser.parse_args(argv)
     if args.image_size and min(args.image_size) < 1:
         parser.error(f'--image-size must be positive, got {" ".join(map(str, args.image_size))}')
+    if args.int8 and args.format != 'pt2':
+        parser.error('--int8 writes a torch.export program only: add --format pt2 (ONNX '
+                     'Runtime and OpenVINO quantize the fp32 ONNX file with their own tools)')
     formats = ('pt2', 'onnx') if args.format == 'both' else (args.format,)
     if 'onnx' in formats:
         missing = missing_onnx_packages()
@@ -78,6 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = {f: output_file(parser, stem.with_name(f'{stem.name}.{f}'), '--output',
                             [args.checkpoint])
              for f in formats}
+    if args.int8:
+        return _export_int8(parser, args, paths['pt2'])
     try:
         model = model_from_args(args)
         size = tuple(args.image_size or model.pretrained_cfg['input_size'][1:])
@@ -106,6 +117,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f'error: the ONNX model differs from PyTorch by {diff:.2e} > --atol '
                   f'{args.atol}', file=sys.stderr)
             return 1
+    return 0
+
+
+def _export_int8(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path) -> int:
+    """The ``--int8`` export: quantize on the calibration folder, save, and report how the
+    int8 model agrees with the float one on those images."""
+    from conformer.deploy.quantize import check_quantized, format_check, quantize_int8
+    if args.image_size:
+        parser.error('--image-size does not apply to --int8: the model is exported at the '
+                     'size its eval transform gives the calibration images')
+    try:
+        model = model_from_args(args)
+        quantized = quantize_int8(model, args.int8, compile=False)
+    except (*MODEL_ERRORS, ImportError) as e:
+        parser.error(str(e))
+    quantized.save(path)
+    print(f'wrote {path} (int8, calibrated on {quantized.calibration_images} images of '
+          f'{"x".join(map(str, quantized.input_shape))}); serve it with '
+          f'conformer.deploy.quantize.load_int8')
+    print('check on calibration images (check_quantized on held-out images gives the '
+          'figures to trust):')
+    print(format_check(check_quantized(model, quantized, args.int8, max_images=64)))
     return 0
 
 

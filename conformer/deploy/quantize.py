@@ -24,8 +24,10 @@ dynamic batch dimension: any batch size runs (each new size compiles once); anot
 size is refused with a message, since the token grid is part of the exported graph.
 """
 import copy
+import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from conformer import runtime
 from conformer.deploy import CONV_BNS, InferenceModel, fold_batchnorm
 
 __all__ = ['DEFAULT_KEEP_FLOAT', 'MIN_CALIBRATION_IMAGES', 'QuantizedModel', 'Calibration',
-           'calibration_images', 'check_quantized', 'format_check', 'quantize_int8']
+           'calibration_images', 'check_quantized', 'format_check', 'load_int8', 'quantize_int8']
 
 DEFAULT_KEEP_FLOAT = ('conv1', 'conv_cls_head', 'trans_cls_head')
 MIN_CALIBRATION_IMAGES = 32  # fewer gives activation ranges that miss the tails of real data
@@ -48,6 +50,7 @@ LOW_SQNR_DB = 20.0  # a layer output below this signal-to-quantisation-noise rat
 SOURCE_FNS = {torch.ops.aten.linear.default: torch.nn.functional.linear,
               torch.ops.aten.conv2d.default: torch.nn.functional.conv2d}
 INSTALL = "int8 deploy needs torchao: pip install 'conformer-zoo[int8]'"
+SAVED_SETTINGS = 'conformer_int8.json'  # QuantizedModel.save's record inside the .pt2 file
 
 
 @dataclass
@@ -208,18 +211,26 @@ def _exportable(model: nn.Module) -> nn.Module:
     return prepared
 
 
-def _quantizer(keep_float: Sequence[str]):
+def _x86_quantization():
+    """torchao's x86 quantizer module; importing it registers the inductor passes that lower
+    the graph's int8 steps to oneDNN kernels (without them a compiled graph runs its float
+    reference)."""
     # torchao registers an Enum with torch's pytree on import, which torch logs as deprecated:
     # a line about torchao's internals that users of this function cannot act on
     pytree_log = logging.getLogger('torch.utils._pytree')
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
     except ImportError as e:
         raise ImportError(INSTALL) from e
     finally:
         pytree_log.setLevel(level)
+    return x86_inductor_quantizer
+
+
+def _quantizer(keep_float: Sequence[str]):
+    xiq = _x86_quantization()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     for name in keep_float:
@@ -292,12 +303,17 @@ def quantize_int8(model: nn.Module, calibration: Any,
                           tuple(keep_float), data.num_images, compile, compile_mode)
 
 
-def _export(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    """The model's forward as an ATen graph with a dynamic batch dimension."""
+def _export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of the model's forward with a dynamic batch dimension."""
     batch = torch.export.Dim('batch', min=1, max=4096)
     # a batch of 1 would specialise the batch dimension; trace with at least 2 images
     example = example[:2] if len(example) > 1 else example.expand(2, -1, -1, -1)
-    graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def _export(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """The model's forward as an ATen graph with a dynamic batch dimension."""
+    graph = _export_program(model, example).module()
     for node in list(graph.graph.nodes):
         # the ops' references cast weights to the input's dtype: a no-op in fp32 that would
         # hide the weight from the quantizer's conv pattern
@@ -403,6 +419,100 @@ class QuantizedModel(InferenceModel):
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             return x.float().contiguous(memory_format=torch.channels_last)
         return x
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the int8 graph to ``path`` (a ``torch.export`` program, ``.pt2``), with what
+        :func:`load_int8` needs to serve it: the input shape, the float settings, the class
+        count and the preprocessing config. A server then loads it without the calibration
+        images or the float model. The file appears whole or not at all.
+
+        Args:
+            path: the file to write; its folder must exist.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        program = _export_program(self.model, torch.zeros(2, *self.input_shape))
+        settings = {'input_shape': list(self.input_shape),
+                    'float_dtype': str(self.float_dtype).removeprefix('torch.'),
+                    'keep_float': list(self.keep_float),
+                    'calibration_images': self.calibration_images,
+                    'num_classes': getattr(self, 'num_classes', None),
+                    'pretrained_cfg': _json_safe(getattr(self, 'pretrained_cfg', None) or {})}
+        tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+        try:
+            torch.export.save(program, tmp, extra_files={SAVED_SETTINGS: json.dumps(settings)})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+def _json_safe(config: dict) -> dict:
+    """The entries of a timm ``pretrained_cfg`` that JSON holds as they are (tuples become
+    lists)."""
+    safe = {}
+    for key, value in config.items():
+        try:
+            safe[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue
+    return safe
+
+
+class _SavedAttributes:
+    """What a loaded int8 model answers for its float model's attributes."""
+
+    def __init__(self, settings: dict):
+        self.num_classes = settings.get('num_classes')
+        self.pretrained_cfg = settings.get('pretrained_cfg') or {}
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f'an int8 model loaded from a file has no {name!r}; it keeps '
+                             f'num_classes and pretrained_cfg of the model it was quantized from')
+
+
+def load_int8(path: Union[str, Path], compile: bool = True,
+              compile_mode: Optional[str] = None) -> QuantizedModel:
+    """An int8 model that :meth:`QuantizedModel.save` wrote, ready to serve as
+    :func:`quantize_int8` returned it (any batch size, the saved image size).
+
+    Needs torchao (``pip install conformer-zoo[int8]``), whose inductor passes turn the
+    int8 steps into oneDNN kernels when the model compiles.
+
+    Args:
+        path: the ``.pt2`` file.
+        compile: run through ``torch.compile`` with freezing (see :func:`quantize_int8`).
+        compile_mode: passed to torch.compile.
+
+    Raises:
+        ImportError: torchao is not installed.
+        FileNotFoundError: no such file.
+        ValueError: the file is not an int8 model that ``QuantizedModel.save`` wrote, or is
+            damaged.
+    """
+    _x86_quantization()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such file; write one with '
+                                f'QuantizedModel.save (conformer-export --int8)')
+    extra = {SAVED_SETTINGS: ''}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as e:  # a damaged zip or graph: torch raises several kinds
+        raise ValueError(f'{path} cannot be read as a torch.export program ({e}); the file is '
+                         f'damaged or was not written by QuantizedModel.save; write it again') \
+            from e
+    if not extra[SAVED_SETTINGS]:
+        raise ValueError(f'{path} is a torch.export program but not an int8 model written by '
+                         f'QuantizedModel.save (it lacks {SAVED_SETTINGS}); float programs '
+                         f'from conformer-export load with torch.export.load')
+    settings = json.loads(extra[SAVED_SETTINGS])
+    return QuantizedModel(program.module(), _SavedAttributes(settings),
+                          tuple(settings['input_shape']), getattr(torch, settings['float_dtype']),
+                          tuple(settings['keep_float']), settings['calibration_images'],
+                          compile, compile_mode)
 
 
 # ----------------------------------------------------------------------------- the check
