@@ -221,9 +221,14 @@ def test_an_unreadable_or_float_file_is_refused_by_load_int8(model, quantized, t
     (tmp_path / 'cut.pt2').write_bytes(good[:len(good) // 2])
     with pytest.raises(ValueError, match='cannot be read as a torch.export program.*damaged'):
         load_int8(tmp_path / 'cut.pt2')
-    torch.export.save(export_program(model, (SIZE, SIZE)), tmp_path / 'float.pt2')
+    program = export_program(model, (SIZE, SIZE))
+    torch.export.save(program, tmp_path / 'float.pt2')
     with pytest.raises(ValueError, match='not an int8 model written by QuantizedModel.save'):
         load_int8(tmp_path / 'float.pt2')
+    torch.export.save(program, tmp_path / 'tampered.pt2',
+                      extra_files={'conformer_int8.json': '{"input_shape": [3, 32]'})
+    with pytest.raises(ValueError, match='record of the int8 settings .* is damaged'):
+        load_int8(tmp_path / 'tampered.pt2')
 
 
 @pytest.mark.slow

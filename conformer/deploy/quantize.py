@@ -339,7 +339,8 @@ class QuantizedModel(InferenceModel):
 
     Args:
         graph: the converted PT2E graph.
-        float_model: the model it was quantized from (kept for its attributes and checks).
+        float_model: the model it was quantized from (kept for its attributes and checks),
+            or for a model :func:`load_int8` read, the attributes the file keeps.
         input_shape: (C, H, W) the graph was exported and calibrated at.
         float_dtype: dtype of the ops left in float.
         keep_float: module names left in float.
@@ -508,11 +509,18 @@ def load_int8(path: Union[str, Path], compile: bool = True,
         raise ValueError(f'{path} is a torch.export program but not an int8 model written by '
                          f'QuantizedModel.save (it lacks {SAVED_SETTINGS}); float programs '
                          f'from conformer-export load with torch.export.load')
-    settings = json.loads(extra[SAVED_SETTINGS])
-    return QuantizedModel(program.module(), _SavedAttributes(settings),
-                          tuple(settings['input_shape']), getattr(torch, settings['float_dtype']),
-                          tuple(settings['keep_float']), settings['calibration_images'],
-                          compile, compile_mode)
+    try:
+        settings = json.loads(extra[SAVED_SETTINGS])
+        input_shape = tuple(int(n) for n in settings['input_shape'])
+        float_dtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[
+            settings['float_dtype']]
+        keep_float = tuple(str(name) for name in settings['keep_float'])
+        calibration = int(settings['calibration_images'])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f'{path}: its record of the int8 settings ({SAVED_SETTINGS}) is '
+                         f'damaged ({e!r}); write the file again with QuantizedModel.save') from e
+    return QuantizedModel(program.module(), _SavedAttributes(settings), input_shape,
+                          float_dtype, keep_float, calibration, compile, compile_mode)
 
 
 # ----------------------------------------------------------------------------- the check
