@@ -263,6 +263,11 @@ def test_conformer_export_int8_writes_a_model_load_int8_serves(tmp_path, capsys)
         main([*args, '--output', str(tmp_path / 'm')])  # the default format, both
     assert '--int8 writes a torch.export program only: add --format pt2' in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, '--format', 'pt2', '--image-size', '48', '48', '--output',
+              str(tmp_path / 'm')])
+    assert '--image-size does not apply to --int8' in capsys.readouterr().err
+    assert not list(tmp_path.glob('m.*'))
     assert main([*args, '--format', 'pt2', '--output', str(tmp_path / 'm')]) == 0
     out = capsys.readouterr().out
     assert 'int8, calibrated on 36 images of 3x32x32' in out and 'top-1 agreement' in out
